@@ -1,0 +1,2 @@
+//! spotrun cache proxy
+fn main() {}

@@ -1,0 +1,2 @@
+//! spotrun executor
+fn main() {}
