@@ -1,0 +1,1 @@
+//! gitlab-runner harness (placeholder).
