@@ -1,1 +1,3 @@
 //! Integration tests of the test kit.
+
+mod harness;
