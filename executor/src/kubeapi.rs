@@ -1,0 +1,227 @@
+//! Kubernetes API access with bounded, jittered retries and per-call timeouts.
+
+use std::future::Future;
+use std::time::Duration;
+
+use kube::Client;
+use rand::Rng as _;
+use serde_json::json;
+
+use crate::events::Events;
+use crate::failure::Failure;
+use crate::settings::Settings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("{call}: {source}")]
+    Api {
+        call: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{call}: no answer within {secs} s")]
+    Timeout { call: String, secs: u64 },
+    #[error("connecting to the Kubernetes API: {0}")]
+    Connect(#[source] kube::Error),
+}
+
+impl KubeError {
+    /// The API status, when the server answered with one.
+    #[must_use]
+    pub fn status(&self) -> Option<&kube::core::Status> {
+        match self {
+            Self::Api {
+                source: kube::Error::Api(s),
+                ..
+            } => Some(s),
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub fn is_not_found(&self) -> bool {
+        self.status().is_some_and(|s| s.is_not_found())
+    }
+
+    #[must_use]
+    pub fn is_already_exists(&self) -> bool {
+        self.status()
+            .is_some_and(|s| s.is_already_exists() || s.code == 409 && s.reason == "AlreadyExists")
+    }
+
+    #[must_use]
+    pub fn is_conflict(&self) -> bool {
+        self.status().is_some_and(|s| s.is_conflict())
+    }
+
+    #[must_use]
+    pub fn is_forbidden(&self) -> bool {
+        self.status().is_some_and(|s| s.is_forbidden())
+    }
+}
+
+/// Any API error that reaches a subcommand's top is a system failure: the job is not at fault.
+impl From<KubeError> for Failure {
+    fn from(e: KubeError) -> Self {
+        Failure::System(format!("Kubernetes API: {e}"))
+    }
+}
+
+/// Whether an error is worth retrying, and the server's requested delay.
+///
+/// 429 and 5xx gateways are transient by definition (the apiserver sheds load or restarts);
+/// connection-level errors (reset, refused, TLS, http2 lost) mean the request may not have been
+/// processed. 4xx other than 429 are answers: retrying cannot change them.
+#[must_use]
+pub fn retryable(err: &kube::Error) -> (bool, Option<Duration>) {
+    match err {
+        kube::Error::Api(s) => {
+            let retry_after = s
+                .details
+                .as_ref()
+                .map(|d| d.retry_after_seconds)
+                .filter(|s| *s > 0)
+                .map(|s| Duration::from_secs(u64::from(s)));
+            (
+                matches!(s.code, 429 | 500 | 502 | 503 | 504) || s.reason == "TooManyRequests",
+                retry_after,
+            )
+        }
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => {
+            (true, None)
+        }
+        kube::Error::HttpError(_) => (true, None),
+        // A body that failed to parse is usually a truncated response from a dying connection.
+        kube::Error::SerdeError(_) => (true, None),
+        _ => (false, None),
+    }
+}
+
+/// Exponential backoff with jitter in [d/2, d], capped; honours a server delay up to the cap ×4.
+#[must_use]
+pub fn backoff(attempt: u32, base_ms: u64, max_ms: u64, retry_after: Option<Duration>) -> Duration {
+    let exp = base_ms
+        .saturating_mul(1u64 << attempt.min(16))
+        .min(max_ms)
+        .max(1);
+    let jittered = rand::rng().random_range(exp / 2..=exp);
+    let d = Duration::from_millis(jittered);
+    match retry_after {
+        Some(ra) => d.max(ra.min(Duration::from_millis(max_ms.saturating_mul(4)))),
+        None => d,
+    }
+}
+
+/// The client plus what every call needs.
+#[derive(Clone)]
+pub struct Kube {
+    pub client: Client,
+    pub namespace: String,
+    pub events: Events,
+    retry_limit: u32,
+    base_ms: u64,
+    max_ms: u64,
+    call_timeout: Duration,
+}
+
+impl Kube {
+    pub async fn connect(settings: &Settings, events: Events) -> Result<Self, KubeError> {
+        let client = Client::try_default().await.map_err(KubeError::Connect)?;
+        Ok(Self {
+            client,
+            namespace: settings.namespace.clone(),
+            events,
+            retry_limit: settings.api.retry_limit,
+            base_ms: settings.api.retry_backoff_base_ms,
+            max_ms: settings.api.retry_backoff_max_ms,
+            call_timeout: Duration::from_secs(settings.timeouts.api_call_seconds),
+        })
+    }
+
+    /// Runs `f` with retries on transient errors; every retry is an `api_retry` event.
+    pub async fn call<T, F, Fut>(&self, call: &str, f: F) -> Result<T, KubeError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        let mut attempt = 0u32;
+        loop {
+            let (err, retry, after) = match tokio::time::timeout(self.call_timeout, f()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => {
+                    let (retry, after) = retryable(&e);
+                    (
+                        KubeError::Api {
+                            call: call.to_string(),
+                            source: e,
+                        },
+                        retry,
+                        after,
+                    )
+                }
+                Err(_) => (
+                    KubeError::Timeout {
+                        call: call.to_string(),
+                        secs: self.call_timeout.as_secs(),
+                    },
+                    true,
+                    None,
+                ),
+            };
+            if !retry || attempt >= self.retry_limit {
+                return Err(err);
+            }
+            let delay = backoff(attempt, self.base_ms, self.max_ms, after);
+            attempt += 1;
+            self.events.warn(
+                "api_retry",
+                json!({ "call": call, "attempt": attempt, "delay_ms": u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "error": err.to_string() }),
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16, reason: &str, retry_after: u32) -> kube::Error {
+        let mut s = kube::core::Status::failure("x", reason).with_code(code);
+        if retry_after > 0 {
+            s = s.with_details(
+                serde_json::from_value(serde_json::json!({ "retryAfterSeconds": retry_after }))
+                    .unwrap(),
+            );
+        }
+        kube::Error::Api(s.boxed())
+    }
+
+    #[test]
+    fn classification() {
+        for code in [429, 500, 502, 503, 504] {
+            assert!(retryable(&status(code, "", 0)).0, "{code}");
+        }
+        for code in [400, 403, 404, 409, 410, 422] {
+            assert!(!retryable(&status(code, "", 0)).0, "{code}");
+        }
+        assert_eq!(
+            retryable(&status(429, "TooManyRequests", 3)).1,
+            Some(Duration::from_secs(3))
+        );
+    }
+
+    #[test]
+    fn backoff_is_bounded_jittered_and_honours_retry_after() {
+        for attempt in 0..20 {
+            let d = backoff(attempt, 100, 3000, None);
+            let cap = (100u64 << attempt.min(16)).min(3000);
+            assert!(
+                d >= Duration::from_millis(cap / 2) && d <= Duration::from_millis(cap),
+                "{attempt}: {d:?}"
+            );
+        }
+        assert!(backoff(0, 100, 3000, Some(Duration::from_secs(2))) >= Duration::from_secs(2));
+        assert!(backoff(0, 100, 1000, Some(Duration::from_secs(60))) <= Duration::from_secs(4));
+    }
+}

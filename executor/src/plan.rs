@@ -1,0 +1,687 @@
+//! The pure pod builder: operator settings + job → `PodPlan` (the Pod and its optional registry
+//! Secret). No IO here, so every decision is snapshot-testable.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{
+    Affinity, Container, EmptyDirVolumeSource, EnvVar, HostAlias, LocalObjectReference,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSecurityContext,
+    PodSpec, PreferredSchedulingTerm, ResourceRequirements, Secret, SecurityContext, Toleration,
+    Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::job::{CustomEnv, ImageSpec, JobIdentity, JobKnobs, JobResponse};
+use crate::naming::{self, KIND_LABEL, MANAGED_BY_KEY, MANAGED_BY_VALUE, POD_LABEL};
+use crate::quantity::Quantity;
+use crate::settings::{PatchType, ResourceSettings, Settings, SpotPolicy};
+
+/// GKE's spot node label and taint key.
+pub const SPOT_LABEL: &str = "cloud.google.com/gke-spot";
+pub const BUILD_CONTAINER: &str = "build";
+pub const HELPER_CONTAINER: &str = "helper";
+/// Where the helper container finds `gitlab-runner` (a link to `gitlab-runner-helper`).
+pub const TOOLS_DIR: &str = "/spotrun/bin";
+
+/// Keeps a container alive doing nothing until the pod is deleted; POSIX sh only.
+pub const IDLE_SCRIPT: &str = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done";
+
+/// The helper image ships `gitlab-runner-helper`; the runner's scripts call `gitlab-runner`.
+const HELPER_IDLE_SCRIPT: &str = "if ! command -v gitlab-runner >/dev/null 2>&1 && command -v gitlab-runner-helper >/dev/null 2>&1; then ln -sf \"$(command -v gitlab-runner-helper)\" /spotrun/bin/gitlab-runner; fi; trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    /// The job asked for an image the operator does not allow: the job's fault.
+    #[error("image {image:?} is not allowed by {key} ({globs})")]
+    ImageNotAllowed {
+        image: String,
+        key: &'static str,
+        globs: String,
+    },
+    /// The operator's `pod.patch` does not apply or yields an invalid Pod: the operator's fault.
+    #[error("pod.patch: {0}")]
+    Patch(String),
+}
+
+/// Everything `plan_pod` needs; built by the IO layer from the environment.
+#[derive(Debug, Clone)]
+pub struct PlanInput<'a> {
+    pub job: &'a JobResponse,
+    pub identity: &'a JobIdentity,
+    pub env: &'a CustomEnv,
+    pub knobs: &'a JobKnobs,
+    /// Placement after the job override and the preemption fallback were applied.
+    pub spot: SpotPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodPlan {
+    pub pod: Pod,
+    pub secret: Option<Secret>,
+}
+
+/// The effective spot policy: operator default, then an allowed job override, then the fallback.
+#[must_use]
+pub fn effective_spot_policy(
+    settings: &Settings,
+    knobs: &JobKnobs,
+    fallback_to_on_demand: bool,
+) -> SpotPolicy {
+    if fallback_to_on_demand {
+        return SpotPolicy::Never;
+    }
+    knobs.spot.unwrap_or(settings.spot.policy)
+}
+
+/// Builds the pod (and registry secret) for a job.
+pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, PlanError> {
+    let job = input.job;
+    let name = input.identity.pod_name();
+    let image = if job.image.name.is_empty() {
+        settings.images.default_image.clone()
+    } else {
+        job.image.name.clone()
+    };
+    if !job.image.name.is_empty() {
+        check_allowed(
+            &image,
+            &settings.images.allowed_images,
+            "images.allowed_images",
+        )?;
+    }
+    for s in &job.services {
+        check_allowed(
+            &s.name,
+            &settings.images.allowed_services,
+            "images.allowed_services",
+        )?;
+    }
+
+    let labels = pod_labels(settings, input, &name);
+    let annotations = pod_annotations(settings, input);
+    let dirs = &settings.dirs;
+    let mut volumes = vec![empty_dir("builds"), empty_dir("scripts"), empty_dir("logs")];
+    let mut mounts = vec![
+        mount("builds", &dirs.builds_dir),
+        mount("scripts", &dirs.scripts_dir),
+        mount("logs", &dirs.logs_dir),
+    ];
+    if dirs.cache_volume
+        && !dirs
+            .cache_dir
+            .starts_with(&format!("{}/", dirs.builds_dir.trim_end_matches('/')))
+    {
+        volumes.push(empty_dir("cache"));
+        mounts.push(mount("cache", &dirs.cache_dir));
+    }
+    volumes.push(empty_dir("tools"));
+
+    let pull_policy = settings
+        .images
+        .pull_policy
+        .map(|p| p.k8s().to_string())
+        .or_else(|| {
+            job.image
+                .pull_policy
+                .first()
+                .and_then(|p| job_pull_policy(p))
+        });
+
+    let build_resources = merge_job_resources(&settings.resources.build, input.knobs);
+    let mut build = Container {
+        name: BUILD_CONTAINER.into(),
+        image: Some(image),
+        image_pull_policy: pull_policy.clone(),
+        volume_mounts: Some(mounts.clone()),
+        resources: resources(&build_resources),
+        security_context: container_security(settings.pod.build_security_context.as_ref()),
+        ..Container::default()
+    };
+    // Like the Kubernetes executor with FF_KUBERNETES_HONOR_ENTRYPOINT: a real entrypoint wraps our
+    // shell; `[""]` (GitLab's way to clear it) or none means our shell is the command.
+    let entrypoint: Vec<String> = job
+        .image
+        .entrypoint
+        .iter()
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .collect();
+    if entrypoint.is_empty() {
+        build.command = Some(vec!["sh".into(), "-c".into(), IDLE_SCRIPT.into()]);
+    } else {
+        build.command = Some(entrypoint);
+        build.args = Some(vec!["sh".into(), "-c".into(), IDLE_SCRIPT.into()]);
+    }
+
+    let mut helper_mounts = mounts.clone();
+    helper_mounts.push(mount("tools", TOOLS_DIR));
+    let helper = Container {
+        name: HELPER_CONTAINER.into(),
+        image: Some(settings.images.helper_image.clone()),
+        image_pull_policy: settings.images.pull_policy.map(|p| p.k8s().to_string()),
+        command: Some(vec!["sh".into(), "-c".into(), HELPER_IDLE_SCRIPT.into()]),
+        env: Some(vec![EnvVar {
+            name: "PATH".into(),
+            value: Some(format!(
+                "{TOOLS_DIR}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+            )),
+            value_from: None,
+        }]),
+        volume_mounts: Some(helper_mounts),
+        resources: resources(&settings.resources.helper),
+        security_context: container_security(settings.pod.helper_security_context.as_ref()),
+        ..Container::default()
+    };
+
+    let mut containers = vec![build, helper];
+    let mut taken: Vec<String> = Vec::new();
+    let mut host_names: Vec<String> = Vec::new();
+    for (i, svc) in job.services.iter().enumerate() {
+        let cname = naming::service_container_name(
+            svc.alias.split([' ', ',']).next().unwrap_or(""),
+            &svc.name,
+            i,
+            &taken,
+        );
+        taken.push(cname.clone());
+        for h in service_host_names(svc) {
+            if !host_names.contains(&h) {
+                host_names.push(h);
+            }
+        }
+        containers.push(service_container(settings, svc, cname));
+    }
+
+    let secret = registry_secret(input, &name, &labels);
+    let mut pull_secrets: Vec<LocalObjectReference> = settings
+        .pod
+        .image_pull_secrets
+        .iter()
+        .map(|s| LocalObjectReference { name: s.clone() })
+        .collect();
+    if let Some(s) = &secret {
+        pull_secrets.push(LocalObjectReference {
+            name: s.metadata.name.clone().unwrap_or_default(),
+        });
+    }
+
+    let (node_selector, affinity, tolerations) = placement(settings, input.spot);
+    let timeout = job_timeout(settings, input);
+    let spec = PodSpec {
+        containers,
+        volumes: Some(volumes),
+        restart_policy: Some("Never".into()),
+        active_deadline_seconds: Some(
+            i64::try_from(timeout + settings.timeouts.deadline_margin_seconds).unwrap_or(i64::MAX),
+        ),
+        termination_grace_period_seconds: Some(settings.pod.termination_grace_period_seconds),
+        automount_service_account_token: Some(settings.pod.automount_service_account_token),
+        service_account_name: settings.pod.service_account.clone(),
+        priority_class_name: settings.pod.priority_class_name.clone(),
+        enable_service_links: Some(false),
+        host_aliases: (!host_names.is_empty()).then(|| {
+            vec![HostAlias {
+                ip: "127.0.0.1".into(),
+                hostnames: Some(host_names),
+            }]
+        }),
+        image_pull_secrets: (!pull_secrets.is_empty()).then_some(pull_secrets),
+        node_selector: (!node_selector.is_empty()).then_some(node_selector),
+        affinity,
+        tolerations: (!tolerations.is_empty()).then_some(tolerations),
+        security_context: settings.pod.security_context.as_ref().and_then(|t| {
+            serde_json::from_value::<PodSecurityContext>(serde_json::to_value(t).ok()?).ok()
+        }),
+        ..PodSpec::default()
+    };
+    let pod = Pod {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(settings.namespace.clone()),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        },
+        spec: Some(spec),
+        status: None,
+    };
+    let pod = apply_patch(settings, pod)?;
+    Ok(PodPlan { pod, secret })
+}
+
+fn check_allowed(image: &str, globs: &[String], key: &'static str) -> Result<(), PlanError> {
+    if globs.is_empty() {
+        return Ok(());
+    }
+    let mut b = globset::GlobSetBuilder::new();
+    for g in globs {
+        // Validated at load time; an invalid glob here simply never matches.
+        if let Ok(g) = globset::GlobBuilder::new(g)
+            .literal_separator(false)
+            .build()
+        {
+            b.add(g);
+        }
+    }
+    let set = b.build().map_err(|e| PlanError::Patch(e.to_string()))?;
+    if set.is_match(image) {
+        Ok(())
+    } else {
+        Err(PlanError::ImageNotAllowed {
+            image: image.into(),
+            key,
+            globs: globs.join(", "),
+        })
+    }
+}
+
+fn job_pull_policy(p: &str) -> Option<String> {
+    match p {
+        "always" => Some("Always".into()),
+        "if-not-present" => Some("IfNotPresent".into()),
+        "never" => Some("Never".into()),
+        _ => None,
+    }
+}
+
+fn empty_dir(name: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        ..VolumeMount::default()
+    }
+}
+
+fn container_security(t: Option<&toml::Table>) -> Option<SecurityContext> {
+    serde_json::from_value(serde_json::to_value(t?).ok()?).ok()
+}
+
+fn merge_job_resources(base: &ResourceSettings, knobs: &JobKnobs) -> ResourceSettings {
+    let j = &knobs.resources;
+    let pick = |job: &Option<Quantity>, op: &Option<Quantity>| job.clone().or_else(|| op.clone());
+    ResourceSettings {
+        cpu_request: pick(&j.cpu_request, &base.cpu_request),
+        cpu_limit: pick(&j.cpu_limit, &base.cpu_limit),
+        memory_request: pick(&j.memory_request, &base.memory_request),
+        memory_limit: pick(&j.memory_limit, &base.memory_limit),
+        ephemeral_storage_request: pick(
+            &j.ephemeral_storage_request,
+            &base.ephemeral_storage_request,
+        ),
+        ephemeral_storage_limit: pick(&j.ephemeral_storage_limit, &base.ephemeral_storage_limit),
+    }
+}
+
+fn resources(r: &ResourceSettings) -> Option<ResourceRequirements> {
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    for (is_limit, key, q) in [
+        (false, "cpu", &r.cpu_request),
+        (false, "memory", &r.memory_request),
+        (false, "ephemeral-storage", &r.ephemeral_storage_request),
+        (true, "cpu", &r.cpu_limit),
+        (true, "memory", &r.memory_limit),
+        (true, "ephemeral-storage", &r.ephemeral_storage_limit),
+    ] {
+        if let Some(q) = q {
+            let map = if is_limit { &mut limits } else { &mut requests };
+            map.insert(key.to_string(), K8sQuantity(q.as_str().to_string()));
+        }
+    }
+    if requests.is_empty() && limits.is_empty() {
+        return None;
+    }
+    Some(ResourceRequirements {
+        requests: (!requests.is_empty()).then_some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..ResourceRequirements::default()
+    })
+}
+
+/// Host names a service answers to: its aliases and the Docker-style names derived from the image
+/// (`registry/group/img:tag` → `group-img`, `group__img`), as gitlab-runner documents.
+fn service_host_names(svc: &ImageSpec) -> Vec<String> {
+    let mut names: Vec<String> = svc
+        .alias
+        .split([' ', ','])
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+        .collect();
+    let no_tag = svc.name.split('@').next().unwrap_or(&svc.name);
+    let no_tag = match no_tag.rfind(':') {
+        Some(i) if !no_tag[i..].contains('/') => &no_tag[..i],
+        _ => no_tag,
+    };
+    let path = match no_tag.split_once('/') {
+        Some((host, rest)) if host.contains('.') || host.contains(':') || host == "localhost" => {
+            rest
+        }
+        _ => no_tag,
+    };
+    let path = path.strip_prefix("library/").unwrap_or(path);
+    names.push(path.replace('/', "-"));
+    names.push(path.replace('/', "__"));
+    let mut out: Vec<String> = Vec::new();
+    for n in names {
+        let n = n.to_ascii_lowercase();
+        let ok = !n.is_empty()
+            && n.len() <= 253
+            && n.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            });
+        if ok && !out.contains(&n) {
+            out.push(n);
+        }
+    }
+    out
+}
+
+fn service_container(settings: &Settings, svc: &ImageSpec, name: String) -> Container {
+    let env: Vec<EnvVar> = svc
+        .variables
+        .iter()
+        .filter(|v| !v.key.is_empty())
+        .map(|v| EnvVar {
+            name: v.key.clone(),
+            value: Some(v.value.clone()),
+            value_from: None,
+        })
+        .collect();
+    let entrypoint: Vec<String> = svc
+        .entrypoint
+        .iter()
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .collect();
+    Container {
+        name,
+        image: Some(svc.name.clone()),
+        image_pull_policy: settings
+            .images
+            .pull_policy
+            .map(|p| p.k8s().to_string())
+            .or_else(|| svc.pull_policy.first().and_then(|p| job_pull_policy(p))),
+        command: (!entrypoint.is_empty()).then_some(entrypoint),
+        args: (!svc.command.is_empty()).then(|| svc.command.clone()),
+        env: (!env.is_empty()).then_some(env),
+        resources: resources(&settings.resources.services),
+        security_context: container_security(settings.pod.service_security_context.as_ref()),
+        ..Container::default()
+    }
+}
+
+fn pod_labels(settings: &Settings, input: &PlanInput<'_>, name: &str) -> BTreeMap<String, String> {
+    let job = input.job;
+    let mut l: BTreeMap<String, String> = settings.pod.labels.clone();
+    // Ours are written last: operators cannot overwrite the keys cleanup and gc select on.
+    for (k, v) in [
+        (MANAGED_BY_KEY, MANAGED_BY_VALUE.to_string()),
+        (POD_LABEL, name.to_string()),
+        (KIND_LABEL, "job-pod".to_string()),
+        ("spotrun.dev/spot-policy", input.spot.as_str().to_string()),
+        ("job.runner.gitlab.com/id", job.id.to_string()),
+        (
+            "pipeline.runner.gitlab.com/id",
+            job.job_info.pipeline_id.to_string(),
+        ),
+        (
+            "project.runner.gitlab.com/id",
+            job.job_info.project_id.to_string(),
+        ),
+        (
+            "project.runner.gitlab.com/name",
+            naming::label_value(&job.job_info.project_name),
+        ),
+        (
+            "project.runner.gitlab.com/namespace-id",
+            job.job_info.namespace_id.to_string(),
+        ),
+        (
+            "project.runner.gitlab.com/root-namespace-id",
+            job.job_info.root_namespace_id.to_string(),
+        ),
+        (
+            "manager.runner.gitlab.com/id-short",
+            naming::label_value(&input.identity.runner_short_token),
+        ),
+    ] {
+        l.insert(k.to_string(), v);
+    }
+    l
+}
+
+fn pod_annotations(settings: &Settings, input: &PlanInput<'_>) -> BTreeMap<String, String> {
+    let job = input.job;
+    let mut a: BTreeMap<String, String> = settings.pod.annotations.clone();
+    let url = input
+        .env
+        .get("CI_JOB_URL")
+        .or_else(|| job.variable("CI_JOB_URL"))
+        .unwrap_or("")
+        .to_string();
+    for (k, v) in [
+        ("job.runner.gitlab.com/id", job.id.to_string()),
+        ("job.runner.gitlab.com/url", url),
+        ("job.runner.gitlab.com/sha", job.git_info.sha.clone()),
+        (
+            "job.runner.gitlab.com/before_sha",
+            job.git_info.before_sha.clone(),
+        ),
+        ("job.runner.gitlab.com/ref", job.git_info.git_ref.clone()),
+        ("job.runner.gitlab.com/name", job.job_info.name.clone()),
+        (
+            "job.runner.gitlab.com/timeout",
+            format!("{}s", job_timeout(settings, input)),
+        ),
+        (
+            "project.runner.gitlab.com/path",
+            job.job_info.project_full_path.clone(),
+        ),
+    ] {
+        a.insert(k.to_string(), v);
+    }
+    a
+}
+
+/// The job timeout in seconds: the payload's, else `CI_JOB_TIMEOUT`, else the operator default.
+#[must_use]
+pub fn job_timeout(settings: &Settings, input: &PlanInput<'_>) -> u64 {
+    if input.job.runner_info.timeout > 0 {
+        return input.job.runner_info.timeout;
+    }
+    input
+        .env
+        .get("CI_JOB_TIMEOUT")
+        .and_then(|v| v.parse().ok())
+        .filter(|t| *t > 0)
+        .unwrap_or(settings.timeouts.default_job_timeout_seconds)
+}
+
+fn spot_toleration() -> Toleration {
+    Toleration {
+        key: Some(SPOT_LABEL.into()),
+        operator: Some("Equal".into()),
+        value: Some("true".into()),
+        effect: Some("NoSchedule".into()),
+        ..Toleration::default()
+    }
+}
+
+fn spot_requirement(operator: &str) -> NodeSelectorRequirement {
+    NodeSelectorRequirement {
+        key: SPOT_LABEL.into(),
+        operator: operator.into(),
+        values: Some(vec!["true".into()]),
+    }
+}
+
+/// Node selector, affinity and tolerations for a spot policy plus the operator's own.
+fn placement(
+    settings: &Settings,
+    spot: SpotPolicy,
+) -> (BTreeMap<String, String>, Option<Affinity>, Vec<Toleration>) {
+    let mut selector = settings.pod.node_selector.clone();
+    let mut tolerations: Vec<Toleration> = settings
+        .pod
+        .tolerations
+        .iter()
+        .map(|t| Toleration {
+            key: Some(t.key.clone()),
+            operator: Some(t.operator.clone()),
+            value: if t.operator == "Exists" {
+                None
+            } else {
+                t.value.clone()
+            },
+            effect: t.effect.clone(),
+            ..Toleration::default()
+        })
+        .collect();
+    let affinity = match spot {
+        SpotPolicy::Require => {
+            selector.insert(SPOT_LABEL.into(), "true".into());
+            tolerations.push(spot_toleration());
+            None
+        }
+        SpotPolicy::Prefer => {
+            tolerations.push(spot_toleration());
+            Some(NodeAffinity {
+                preferred_during_scheduling_ignored_during_execution: Some(vec![
+                    PreferredSchedulingTerm {
+                        weight: 100,
+                        preference: NodeSelectorTerm {
+                            match_expressions: Some(vec![spot_requirement("In")]),
+                            ..NodeSelectorTerm::default()
+                        },
+                    },
+                ]),
+                ..NodeAffinity::default()
+            })
+        }
+        SpotPolicy::Never => {
+            selector.remove(SPOT_LABEL);
+            Some(NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm {
+                        match_expressions: Some(vec![spot_requirement("NotIn")]),
+                        ..NodeSelectorTerm::default()
+                    }],
+                }),
+                ..NodeAffinity::default()
+            })
+        }
+    };
+    let affinity = affinity.map(|na| Affinity {
+        node_affinity: Some(na),
+        ..Affinity::default()
+    });
+    (selector, affinity, tolerations)
+}
+
+/// A dockerconfigjson Secret from the job's registry credentials and `DOCKER_AUTH_CONFIG`.
+fn registry_secret(
+    input: &PlanInput<'_>,
+    pod_name: &str,
+    pod_labels: &BTreeMap<String, String>,
+) -> Option<Secret> {
+    let mut auths = serde_json::Map::new();
+    if let Some(cfg) = input
+        .env
+        .get("DOCKER_AUTH_CONFIG")
+        .or_else(|| input.job.variable("DOCKER_AUTH_CONFIG"))
+    {
+        if let Ok(serde_json::Value::Object(mut o)) = serde_json::from_str::<serde_json::Value>(cfg)
+        {
+            if let Some(serde_json::Value::Object(a)) = o.remove("auths") {
+                auths.extend(a);
+            }
+        }
+    }
+    for c in input
+        .job
+        .credentials
+        .iter()
+        .filter(|c| c.kind == "registry" && !c.url.is_empty())
+    {
+        let auth = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", c.username, c.password));
+        auths.entry(c.url.clone()).or_insert_with(
+            || serde_json::json!({ "username": c.username, "password": c.password, "auth": auth }),
+        );
+    }
+    if auths.is_empty() {
+        return None;
+    }
+    let doc = serde_json::json!({ "auths": auths });
+    let mut labels = BTreeMap::new();
+    for k in [MANAGED_BY_KEY, POD_LABEL, "job.runner.gitlab.com/id"] {
+        if let Some(v) = pod_labels.get(k) {
+            labels.insert(k.to_string(), v.clone());
+        }
+    }
+    labels.insert(KIND_LABEL.into(), "registry".into());
+    Some(Secret {
+        metadata: ObjectMeta {
+            name: Some(naming::secret_name(pod_name)),
+            labels: Some(labels),
+            ..ObjectMeta::default()
+        },
+        type_: Some("kubernetes.io/dockerconfigjson".into()),
+        data: Some(BTreeMap::from([(
+            ".dockerconfigjson".to_string(),
+            ByteString(doc.to_string().into_bytes()),
+        )])),
+        ..Secret::default()
+    })
+}
+
+fn apply_patch(settings: &Settings, pod: Pod) -> Result<Pod, PlanError> {
+    let Some(p) = &settings.pod.patch else {
+        return Ok(pod);
+    };
+    let mut doc = serde_json::to_value(&pod).map_err(|e| PlanError::Patch(e.to_string()))?;
+    let patch: serde_json::Value =
+        serde_json::from_str(&p.patch).map_err(|e| PlanError::Patch(e.to_string()))?;
+    match p.patch_type {
+        PatchType::Merge => json_patch::merge(&mut doc, &patch),
+        PatchType::Json => {
+            let ops: json_patch::Patch =
+                serde_json::from_value(patch).map_err(|e| PlanError::Patch(e.to_string()))?;
+            json_patch::patch(&mut doc, &ops).map_err(|e| PlanError::Patch(e.to_string()))?;
+        }
+    }
+    let patched: Pod = serde_json::from_value(doc)
+        .map_err(|e| PlanError::Patch(format!("result is not a Pod: {e}")))?;
+    if patched.metadata.name != pod.metadata.name
+        || patched
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(MANAGED_BY_KEY))
+            != Some(&MANAGED_BY_VALUE.to_string())
+    {
+        return Err(PlanError::Patch(
+            "may not change the pod name or the managed-by label".into(),
+        ));
+    }
+    Ok(patched)
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

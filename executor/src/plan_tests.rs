@@ -1,0 +1,422 @@
+//! Snapshot tests of `plan_pod` for representative jobs, and schema validation of every pod.
+//!
+//! Snapshots live in `executor/tests/snapshots/*.json`; regenerate with `SPOTRUN_UPDATE_SNAPSHOTS=1`.
+
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::job::{Credential, JobVariable, job_knobs};
+use crate::settings::Settings;
+
+const FIXTURE: &str = include_str!("../tests/fixtures/job-response.json");
+
+fn example_settings() -> Settings {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/executor.example.toml");
+    Settings::from_toml(&std::fs::read_to_string(&path).unwrap(), &path).unwrap()
+}
+
+fn env(pairs: &[(&str, &str)]) -> CustomEnv {
+    CustomEnv::from_vars(
+        pairs
+            .iter()
+            .map(|(k, v)| (format!("CUSTOM_ENV_{k}"), (*v).to_string())),
+    )
+}
+
+struct Case {
+    name: &'static str,
+    settings: Settings,
+    job: JobResponse,
+    env: CustomEnv,
+    fallback: bool,
+}
+
+fn minimal_job(id: u64) -> JobResponse {
+    let mut job = JobResponse {
+        id,
+        ..JobResponse::default()
+    };
+    job.job_info.name = "build".into();
+    job.job_info.project_id = 7;
+    job.job_info.pipeline_id = 70;
+    job.job_info.project_name = "demo".into();
+    job.job_info.project_full_path = "group/demo".into();
+    job.git_info.git_ref = "main".into();
+    job.git_info.sha = "0123456789abcdef0123456789abcdef01234567".into();
+    job
+}
+
+fn cases() -> Vec<Case> {
+    let base_env = |id: &str| {
+        vec![
+            ("CI_JOB_ID", id.to_string()),
+            ("CI_RUNNER_SHORT_TOKEN", "t1_Zx9Qw".to_string()),
+            ("CI_CONCURRENT_ID", "3".to_string()),
+        ]
+    };
+    let mk_env = |id: &str, extra: &[(&str, &str)]| {
+        let mut v: Vec<(String, String)> = base_env(id)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        v.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string())),
+        );
+        CustomEnv(v.into_iter().collect())
+    };
+
+    // 1. The runner fixture (two services, registry credentials, entrypoint [""]) with the example file.
+    let fixture = JobResponse::parse(FIXTURE, "fixture").unwrap();
+    // 2. A bare job on default settings: default image, no services, no credentials.
+    let bare = minimal_job(1001);
+    // 3. Entrypoint honoured, service with entrypoint + command, spot fallback after preemption.
+    let mut entry = minimal_job(1002);
+    entry.image.name = "registry.example.com/tools/node:22".into();
+    entry.image.entrypoint = vec!["/usr/bin/tini".into(), "--".into()];
+    entry.services.push(ImageSpec {
+        name: "docker.io/library/redis:7-alpine".into(),
+        entrypoint: vec!["redis-server".into()],
+        command: vec![
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "no".into(),
+        ],
+        ..ImageSpec::default()
+    });
+    // 4. Resource knobs within caps, a job spot override and DOCKER_AUTH_CONFIG.
+    let mut knobs_job = minimal_job(1003);
+    knobs_job.image.name = "registry.example.com/ci/rust:1.89".into();
+    knobs_job.credentials.push(Credential {
+        kind: "registry".into(),
+        url: "registry.example.com".into(),
+        username: "gitlab-ci-token".into(),
+        password: "job-token-1003".into(),
+    });
+    // 5. Three services with colliding aliases and a JSON-patch escape hatch.
+    let mut multi = minimal_job(1004);
+    multi.image.name = "registry.example.com/ci/python:3.13".into();
+    for (name, alias) in [
+        ("postgres:16-alpine", "db"),
+        ("mysql:8", "db"),
+        ("registry.example.com/mocks/http-echo:1", ""),
+    ] {
+        multi.services.push(ImageSpec {
+            name: name.into(),
+            alias: alias.into(),
+            variables: vec![JobVariable {
+                key: "MODE".into(),
+                value: "test".into(),
+                ..JobVariable::default()
+            }],
+            ..ImageSpec::default()
+        });
+    }
+    let mut patched = Settings::default();
+    patched.pod.patch = Some(crate::settings::PodSpecPatch {
+        patch_type: PatchType::Json,
+        patch: r#"[{"op":"add","path":"/spec/dnsPolicy","value":"ClusterFirst"},{"op":"add","path":"/spec/runtimeClassName","value":"gvisor"}]"#.into(),
+    });
+    patched.spot.policy = SpotPolicy::Require;
+
+    let mut capped = example_settings();
+    capped.spot.policy = SpotPolicy::Require;
+    vec![
+        Case {
+            name: "fixture-job",
+            settings: example_settings(),
+            job: fixture,
+            env: mk_env(
+                "987654",
+                &[(
+                    "CI_JOB_URL",
+                    "https://gitlab.example.com/acme/platform/inventory-service/-/jobs/987654",
+                )],
+            ),
+            fallback: false,
+        },
+        Case {
+            name: "bare-job-defaults",
+            settings: Settings::default(),
+            job: bare,
+            env: mk_env("1001", &[]),
+            fallback: false,
+        },
+        Case {
+            name: "entrypoint-service-fallback",
+            settings: example_settings(),
+            job: entry,
+            env: mk_env("1002", &[]),
+            fallback: true,
+        },
+        Case {
+            name: "resource-knobs-auth-config",
+            settings: capped,
+            job: knobs_job,
+            env: mk_env(
+                "1003",
+                &[
+                    ("SPOTRUN_CPU_REQUEST", "1500m"),
+                    ("SPOTRUN_CPU_LIMIT", "2"),
+                    ("SPOTRUN_MEMORY_LIMIT", "3Gi"),
+                    ("SPOTRUN_SPOT", "prefer"),
+                    (
+                        "DOCKER_AUTH_CONFIG",
+                        r#"{"auths":{"docker.io":{"auth":"dXNlcjpwYXNz"}}}"#,
+                    ),
+                ],
+            ),
+            fallback: false,
+        },
+        Case {
+            name: "three-services-json-patch",
+            settings: patched,
+            job: multi,
+            env: mk_env("1004", &[]),
+            fallback: false,
+        },
+    ]
+}
+
+fn plan(case: &Case) -> PodPlan {
+    let identity = JobIdentity::from_env(&case.env).unwrap();
+    let knobs = job_knobs(&case.settings, &case.env).unwrap();
+    let spot = effective_spot_policy(&case.settings, &knobs, case.fallback);
+    plan_pod(
+        &case.settings,
+        &PlanInput {
+            job: &case.job,
+            identity: &identity,
+            env: &case.env,
+            knobs: &knobs,
+            spot,
+        },
+    )
+    .unwrap()
+}
+
+fn snapshot_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots")
+}
+
+fn documents(p: &PodPlan) -> serde_json::Value {
+    let mut pod = serde_json::to_value(&p.pod).unwrap();
+    pod["apiVersion"] = "v1".into();
+    pod["kind"] = "Pod".into();
+    let mut docs = vec![pod];
+    if let Some(s) = &p.secret {
+        let mut s = serde_json::to_value(s).unwrap();
+        s["apiVersion"] = "v1".into();
+        s["kind"] = "Secret".into();
+        docs.push(s);
+    }
+    serde_json::Value::Array(docs)
+}
+
+#[test]
+fn pod_snapshots_match() {
+    let update = std::env::var_os("SPOTRUN_UPDATE_SNAPSHOTS").is_some();
+    let mut mismatches = Vec::new();
+    for case in cases() {
+        let got = serde_json::to_string_pretty(&documents(&plan(&case))).unwrap() + "\n";
+        let path = snapshot_dir().join(format!("{}.json", case.name));
+        if update {
+            std::fs::create_dir_all(snapshot_dir()).unwrap();
+            std::fs::write(&path, &got).unwrap();
+            continue;
+        }
+        let want = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (set SPOTRUN_UPDATE_SNAPSHOTS=1)", path.display()));
+        if want != got {
+            mismatches.push(format!("{} differs; got:\n{got}", path.display()));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+#[test]
+fn every_generated_pod_passes_kubernetes_validate_strict() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for case in cases() {
+        for (i, doc) in documents(&plan(&case))
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
+            let f = dir.path().join(format!("{}-{i}.json", case.name));
+            std::fs::write(&f, serde_json::to_vec(doc).unwrap()).unwrap();
+            files.push(f);
+        }
+    }
+    // Deliberately not skipped when missing: CI installs it (pip install kubernetes-validate).
+    let out = std::process::Command::new("kubernetes-validate")
+        .args(["-k", "1.33.0", "--strict", "--quiet"])
+        .args(&files)
+        .output()
+        .expect("kubernetes-validate must be installed (pip install kubernetes-validate)");
+    assert!(
+        out.status.success(),
+        "kubernetes-validate failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn kubernetes_validate_rejects_a_broken_pod() {
+    // Proves the validation test above can fail: an unknown field under --strict.
+    let dir = tempfile::tempdir().unwrap();
+    let mut doc = documents(&plan(&cases().remove(1)))[0].clone();
+    doc["spec"]["notAField"] = true.into();
+    let f = dir.path().join("bad.json");
+    std::fs::write(&f, serde_json::to_vec(&doc).unwrap()).unwrap();
+    let out = std::process::Command::new("kubernetes-validate")
+        .args(["-k", "1.33.0", "--strict", "--quiet"])
+        .arg(&f)
+        .output()
+        .expect("kubernetes-validate must be installed");
+    assert!(!out.status.success());
+}
+
+#[test]
+fn spot_policies_place_as_documented() {
+    let s = Settings::default();
+    let (sel, aff, tol) = placement(&s, SpotPolicy::Require);
+    assert_eq!(sel.get(SPOT_LABEL).map(String::as_str), Some("true"));
+    assert!(aff.is_none());
+    assert_eq!(tol, vec![spot_toleration()]);
+    let (sel, aff, tol) = placement(&s, SpotPolicy::Prefer);
+    assert!(sel.is_empty() && tol == vec![spot_toleration()]);
+    let pref = aff
+        .unwrap()
+        .node_affinity
+        .unwrap()
+        .preferred_during_scheduling_ignored_during_execution
+        .unwrap();
+    assert_eq!(
+        pref[0].preference.match_expressions.as_ref().unwrap()[0],
+        spot_requirement("In")
+    );
+    let (sel, aff, tol) = placement(&s, SpotPolicy::Never);
+    assert!(sel.is_empty() && tol.is_empty());
+    let req = aff
+        .unwrap()
+        .node_affinity
+        .unwrap()
+        .required_during_scheduling_ignored_during_execution
+        .unwrap();
+    assert_eq!(
+        req.node_selector_terms[0]
+            .match_expressions
+            .as_ref()
+            .unwrap()[0],
+        spot_requirement("NotIn")
+    );
+}
+
+#[test]
+fn images_outside_the_allow_list_are_refused_by_name() {
+    let mut s = Settings::default();
+    s.images.allowed_images = vec!["registry.example.com/**".into()];
+    s.images.allowed_services = vec!["postgres:*".into()];
+    let e = env(&[("CI_JOB_ID", "5")]);
+    let id = JobIdentity::from_env(&e).unwrap();
+    let knobs = JobKnobs::default();
+    let mut job = minimal_job(5);
+    job.image.name = "evil.example.org/miner:latest".into();
+    let err = plan_pod(
+        &s,
+        &PlanInput {
+            job: &job,
+            identity: &id,
+            env: &e,
+            knobs: &knobs,
+            spot: SpotPolicy::Never,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("evil.example.org/miner:latest")
+            && err.to_string().contains("images.allowed_images"),
+        "{err}"
+    );
+    job.image.name = "registry.example.com/ci/rust:1".into();
+    job.services.push(ImageSpec {
+        name: "mysql:8".into(),
+        ..ImageSpec::default()
+    });
+    let err = plan_pod(
+        &s,
+        &PlanInput {
+            job: &job,
+            identity: &id,
+            env: &e,
+            knobs: &knobs,
+            spot: SpotPolicy::Never,
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("mysql:8"), "{err}");
+    job.services[0].name = "postgres:16".into();
+    assert!(
+        plan_pod(
+            &s,
+            &PlanInput {
+                job: &job,
+                identity: &id,
+                env: &e,
+                knobs: &knobs,
+                spot: SpotPolicy::Never
+            }
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn deadline_is_job_timeout_plus_margin_and_names_are_deterministic() {
+    let case = &cases()[0];
+    let a = plan(case);
+    let b = plan(case);
+    assert_eq!(a, b);
+    let spec = a.pod.spec.unwrap();
+    assert_eq!(
+        spec.active_deadline_seconds,
+        Some(3600 + case.settings.timeouts.deadline_margin_seconds as i64)
+    );
+    assert_eq!(
+        a.pod.metadata.name.as_deref(),
+        Some("spotrun-t1-zx9qw-c3-987654")
+    );
+    let hosts = spec.host_aliases.unwrap()[0].hostnames.clone().unwrap();
+    assert!(
+        hosts.contains(&"db".to_string()) && hosts.contains(&"postgres".to_string()),
+        "{hosts:?}"
+    );
+}
+
+#[test]
+fn service_host_names_follow_the_runner_convention() {
+    let svc = |name: &str, alias: &str| ImageSpec {
+        name: name.into(),
+        alias: alias.into(),
+        ..ImageSpec::default()
+    };
+    assert_eq!(
+        service_host_names(&svc("tutum/wordpress:latest", "")),
+        vec!["tutum-wordpress"],
+        "`__` names are not valid hostAliases"
+    );
+    assert_eq!(
+        service_host_names(&svc("registry.example.com:5000/a/b:1", "x y")),
+        vec!["x", "y", "a-b"]
+    );
+    assert_eq!(
+        service_host_names(&svc("docker.io/library/redis@sha256:00", "")),
+        vec!["redis"]
+    );
+}

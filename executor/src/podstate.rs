@@ -1,0 +1,277 @@
+//! Pure reading of a pod's status: is it ready, still coming, failed by the job's fault, or lost?
+
+use k8s_openapi::api::core::v1::Pod;
+
+/// Why a pod can no longer run the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodEnd {
+    /// Reclaimed: `DisruptionTarget=True`, a shutdown reason, deleted by someone else, or its node gone.
+    Preempted { node: String, reason: String },
+    /// Failed or finished for another reason (deadline exceeded, evicted without disruption mark, ...).
+    Failed { reason: String },
+    /// A container we exec into stopped.
+    ContainerTerminated { container: String, reason: String },
+}
+
+/// Where a pod stands on its way to running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// Running with every container started.
+    Running {
+        node: String,
+    },
+    /// Not scheduled; the scheduler's message.
+    Unschedulable {
+        message: String,
+    },
+    /// Waiting for scheduling with no verdict yet.
+    Pending,
+    /// Scheduled; containers still waiting (name, reason) pairs.
+    Starting {
+        node: String,
+        waiting: Vec<(String, String)>,
+    },
+    /// A container can never start because of the job's image or spec: a build failure.
+    JobError {
+        container: String,
+        image: String,
+        reason: String,
+        message: String,
+    },
+    Ended(PodEnd),
+}
+
+/// Reasons of a waiting container that will not resolve by waiting.
+const IMAGE_REASONS: [&str; 4] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+];
+const CONFIG_REASONS: [&str; 3] = [
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+];
+
+#[must_use]
+pub fn node_name(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
+}
+
+fn condition<'a>(pod: &'a Pod, kind: &str) -> Option<&'a k8s_openapi::api::core::v1::PodCondition> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == kind)
+}
+
+/// The end of a pod, if it has ended (or is being deleted) — checked before anything else.
+#[must_use]
+pub fn pod_end(pod: &Pod, exec_containers: &[&str]) -> Option<PodEnd> {
+    let node = node_name(pod);
+    let status = pod.status.as_ref();
+    if let Some(c) = condition(pod, "DisruptionTarget").filter(|c| c.status == "True") {
+        let reason = format!(
+            "{}: {}",
+            c.reason.clone().unwrap_or_default(),
+            c.message.clone().unwrap_or_default()
+        );
+        return Some(PodEnd::Preempted { node, reason });
+    }
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("");
+    let reason = status.and_then(|s| s.reason.clone()).unwrap_or_default();
+    let message = status.and_then(|s| s.message.clone()).unwrap_or_default();
+    if matches!(reason.as_str(), "Terminated" | "NodeShutdown" | "Shutdown") && phase == "Failed" {
+        return Some(PodEnd::Preempted {
+            node,
+            reason: format!("{reason}: {message}"),
+        });
+    }
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Some(PodEnd::Preempted {
+            node,
+            reason: "the pod is being deleted".into(),
+        });
+    }
+    if matches!(phase, "Failed" | "Succeeded") {
+        let what = if reason.is_empty() {
+            format!("phase {phase}")
+        } else {
+            format!("phase {phase}, {reason}: {message}")
+        };
+        return Some(PodEnd::Failed { reason: what });
+    }
+    for cs in status
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if !exec_containers.contains(&cs.name.as_str()) {
+            continue;
+        }
+        if let Some(t) = cs.state.as_ref().and_then(|s| s.terminated.as_ref()) {
+            let reason = format!(
+                "exit code {}{}",
+                t.exit_code,
+                t.reason
+                    .as_ref()
+                    .map(|r| format!(", {r}"))
+                    .unwrap_or_default()
+            );
+            return Some(PodEnd::ContainerTerminated {
+                container: cs.name.clone(),
+                reason,
+            });
+        }
+    }
+    None
+}
+
+/// Classifies a pod on its way to running.
+#[must_use]
+pub fn progress(pod: &Pod) -> Progress {
+    if let Some(end) = pod_end(pod, &["build", "helper"]) {
+        return Progress::Ended(end);
+    }
+    let status = pod.status.as_ref();
+    let statuses: Vec<_> = status
+        .and_then(|s| s.container_statuses.clone())
+        .unwrap_or_default();
+    for cs in &statuses {
+        if let Some(w) = cs.state.as_ref().and_then(|s| s.waiting.as_ref()) {
+            let reason = w.reason.clone().unwrap_or_default();
+            if IMAGE_REASONS.contains(&reason.as_str()) || CONFIG_REASONS.contains(&reason.as_str())
+            {
+                return Progress::JobError {
+                    container: cs.name.clone(),
+                    image: cs.image.clone(),
+                    reason,
+                    message: w.message.clone().unwrap_or_default(),
+                };
+            }
+        }
+    }
+    let node = node_name(pod);
+    if node.is_empty() {
+        if let Some(c) = condition(pod, "PodScheduled")
+            .filter(|c| c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
+        {
+            return Progress::Unschedulable {
+                message: c.message.clone().unwrap_or_default(),
+            };
+        }
+        return Progress::Pending;
+    }
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("");
+    let want = pod.spec.as_ref().map_or(0, |s| s.containers.len());
+    let running = statuses
+        .iter()
+        .filter(|cs| cs.state.as_ref().is_some_and(|s| s.running.is_some()))
+        .count();
+    if phase == "Running" && running >= want && want > 0 {
+        return Progress::Running { node };
+    }
+    let waiting = statuses
+        .iter()
+        .filter_map(|cs| {
+            let w = cs.state.as_ref()?.waiting.as_ref()?;
+            Some((cs.name.clone(), w.reason.clone().unwrap_or_default()))
+        })
+        .collect();
+    Progress::Starting { node, waiting }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Pod {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn preempted_fixture_is_preemption_naming_the_node() {
+        let pod = fixture("preempted-pod.json");
+        match pod_end(&pod, &["build"]) {
+            Some(PodEnd::Preempted { node, reason }) => {
+                assert!(!node.is_empty());
+                assert!(reason.contains("TerminationByKubelet"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            pod_end(&fixture("preempted-pod-before.json"), &["build", "helper"]),
+            None
+        );
+    }
+
+    #[test]
+    fn image_pull_backoff_is_a_job_error_naming_the_image() {
+        match progress(&fixture("imagepull-backoff-pod.json")) {
+            Progress::JobError {
+                container,
+                image,
+                reason,
+                ..
+            } => {
+                assert_eq!(container, "build");
+                assert!(image.contains("rust:1.98-bookworm"), "{image}");
+                assert!(reason.contains("ImagePull"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unschedulable_carries_the_scheduler_message() {
+        match progress(&fixture("unschedulable-pod.json")) {
+            Progress::Unschedulable { message } => {
+                assert!(message.contains("Insufficient cpu"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn running_needs_every_container_started() {
+        let pod = fixture("preempted-pod-before.json");
+        assert!(
+            matches!(progress(&pod), Progress::Running { .. }),
+            "{:?}",
+            progress(&pod)
+        );
+        let mut starting = pod.clone();
+        starting
+            .status
+            .as_mut()
+            .unwrap()
+            .container_statuses
+            .as_mut()
+            .unwrap()[0]
+            .state = Some(k8s_openapi::api::core::v1::ContainerState {
+            waiting: Some(k8s_openapi::api::core::v1::ContainerStateWaiting {
+                reason: Some("ContainerCreating".into()),
+                message: None,
+            }),
+            ..Default::default()
+        });
+        assert!(matches!(progress(&starting), Progress::Starting { .. }));
+        let mut deleting = pod;
+        deleting.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
+        );
+        assert!(matches!(
+            pod_end(&deleting, &[]),
+            Some(PodEnd::Preempted { .. })
+        ));
+    }
+}

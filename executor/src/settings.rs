@@ -1,0 +1,596 @@
+//! Operator settings: the executor TOML file, its one loader and the env/flag overrides.
+//!
+//! Precedence is file < environment < flag, and only for the few keys that deployments commonly
+//! override per runner (`namespace`, `spot.policy`). Unknown keys are rejected by serde
+//! (`deny_unknown_fields`) and the error names the key and its line.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::quantity::Quantity;
+
+/// Environment variable naming the settings file when `--config` is absent.
+pub const CONFIG_ENV: &str = "SPOTRUN_EXECUTOR_CONFIG";
+/// Environment override of `namespace`.
+pub const NAMESPACE_ENV: &str = "SPOTRUN_NAMESPACE";
+/// Environment override of `spot.policy`.
+pub const SPOT_POLICY_ENV: &str = "SPOTRUN_SPOT_POLICY";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("no executor settings file: pass --config PATH or set {CONFIG_ENV}")]
+    NoPath,
+    #[error("reading executor settings {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("executor settings {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("executor settings: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// Where pods go on spot capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpotPolicy {
+    /// Only spot nodes (required node selector + toleration).
+    Require,
+    /// Spot preferred, on-demand allowed (preferred affinity + toleration).
+    Prefer,
+    /// Never on spot (required anti-affinity on the spot label).
+    Never,
+}
+
+impl SpotPolicy {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "require" => Some(Self::Require),
+            "prefer" => Some(Self::Prefer),
+            "never" => Some(Self::Never),
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Require => "require",
+            Self::Prefer => "prefer",
+            Self::Never => "never",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpotSettings {
+    pub policy: SpotPolicy,
+    /// Policies a job may pick with `SPOTRUN_SPOT`; empty = no job override.
+    pub job_override_allowed: Vec<SpotPolicy>,
+    /// After a preemption, the retry of the same job goes to on-demand nodes.
+    pub fallback_on_preemption: bool,
+    /// How many preemptions of the same job are tolerated on spot before falling back.
+    pub spot_attempts_before_fallback: u32,
+    /// Lifetime of a preemption record (seconds).
+    pub record_ttl_seconds: u64,
+}
+
+impl Default for SpotSettings {
+    fn default() -> Self {
+        Self {
+            policy: SpotPolicy::Prefer,
+            job_override_allowed: vec![SpotPolicy::Require, SpotPolicy::Prefer, SpotPolicy::Never],
+            fallback_on_preemption: true,
+            spot_attempts_before_fallback: 1,
+            record_ttl_seconds: 24 * 3600,
+        }
+    }
+}
+
+/// Requests and limits of one container class (Kubernetes quantity strings).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResourceSettings {
+    pub cpu_request: Option<Quantity>,
+    pub cpu_limit: Option<Quantity>,
+    pub memory_request: Option<Quantity>,
+    pub memory_limit: Option<Quantity>,
+    pub ephemeral_storage_request: Option<Quantity>,
+    pub ephemeral_storage_limit: Option<Quantity>,
+}
+
+/// Maxima for the job's `SPOTRUN_*` resource variables; a variable without a maximum is refused.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobCaps {
+    pub cpu: Option<Quantity>,
+    pub memory: Option<Quantity>,
+    pub ephemeral_storage: Option<Quantity>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResourcesSettings {
+    pub build: ResourceSettings,
+    pub helper: ResourceSettings,
+    pub services: ResourceSettings,
+    pub job_max: JobCaps,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TolerationSetting {
+    pub key: String,
+    #[serde(default = "default_operator")]
+    pub operator: String,
+    #[serde(default)]
+    pub value: Option<String>,
+    #[serde(default)]
+    pub effect: Option<String>,
+}
+
+fn default_operator() -> String {
+    "Equal".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PatchType {
+    /// RFC 7386 JSON merge patch.
+    Merge,
+    /// RFC 6902 JSON patch.
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodSpecPatch {
+    #[serde(rename = "type")]
+    pub patch_type: PatchType,
+    /// The patch document, as JSON text (applied to the whole Pod object).
+    pub patch: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PodSettings {
+    pub service_account: Option<String>,
+    pub automount_service_account_token: bool,
+    pub image_pull_secrets: Vec<String>,
+    pub node_selector: BTreeMap<String, String>,
+    pub tolerations: Vec<TolerationSetting>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// `PodSecurityContext` in Kubernetes JSON field names (camelCase), as a TOML table.
+    pub security_context: Option<toml::Table>,
+    pub build_security_context: Option<toml::Table>,
+    pub helper_security_context: Option<toml::Table>,
+    pub service_security_context: Option<toml::Table>,
+    pub priority_class_name: Option<String>,
+    pub termination_grace_period_seconds: i64,
+    pub patch: Option<PodSpecPatch>,
+}
+
+impl Default for PodSettings {
+    fn default() -> Self {
+        Self {
+            service_account: None,
+            automount_service_account_token: false,
+            image_pull_secrets: Vec::new(),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            security_context: None,
+            build_security_context: None,
+            helper_security_context: None,
+            service_security_context: None,
+            priority_class_name: None,
+            termination_grace_period_seconds: 10,
+            patch: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    #[must_use]
+    pub fn k8s(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImageSettings {
+    pub default_image: String,
+    pub helper_image: String,
+    pub pull_policy: Option<PullPolicy>,
+    /// Globs; empty = any image.
+    pub allowed_images: Vec<String>,
+    /// Globs; empty = any service image.
+    pub allowed_services: Vec<String>,
+}
+
+impl Default for ImageSettings {
+    fn default() -> Self {
+        Self {
+            default_image: "alpine:3.22".into(),
+            helper_image:
+                "registry.gitlab.com/gitlab-org/gitlab-runner/gitlab-runner-helper:x86_64-v19.4.0"
+                    .into(),
+            pull_policy: None,
+            allowed_images: Vec::new(),
+            allowed_services: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirSettings {
+    pub builds_dir: String,
+    pub cache_dir: String,
+    /// Mount an emptyDir at `cache_dir` (local cache for the job's lifetime).
+    pub cache_volume: bool,
+    pub scripts_dir: String,
+    pub logs_dir: String,
+}
+
+impl Default for DirSettings {
+    fn default() -> Self {
+        Self {
+            builds_dir: "/builds".into(),
+            cache_dir: "/cache".into(),
+            cache_volume: true,
+            scripts_dir: "/spotrun/scripts".into(),
+            logs_dir: "/spotrun/logs".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutSettings {
+    /// Pod unschedulable longer than this → system failure with the scheduler's message.
+    pub unschedulable_seconds: u64,
+    /// Upper bound of the whole `prepare` wait (scheduling, pulls, start).
+    pub prepare_seconds: u64,
+    /// `activeDeadlineSeconds` = job timeout + this margin.
+    pub deadline_margin_seconds: u64,
+    /// Job timeout when the runner gives none.
+    pub default_job_timeout_seconds: u64,
+    /// Per API call.
+    pub api_call_seconds: u64,
+    /// An exec stream with no frame for this long is treated as dead and reconnected.
+    pub exec_silence_seconds: u64,
+    /// `gc`: pods that never finished `prepare` and are older than this are orphans.
+    pub stale_prepare_seconds: u64,
+}
+
+impl Default for TimeoutSettings {
+    fn default() -> Self {
+        Self {
+            unschedulable_seconds: 300,
+            prepare_seconds: 1800,
+            deadline_margin_seconds: 300,
+            default_job_timeout_seconds: 3600,
+            api_call_seconds: 30,
+            exec_silence_seconds: 20,
+            stale_prepare_seconds: 3600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    /// Attempts per call after the first (429/5xx/connection errors only).
+    pub retry_limit: u32,
+    pub retry_backoff_base_ms: u64,
+    pub retry_backoff_max_ms: u64,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            retry_limit: 6,
+            retry_backoff_base_ms: 100,
+            retry_backoff_max_ms: 3000,
+        }
+    }
+}
+
+/// The whole operator file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub namespace: String,
+    /// Where the JSON event lines go: `stderr`, `off`, or a file path (appended).
+    pub events_log: String,
+    pub spot: SpotSettings,
+    pub images: ImageSettings,
+    pub resources: ResourcesSettings,
+    pub pod: PodSettings,
+    pub dirs: DirSettings,
+    pub timeouts: TimeoutSettings,
+    pub api: ApiSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: "default".into(),
+            events_log: "stderr".into(),
+            spot: SpotSettings::default(),
+            images: ImageSettings::default(),
+            resources: ResourcesSettings::default(),
+            pod: PodSettings::default(),
+            dirs: DirSettings::default(),
+            timeouts: TimeoutSettings::default(),
+            api: ApiSettings::default(),
+        }
+    }
+}
+
+/// Values given on the command line (the highest precedence).
+#[derive(Debug, Clone, Default)]
+pub struct FlagOverrides {
+    pub namespace: Option<String>,
+    pub spot_policy: Option<SpotPolicy>,
+}
+
+impl Settings {
+    /// Parses TOML text and validates it; `origin` names the source in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, SettingsError> {
+        let settings: Settings = toml::from_str(text).map_err(|e| SettingsError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The one loader: file (from the flag or `SPOTRUN_EXECUTOR_CONFIG`), then env, then flags.
+    pub fn load(
+        path_flag: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+        flags: &FlagOverrides,
+    ) -> Result<Self, SettingsError> {
+        let path = match path_flag {
+            Some(p) => p.to_path_buf(),
+            None => env(CONFIG_ENV)
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+                .ok_or(SettingsError::NoPath)?,
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| SettingsError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let mut settings = Self::from_toml(&text, &path)?;
+        if let Some(ns) = env(NAMESPACE_ENV).filter(|s| !s.is_empty()) {
+            settings.namespace = ns;
+        }
+        if let Some(p) = env(SPOT_POLICY_ENV).filter(|s| !s.is_empty()) {
+            settings.spot.policy = SpotPolicy::parse(&p).ok_or_else(|| SettingsError::Invalid {
+                key: SPOT_POLICY_ENV.into(),
+                message: format!("{p:?} is not one of require, prefer, never"),
+            })?;
+        }
+        if let Some(ns) = &flags.namespace {
+            settings.namespace.clone_from(ns);
+        }
+        if let Some(p) = flags.spot_policy {
+            settings.spot.policy = p;
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |key: &str, message: String| SettingsError::Invalid {
+            key: key.into(),
+            message,
+        };
+        if !crate::naming::is_dns1123_label(&self.namespace) {
+            return Err(invalid(
+                "namespace",
+                format!("{:?} is not a DNS-1123 label", self.namespace),
+            ));
+        }
+        for (key, globs) in [
+            ("images.allowed_images", &self.images.allowed_images),
+            ("images.allowed_services", &self.images.allowed_services),
+        ] {
+            for g in globs {
+                globset::Glob::new(g).map_err(|e| invalid(key, format!("bad glob {g:?}: {e}")))?;
+            }
+        }
+        for (key, dir) in [
+            ("dirs.builds_dir", &self.dirs.builds_dir),
+            ("dirs.cache_dir", &self.dirs.cache_dir),
+            ("dirs.scripts_dir", &self.dirs.scripts_dir),
+            ("dirs.logs_dir", &self.dirs.logs_dir),
+        ] {
+            if !dir.starts_with('/') || dir.contains("..") || dir.contains('\'') {
+                return Err(invalid(
+                    key,
+                    format!("{dir:?} must be an absolute path without '..' or quotes"),
+                ));
+            }
+        }
+        for (k, v) in &self.pod.labels {
+            if !crate::naming::is_label_value(v) {
+                return Err(invalid(
+                    &format!("pod.labels.{k}"),
+                    format!("{v:?} is not a valid label value"),
+                ));
+            }
+        }
+        for (key, table) in [("pod.security_context", &self.pod.security_context)] {
+            if let Some(t) = table {
+                serde_json::from_value::<k8s_openapi::api::core::v1::PodSecurityContext>(
+                    serde_json::to_value(t).unwrap_or_default(),
+                )
+                .map_err(|e| invalid(key, e.to_string()))?;
+            }
+        }
+        for (key, table) in [
+            (
+                "pod.build_security_context",
+                &self.pod.build_security_context,
+            ),
+            (
+                "pod.helper_security_context",
+                &self.pod.helper_security_context,
+            ),
+            (
+                "pod.service_security_context",
+                &self.pod.service_security_context,
+            ),
+        ] {
+            if let Some(t) = table {
+                serde_json::from_value::<k8s_openapi::api::core::v1::SecurityContext>(
+                    serde_json::to_value(t).unwrap_or_default(),
+                )
+                .map_err(|e| invalid(key, e.to_string()))?;
+            }
+        }
+        if let Some(p) = &self.pod.patch {
+            let doc: serde_json::Value = serde_json::from_str(&p.patch)
+                .map_err(|e| invalid("pod.patch.patch", format!("not JSON: {e}")))?;
+            if p.patch_type == PatchType::Json {
+                serde_json::from_value::<json_patch::Patch>(doc).map_err(|e| {
+                    invalid("pod.patch.patch", format!("not an RFC 6902 patch: {e}"))
+                })?;
+            }
+        }
+        for t in &self.pod.tolerations {
+            if !matches!(t.operator.as_str(), "Equal" | "Exists") {
+                return Err(invalid(
+                    "pod.tolerations.operator",
+                    format!("{:?} is not Equal or Exists", t.operator),
+                ));
+            }
+        }
+        if self.timeouts.api_call_seconds == 0 || self.timeouts.exec_silence_seconds < 2 {
+            return Err(invalid(
+                "timeouts",
+                "api_call_seconds must be > 0 and exec_silence_seconds >= 2".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, SettingsError> {
+        Settings::from_toml(text, Path::new("t.toml"))
+    }
+
+    #[test]
+    fn example_file_parses_with_the_real_loader() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/executor.example.toml");
+        let s = Settings::load(Some(&path), &|_| None, &FlagOverrides::default())
+            .expect("example parses");
+        assert_eq!(s.namespace, "ci-jobs");
+        assert_eq!(s.spot.policy, SpotPolicy::Require);
+        assert!(s.pod.patch.is_some());
+        assert!(s.resources.job_max.cpu.is_some());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("namespace = \"a\"\n[spot]\npolcy = \"never\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("polcy"), "{err}");
+        let err = parse("namepsace = \"a\"\n").unwrap_err().to_string();
+        assert!(err.contains("namepsace"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = parse("namespace = \"Not_DNS\"").unwrap_err().to_string();
+        assert!(err.contains("namespace"), "{err}");
+        let err = parse("[resources.build]\ncpu_limit = \"lots\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lots"), "{err}");
+        let err = parse("[pod.patch]\ntype = \"json\"\npatch = '{\"a\":1}'")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pod.patch.patch"), "{err}");
+        let err = parse("[pod.security_context]\nrunAsUser = \"root\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pod.security_context"), "{err}");
+    }
+
+    #[test]
+    fn precedence_file_then_env_then_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.toml");
+        std::fs::write(
+            &path,
+            "namespace = \"from-file\"\n[spot]\npolicy = \"require\"\n",
+        )
+        .unwrap();
+        let none = FlagOverrides::default();
+        let s = Settings::load(Some(&path), &|_| None, &none).unwrap();
+        assert_eq!(
+            (s.namespace.as_str(), s.spot.policy),
+            ("from-file", SpotPolicy::Require)
+        );
+        let env = |k: &str| match k {
+            NAMESPACE_ENV => Some("from-env".to_string()),
+            SPOT_POLICY_ENV => Some("never".to_string()),
+            _ => None,
+        };
+        let s = Settings::load(Some(&path), &env, &none).unwrap();
+        assert_eq!(
+            (s.namespace.as_str(), s.spot.policy),
+            ("from-env", SpotPolicy::Never)
+        );
+        let flags = FlagOverrides {
+            namespace: Some("from-flag".into()),
+            spot_policy: Some(SpotPolicy::Prefer),
+        };
+        let s = Settings::load(Some(&path), &env, &flags).unwrap();
+        assert_eq!(
+            (s.namespace.as_str(), s.spot.policy),
+            ("from-flag", SpotPolicy::Prefer)
+        );
+        // The env var names the file when no flag is given.
+        let p = path.display().to_string();
+        let env_path = move |k: &str| (k == CONFIG_ENV).then(|| p.clone());
+        assert_eq!(
+            Settings::load(None, &env_path, &none).unwrap().namespace,
+            "from-file"
+        );
+        assert!(matches!(
+            Settings::load(None, &|_| None, &none),
+            Err(SettingsError::NoPath)
+        ));
+    }
+}

@@ -1,0 +1,683 @@
+//! `run <script> <stage>`: copy the script into the pod, start it detached (it survives any exec
+//! stream), then follow its log file from a byte offset, reconnecting after drops, until its exit
+//! code file appears.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, AttachParams};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event as WEvent};
+use rand::Rng as _;
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::Ctx;
+use crate::failure::Failure;
+use crate::job::JobResponse;
+use crate::kubeapi::Kube;
+use crate::plan::{BUILD_CONTAINER, HELPER_CONTAINER};
+use crate::podstate::{self, PodEnd};
+use crate::prepare::{identity, lost};
+
+/// Stages the Kubernetes executor runs in the helper container (`Predefined` in the runner).
+const HELPER_STAGES: [&str; 10] = [
+    "prepare_script",
+    "get_sources",
+    "clear_worktree",
+    "restore_cache",
+    "download_artifacts",
+    "archive_cache",
+    "archive_cache_on_failure",
+    "upload_artifacts_on_success",
+    "upload_artifacts_on_failure",
+    "cleanup_file_variables",
+];
+
+/// The container a stage runs in: helper for the runner's own stages, build for everything else.
+#[must_use]
+pub fn stage_container(stage: &str) -> &'static str {
+    if HELPER_STAGES.contains(&stage) {
+        HELPER_CONTAINER
+    } else {
+        BUILD_CONTAINER
+    }
+}
+
+/// Stage names become file names in the pod: only `[A-Za-z0-9_-]`, at most 100 characters.
+pub fn check_stage_name(stage: &str) -> Result<(), Failure> {
+    let ok = !stage.is_empty()
+        && stage.len() <= 100
+        && stage
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::Job(format!(
+            "stage name {stage:?} is not allowed (only letters, digits, '_' and '-')"
+        )))
+    }
+}
+
+/// Files of one stage run inside the pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagePaths {
+    pub script: String,
+    pub log: String,
+    pub exit: String,
+    pub pid: String,
+    pub started: String,
+}
+
+impl StagePaths {
+    #[must_use]
+    pub fn new(scripts_dir: &str, logs_dir: &str, stage: &str, run_id: &str) -> Self {
+        let base = format!("{}/{stage}-{run_id}", logs_dir.trim_end_matches('/'));
+        Self {
+            script: format!("{}/{stage}-{run_id}.sh", scripts_dir.trim_end_matches('/')),
+            log: format!("{base}.log"),
+            exit: format!("{base}.exit"),
+            pid: format!("{base}.pid"),
+            started: format!("{base}.started"),
+        }
+    }
+}
+
+/// Single-quotes for sh (paths are validated, but quoting keeps it obviously safe).
+fn q(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Receives the script on stdin, checks its length (a cut stream must not run half a script),
+/// and starts it once (mkdir is the atomic guard) in its own session, detached from the exec.
+#[must_use]
+pub fn launcher_script(p: &StagePaths, len: usize) -> String {
+    format!(
+        r#"set -e
+S={s}; L={l}; E={e}; P={p}
+cat > "$S.tmp"
+[ "$(wc -c < "$S.tmp" | tr -d ' ')" = "{len}" ] || {{ echo "script upload truncated" >&2; exit 97; }}
+chmod 700 "$S.tmp"; mv "$S.tmp" "$S"
+if mkdir {started} 2>/dev/null; then
+  : > "$L"
+  R='if command -v bash >/dev/null 2>&1; then bash "$0"; else sh "$0"; fi > "$1" 2>&1 < /dev/null; echo $? > "$2.tmp"; mv "$2.tmp" "$2"'
+  if command -v setsid >/dev/null 2>&1; then
+    setsid sh -c "$R" "$S" "$L" "$E" > /dev/null 2>&1 < /dev/null &
+  else
+    nohup sh -c "$R" "$S" "$L" "$E" > /dev/null 2>&1 < /dev/null &
+  fi
+  echo $! > "$P"
+fi
+"#,
+        s = q(&p.script),
+        l = q(&p.log),
+        e = q(&p.exit),
+        p = q(&p.pid),
+        started = q(&p.started),
+    )
+}
+
+/// Prints the log from byte `offset` as it grows; ends with `EXIT <code>` on stderr once the exit
+/// file exists (checked before the last size read, so no byte is missed). A `.` on stderr every
+/// ~2 s is the heartbeat that lets the client tell a silent script from a dead stream.
+#[must_use]
+pub fn follower_script(p: &StagePaths, offset: u64) -> String {
+    format!(
+        r#"L={l}; E={e}; off={offset}; hb=0
+while :; do
+  if [ -f "$E" ]; then fin=1; else fin=; fi
+  size=$(wc -c < "$L" 2>/dev/null | tr -d ' '); size=${{size:-0}}
+  if [ "$size" -gt "$off" ]; then
+    tail -c +$((off + 1)) "$L" | head -c $((size - off))
+    off=$size
+  fi
+  if [ -n "$fin" ]; then printf 'EXIT %s\n' "$(cat "$E")" >&2; exit 0; fi
+  hb=$((hb + 1)); if [ "$hb" -ge 20 ]; then printf . >&2; hb=0; fi
+  sleep 0.1 2>/dev/null || sleep 1
+done
+"#,
+        l = q(&p.log),
+        e = q(&p.exit),
+    )
+}
+
+/// Stops the stage's process group (TERM, then KILL); harmless if it already ended.
+#[must_use]
+pub fn kill_script(p: &StagePaths) -> String {
+    format!(
+        r#"P={p}; E={e}
+[ -f "$P" ] || exit 0
+pid=$(cat "$P")
+[ -f "$E" ] && exit 0
+kill -TERM -"$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+i=0; while [ $i -lt 10 ] && kill -0 -"$pid" 2>/dev/null; do sleep 0.1 2>/dev/null || sleep 1; i=$((i + 1)); done
+kill -KILL -"$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+# The wrapper that writes the exit file died with the group: record the signal exit for readers.
+[ -f "$E" ] || {{ echo 143 > "$E.k"; mv "$E.k" "$E"; }}
+"#,
+        p = q(&p.pid),
+        e = q(&p.exit),
+    )
+}
+
+/// Parses the follower's stderr: the code after the last `EXIT `.
+#[must_use]
+pub fn parse_exit(stderr: &[u8]) -> Option<i32> {
+    let text = String::from_utf8_lossy(stderr);
+    let idx = text.rfind("EXIT ")?;
+    text[idx + 5..].split_whitespace().next()?.parse().ok()
+}
+
+/// How one exec ended.
+#[derive(Debug)]
+enum ExecEnd {
+    /// The command finished and reported its status (Some(true) = success).
+    Finished { success: bool, stderr: Vec<u8> },
+    /// The stream broke: no status, silence, or the connection failed.
+    Dropped(String),
+}
+
+/// Runs a command in a container; stdout goes to `sink` as it arrives.
+async fn exec(
+    pods: &Api<Pod>,
+    pod: &str,
+    container: &str,
+    script: String,
+    stdin: Option<Vec<u8>>,
+    silence: Duration,
+    sink: &mut (dyn FnMut(&[u8]) + Send),
+) -> ExecEnd {
+    let ap = AttachParams::default()
+        .container(container)
+        .stdin(stdin.is_some())
+        .stdout(true)
+        .stderr(true)
+        .max_stdout_buf_size(64 * 1024)
+        .max_stderr_buf_size(16 * 1024)
+        .max_stdin_buf_size(64 * 1024);
+    let connect = tokio::time::timeout(
+        silence,
+        pods.exec(pod, vec!["sh".to_string(), "-c".to_string(), script], &ap),
+    )
+    .await;
+    let mut proc = match connect {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return ExecEnd::Dropped(format!("exec connect: {e}")),
+        Err(_) => return ExecEnd::Dropped("exec connect timed out".into()),
+    };
+    let status = proc.take_status();
+    let (Some(mut out), Some(mut err)) = (proc.stdout(), proc.stderr()) else {
+        return ExecEnd::Dropped("exec streams missing".into());
+    };
+    let writer = match (stdin, proc.stdin()) {
+        (Some(data), Some(mut w)) => Some(tokio::spawn(async move {
+            let _ = w.write_all(&data).await;
+            let _ = w.shutdown().await;
+        })),
+        _ => None,
+    };
+    let mut obuf = vec![0u8; 64 * 1024];
+    let mut ebuf = vec![0u8; 8 * 1024];
+    let mut stderr = Vec::new();
+    let (mut out_open, mut err_open) = (true, true);
+    while out_open || err_open {
+        tokio::select! {
+            r = out.read(&mut obuf), if out_open => match r {
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) => sink(&obuf[..n]),
+            },
+            r = err.read(&mut ebuf), if err_open => match r {
+                Ok(0) | Err(_) => err_open = false,
+                Ok(n) => stderr.extend_from_slice(&ebuf[..n]),
+            },
+            () = tokio::time::sleep(silence) => {
+                proc.abort();
+                return ExecEnd::Dropped(format!("exec stream silent for {} s", silence.as_secs()));
+            }
+        }
+    }
+    if let Some(w) = writer {
+        w.abort();
+    }
+    let Some(status) = status else {
+        return ExecEnd::Dropped("exec status channel missing".into());
+    };
+    match tokio::time::timeout(silence, status).await {
+        Ok(Some(s)) => ExecEnd::Finished {
+            success: s.status.as_deref() == Some("Success"),
+            stderr,
+        },
+        // No status frame: the stream ended abnormally. Never read this as success.
+        Ok(None) => ExecEnd::Dropped("exec stream ended without a status".into()),
+        Err(_) => ExecEnd::Dropped("exec status did not arrive".into()),
+    }
+}
+
+/// The job fields a preemption record needs, from the payload or (if unreadable) the env.
+fn job_for_record(ctx: &Ctx) -> JobResponse {
+    if let Ok(job) = crate::prepare::load_job() {
+        return job;
+    }
+    let mut job = JobResponse::default();
+    let num = |k: &str| ctx.env.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+    job.id = num("CI_JOB_ID");
+    job.job_info.project_id = num("CI_PROJECT_ID");
+    job.job_info.pipeline_id = num("CI_PIPELINE_ID");
+    job.job_info.name = ctx.env.get("CI_JOB_NAME").unwrap_or("").to_string();
+    job
+}
+
+pub async fn run(ctx: &Ctx, script_path: &Path, stage: &str) -> Result<(), Failure> {
+    check_stage_name(stage)?;
+    let script = std::fs::read(script_path).map_err(|e| {
+        Failure::System(format!(
+            "reading stage script {}: {e}",
+            script_path.display()
+        ))
+    })?;
+    let id = identity(ctx, None)?;
+    let name = id.pod_name();
+    let container = stage_container(stage);
+    ctx.events.set_context("pod", name.clone());
+    ctx.events.info(
+        "stage_start",
+        json!({ "stage": stage, "container": container }),
+    );
+    let started = Instant::now();
+    let result = run_stage(ctx, &name, container, stage, script).await;
+    let outcome = match &result {
+        Ok(()) => "success".to_string(),
+        Err(Failure::Script(n)) => format!("exit {n}"),
+        Err(Failure::Preempted(_)) => "preempted".into(),
+        Err(Failure::Cancelled(_)) => "cancelled".into(),
+        Err(_) => "system_failure".into(),
+    };
+    ctx.events.info(
+        "stage_end",
+        json!({ "stage": stage, "container": container, "outcome": outcome,
+                "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX) }),
+    );
+    result
+}
+
+async fn run_stage(
+    ctx: &Ctx,
+    name: &str,
+    container: &str,
+    stage: &str,
+    script: Vec<u8>,
+) -> Result<(), Failure> {
+    let settings = &ctx.settings;
+    let kube = Kube::connect(settings, ctx.events.clone()).await?;
+    let pods: Api<Pod> = Api::namespaced(kube.client.clone(), &kube.namespace);
+    let silence = Duration::from_secs(settings.timeouts.exec_silence_seconds);
+    let ns = kube.namespace.clone();
+
+    let Some(pod) = kube.call("get pod", || pods.get_opt(name)).await? else {
+        return Err(Failure::System(format!(
+            "job pod {ns}/{name} does not exist (deleted, or prepare did not run)"
+        )));
+    };
+    if let Some(end) = podstate::pod_end(&pod, &[container]) {
+        return Err(lost(ctx, &kube, &job_for_record(ctx), end).await);
+    }
+    let node = podstate::node_name(&pod);
+    let run_id = format!("{:08x}", rand::rng().random::<u32>());
+    let paths = StagePaths::new(
+        &settings.dirs.scripts_dir,
+        &settings.dirs.logs_dir,
+        stage,
+        &run_id,
+    );
+
+    let (end_tx, mut end_rx) = tokio::sync::mpsc::channel::<PodEnd>(4);
+    let monitor = tokio::spawn(monitor_pod(
+        kube.clone(),
+        name.to_string(),
+        node,
+        container.to_string(),
+        end_tx,
+    ));
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Failure::System(format!("installing SIGTERM handler: {e}")))?;
+
+    let work = async {
+        start(&kube, &pods, name, container, &paths, script, silence).await?;
+        follow(&kube, &pods, name, container, &paths, silence).await
+    };
+    let result = tokio::select! {
+        r = work => match r {
+            Err(FollowError::Lost(end)) => Err(lost(ctx, &kube, &job_for_record(ctx), end).await),
+            Err(FollowError::Failure(f)) => Err(f),
+            Ok(0) => Ok(()),
+            Ok(n) => Err(Failure::Script(n)),
+        },
+        Some(end) = end_rx.recv() => Err(lost(ctx, &kube, &job_for_record(ctx), end).await),
+        _ = term.recv() => {
+            ctx.events.info("cancelled", json!({ "during": stage }));
+            // Bounded: the runner may SIGKILL us, and cleanup deletes the pod anyway.
+            let _ = tokio::time::timeout(Duration::from_secs(3), exec(&pods, name, container, kill_script(&paths), None, Duration::from_secs(3), &mut |_| {})).await;
+            Err(Failure::Cancelled(format!("stage {stage} cancelled; its processes in the pod were stopped")))
+        }
+    };
+    monitor.abort();
+    result
+}
+
+enum FollowError {
+    Lost(PodEnd),
+    Failure(Failure),
+}
+
+impl From<Failure> for FollowError {
+    fn from(f: Failure) -> Self {
+        Self::Failure(f)
+    }
+}
+
+/// After a dropped stream: is the pod still able to run the stage?
+async fn check_pod(
+    kube: &Kube,
+    pods: &Api<Pod>,
+    name: &str,
+    container: &str,
+) -> Result<(), FollowError> {
+    match kube.call("get pod", || pods.get_opt(name)).await {
+        Ok(None) => Err(FollowError::Lost(PodEnd::Preempted {
+            node: String::new(),
+            reason: "the pod was deleted".into(),
+        })),
+        Ok(Some(pod)) => match podstate::pod_end(&pod, &[container]) {
+            Some(end) => Err(FollowError::Lost(end)),
+            None => Ok(()),
+        },
+        Err(e) => Err(FollowError::Failure(e.into())),
+    }
+}
+
+/// Attempts without progress before a stage gives up on a stream that keeps breaking.
+const MAX_DROPS_WITHOUT_PROGRESS: u32 = 12;
+
+async fn start(
+    kube: &Kube,
+    pods: &Api<Pod>,
+    name: &str,
+    container: &str,
+    paths: &StagePaths,
+    script: Vec<u8>,
+    silence: Duration,
+) -> Result<(), FollowError> {
+    let launcher = launcher_script(paths, script.len());
+    let mut drops = 0u32;
+    loop {
+        match exec(
+            pods,
+            name,
+            container,
+            launcher.clone(),
+            Some(script.clone()),
+            silence,
+            &mut |_| {},
+        )
+        .await
+        {
+            ExecEnd::Finished { success: true, .. } => return Ok(()),
+            ExecEnd::Finished {
+                success: false,
+                stderr,
+            } => {
+                let msg = String::from_utf8_lossy(&stderr).trim().to_string();
+                drops += 1;
+                kube.events.warn(
+                    "exec_reconnect",
+                    json!({ "phase": "start", "error": msg, "attempt": drops }),
+                );
+                if drops >= MAX_DROPS_WITHOUT_PROGRESS {
+                    return Err(Failure::System(format!(
+                        "could not start the stage in container {container}: {msg}"
+                    ))
+                    .into());
+                }
+            }
+            ExecEnd::Dropped(why) => {
+                drops += 1;
+                kube.events.warn(
+                    "exec_reconnect",
+                    json!({ "phase": "start", "error": why, "attempt": drops }),
+                );
+                if drops >= MAX_DROPS_WITHOUT_PROGRESS {
+                    return Err(Failure::System(format!(
+                        "exec into {name}/{container} keeps failing: {why}"
+                    ))
+                    .into());
+                }
+            }
+        }
+        check_pod(kube, pods, name, container).await?;
+        tokio::time::sleep(crate::kubeapi::backoff(drops.min(5), 100, 2000, None)).await;
+    }
+}
+
+/// Streams the log to stdout; returns the script's exit code.
+async fn follow(
+    kube: &Kube,
+    pods: &Api<Pod>,
+    name: &str,
+    container: &str,
+    paths: &StagePaths,
+    silence: Duration,
+) -> Result<i32, FollowError> {
+    let mut offset: u64 = 0;
+    let mut drops = 0u32;
+    loop {
+        let before = offset;
+        let mut sink = |bytes: &[u8]| {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(bytes);
+            let _ = out.flush();
+            offset += bytes.len() as u64;
+        };
+        let end = exec(
+            pods,
+            name,
+            container,
+            follower_script(paths, before),
+            None,
+            silence,
+            &mut sink,
+        )
+        .await;
+        match end {
+            ExecEnd::Finished {
+                success: true,
+                stderr,
+            } => {
+                if let Some(code) = parse_exit(&stderr) {
+                    return Ok(code);
+                }
+                drops += 1;
+                kube.events.warn(
+                    "exec_reconnect",
+                    json!({ "phase": "follow", "error": "no exit code", "offset": offset }),
+                );
+            }
+            ExecEnd::Finished {
+                success: false,
+                stderr,
+            } => {
+                drops += 1;
+                kube.events.warn("exec_reconnect", json!({ "phase": "follow", "error": String::from_utf8_lossy(&stderr).trim(), "offset": offset }));
+            }
+            ExecEnd::Dropped(why) => {
+                if offset > before {
+                    drops = 0;
+                }
+                drops += 1;
+                kube.events.warn(
+                    "exec_reconnect",
+                    json!({ "phase": "follow", "error": why, "offset": offset, "attempt": drops }),
+                );
+            }
+        }
+        if drops >= MAX_DROPS_WITHOUT_PROGRESS {
+            return Err(Failure::System(format!(
+                "lost the stage output stream of {name}/{container} {drops} times in a row"
+            ))
+            .into());
+        }
+        check_pod(kube, pods, name, container).await?;
+        tokio::time::sleep(crate::kubeapi::backoff(drops.min(5), 50, 1000, None)).await;
+    }
+}
+
+/// Watches the pod (and its node) while a stage runs; reports the first sign of its end.
+async fn monitor_pod(
+    kube: Kube,
+    name: String,
+    node: String,
+    container: String,
+    tx: tokio::sync::mpsc::Sender<PodEnd>,
+) {
+    let pods: Api<Pod> = Api::namespaced(kube.client.clone(), &kube.namespace);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut pod_stream = watcher::watcher(pods, cfg).default_backoff().boxed();
+    let nodes: Api<Node> = Api::all(kube.client.clone());
+    let ncfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let mut node_stream = watcher::watcher(nodes, ncfg).default_backoff().boxed();
+    let mut node_ok = !node.is_empty();
+    let mut node_errors = 0u32;
+    let mut node_seen = false;
+    let containers = [container.as_str()];
+    loop {
+        let end = tokio::select! {
+            item = pod_stream.next() => match item {
+                Some(Ok(WEvent::Apply(p) | WEvent::InitApply(p))) => podstate::pod_end(&p, &containers),
+                Some(Ok(WEvent::Delete(p))) => Some(PodEnd::Preempted { node: podstate::node_name(&p), reason: "the pod was deleted".into() }),
+                Some(Ok(_)) => None,
+                Some(Err(e)) => {
+                    kube.events.warn("watch_error", json!({ "resource": "pod", "error": e.to_string() }));
+                    None
+                }
+                None => return,
+            },
+            item = node_stream.next(), if node_ok => match item {
+                Some(Ok(WEvent::InitApply(_) | WEvent::Apply(_))) => { node_seen = true; node_errors = 0; None }
+                Some(Ok(WEvent::Delete(_))) => Some(PodEnd::Preempted { node: node.clone(), reason: "its node was deleted".into() }),
+                // A relist without the node: it is gone.
+                Some(Ok(WEvent::InitDone)) if !node_seen => Some(PodEnd::Preempted { node: node.clone(), reason: "its node no longer exists".into() }),
+                Some(Ok(WEvent::InitDone | WEvent::Init)) => { node_seen = false; None }
+                Some(Err(e)) => {
+                    node_errors += 1;
+                    // Without RBAC on nodes the pod watch still catches preemption.
+                    if node_errors > 3 { node_ok = false; }
+                    kube.events.warn("watch_error", json!({ "resource": "node", "error": e.to_string() }));
+                    None
+                }
+                None => { node_ok = false; None }
+            },
+        };
+        if let Some(end) = end {
+            let _ = tx.send(end).await;
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_route_to_containers() {
+        for s in HELPER_STAGES {
+            assert_eq!(stage_container(s), "helper", "{s}");
+        }
+        for s in [
+            "build_script",
+            "step_release",
+            "after_script",
+            "something_new",
+        ] {
+            assert_eq!(stage_container(s), "build", "{s}");
+        }
+    }
+
+    #[test]
+    fn stage_names_with_path_characters_are_refused() {
+        for bad in ["../etc", "a/b", "", "x y", "a.b", "stage\n"] {
+            assert!(check_stage_name(bad).is_err(), "{bad:?}");
+        }
+        check_stage_name("step_release-2").unwrap();
+    }
+
+    #[test]
+    fn exit_parsing() {
+        assert_eq!(parse_exit(b"..EXIT 42\n"), Some(42));
+        assert_eq!(parse_exit(b"EXIT 0\n"), Some(0));
+        assert_eq!(parse_exit(b"...."), None);
+        assert_eq!(parse_exit(b"EXIT \n"), None);
+    }
+
+    fn sh(script: &str, stdin: &[u8]) -> std::process::Output {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// The in-pod scripts, run by the local sh: start detached, follow from offsets, exit code.
+    #[test]
+    fn launcher_and_follower_round_trip_with_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let p = StagePaths::new(&d, &d, "build_script", "abcd1234");
+        let script = b"echo one; printf 'two\\n'; echo err >&2; exit 42\n";
+        let out = sh(&launcher_script(&p, script.len()), script);
+        assert!(out.status.success(), "{out:?}");
+        // Second launch (a retried start) must not start it again.
+        let out = sh(&launcher_script(&p, script.len()), script);
+        assert!(out.status.success());
+        let full = sh(&follower_script(&p, 0), b"");
+        assert_eq!(String::from_utf8_lossy(&full.stdout), "one\ntwo\nerr\n");
+        assert_eq!(parse_exit(&full.stderr), Some(42));
+        // Resuming from an offset yields exactly the rest.
+        let rest = sh(&follower_script(&p, 4), b"");
+        assert_eq!(String::from_utf8_lossy(&rest.stdout), "two\nerr\n");
+        // A truncated upload is refused and runs nothing.
+        let p2 = StagePaths::new(&d, &d, "get_sources", "ffff0000");
+        let out = sh(&launcher_script(&p2, 999), b"echo hi\n");
+        assert!(!out.status.success());
+        assert!(!Path::new(&p2.started).exists());
+    }
+
+    #[test]
+    fn kill_script_stops_the_stage() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let p = StagePaths::new(&d, &d, "build_script", "k1");
+        let script = b"sleep 30; echo never\n";
+        assert!(
+            sh(&launcher_script(&p, script.len()), script)
+                .status
+                .success()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        assert!(sh(&kill_script(&p), b"").status.success());
+        let out = sh(&follower_script(&p, 0), b"");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+        assert!(parse_exit(&out.stderr).is_some_and(|c| c != 0));
+    }
+}
