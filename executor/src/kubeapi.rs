@@ -40,7 +40,7 @@ impl KubeError {
 
     #[must_use]
     pub fn is_not_found(&self) -> bool {
-        self.status().is_some_and(|s| s.is_not_found())
+        self.status().is_some_and(kube::core::Status::is_not_found)
     }
 
     #[must_use]
@@ -51,12 +51,7 @@ impl KubeError {
 
     #[must_use]
     pub fn is_conflict(&self) -> bool {
-        self.status().is_some_and(|s| s.is_conflict())
-    }
-
-    #[must_use]
-    pub fn is_forbidden(&self) -> bool {
-        self.status().is_some_and(|s| s.is_forbidden())
+        self.status().is_some_and(kube::core::Status::is_conflict)
     }
 }
 
@@ -87,12 +82,12 @@ pub fn retryable(err: &kube::Error) -> (bool, Option<Duration>) {
                 retry_after,
             )
         }
-        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => {
-            (true, None)
-        }
-        kube::Error::HttpError(_) => (true, None),
         // A body that failed to parse is usually a truncated response from a dying connection.
-        kube::Error::SerdeError(_) => (true, None),
+        kube::Error::HyperError(_)
+        | kube::Error::Service(_)
+        | kube::Error::ReadEvents(_)
+        | kube::Error::HttpError(_)
+        | kube::Error::SerdeError(_) => (true, None),
         _ => (false, None),
     }
 }
@@ -222,6 +217,6 @@ mod tests {
             );
         }
         assert!(backoff(0, 100, 3000, Some(Duration::from_secs(2))) >= Duration::from_secs(2));
-        assert!(backoff(0, 100, 1000, Some(Duration::from_secs(60))) <= Duration::from_secs(4));
+        assert!(backoff(0, 100, 1000, Some(Duration::from_mins(1))) <= Duration::from_secs(4));
     }
 }

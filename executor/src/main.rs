@@ -3,6 +3,9 @@
 //! One short-lived process per runner call (`config`, `prepare`, `run`, `cleanup`) plus `gc`; no
 //! state between calls except what Kubernetes holds. Exit codes are decided here, in one place.
 
+// Reason: nested `if let` on IO fallbacks reads clearer than let-chains here.
+#![allow(clippy::collapsible_if)]
+
 mod events;
 mod failure;
 mod job;
@@ -28,6 +31,8 @@ use crate::failure::{ExitCodes, Failure, verdict, write_build_exit_code};
 use crate::job::{CustomEnv, JobIdentity};
 use crate::settings::{FlagOverrides, Settings, SpotPolicy};
 
+// Reason: doc comments here are clap help text, where backticks would show literally.
+#[allow(clippy::doc_markdown)]
 #[derive(Debug, Parser)]
 #[command(
     name = "spotrun-executor",
@@ -52,6 +57,7 @@ fn parse_policy(s: &str) -> Result<SpotPolicy, String> {
     SpotPolicy::parse(s).ok_or_else(|| format!("{s:?} is not one of require, prefer, never"))
 }
 
+#[allow(clippy::doc_markdown)] // Reason: clap help text (see `Cli`).
 #[derive(Debug, Subcommand)]
 enum Command {
     /// config_exec: print the runner's JSON (builds_dir, cache_dir, hostname, driver).
@@ -140,18 +146,19 @@ fn run_command(ctx: &Ctx, command: Command) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::System(format!("starting the async runtime: {e}")))?;
-    runtime.block_on(async {
+    runtime.block_on(Box::pin(async {
         match command {
             Command::Config => unreachable!("handled above"),
-            Command::Prepare => prepare::prepare(ctx).await,
+            Command::Prepare => Box::pin(prepare::prepare(ctx)).await,
             Command::Run { script, stage } => stage::run(ctx, &script, &stage).await,
             Command::Cleanup => sweep::cleanup(ctx).await,
             Command::Gc { dry_run } => sweep::gc(ctx, dry_run).await,
         }
-    })
+    }))
 }
 
 /// `config_exec`: JSON on stdout only.
+#[allow(clippy::unnecessary_wraps)] // Reason: same signature as every subcommand.
 fn config(ctx: &Ctx) -> Result<(), Failure> {
     let mut out = json!({
         "builds_dir": ctx.settings.dirs.builds_dir,

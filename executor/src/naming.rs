@@ -68,10 +68,8 @@ pub fn label_value(s: &str) -> String {
         let h = short_hash(s, 8);
         v = format!("{}-{h}", &v[..54]);
     }
-    let v = v
-        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
-        .to_string();
-    v
+    v.trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string()
 }
 
 #[must_use]

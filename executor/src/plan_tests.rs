@@ -386,7 +386,7 @@ fn deadline_is_job_timeout_plus_margin_and_names_are_deterministic() {
     let spec = a.pod.spec.unwrap();
     assert_eq!(
         spec.active_deadline_seconds,
-        Some(3600 + case.settings.timeouts.deadline_margin_seconds as i64)
+        Some(3600 + i64::try_from(case.settings.timeouts.deadline_margin_seconds).unwrap())
     );
     assert_eq!(
         a.pod.metadata.name.as_deref(),

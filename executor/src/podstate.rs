@@ -235,7 +235,7 @@ mod tests {
     fn unschedulable_carries_the_scheduler_message() {
         match progress(&fixture("unschedulable-pod.json")) {
             Progress::Unschedulable { message } => {
-                assert!(message.contains("Insufficient cpu"), "{message}")
+                assert!(message.contains("Insufficient cpu"), "{message}");
             }
             other => panic!("{other:?}"),
         }
@@ -266,9 +266,10 @@ mod tests {
         });
         assert!(matches!(progress(&starting), Progress::Starting { .. }));
         let mut deleting = pod;
-        deleting.metadata.deletion_timestamp = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
-        );
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::default(),
+            ));
         assert!(matches!(
             pod_end(&deleting, &[]),
             Some(PodEnd::Preempted { .. })

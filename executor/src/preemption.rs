@@ -1,4 +1,4 @@
-//! Preemption records: a ConfigMap per (project, pipeline, job name) so the runner's retry of a
+//! Preemption records: a `ConfigMap` per (project, pipeline, job name) so the runner's retry of a
 //! preempted job (a new job id) is placed on on-demand nodes.
 
 use std::collections::BTreeMap;
@@ -23,7 +23,7 @@ pub fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A record as stored in the ConfigMap's data.
+/// A record as stored in the `ConfigMap`'s data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub count: u32,

@@ -240,7 +240,7 @@ async fn create_or_reuse(
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_mins(1);
         let uid = existing.metadata.uid.clone();
         let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let mut stream = watcher::watcher(pods.clone(), cfg)
@@ -305,7 +305,7 @@ async fn wait_running(
     let mut announced_node = String::new();
     let mut last_waiting: Vec<(String, String)> = Vec::new();
     let mut said_waiting = false;
-    let far = prepare_deadline + Duration::from_secs(3600);
+    let far = prepare_deadline + Duration::from_hours(1);
 
     loop {
         let unsched_deadline = unschedulable_since.map_or(far, |t| {

@@ -265,6 +265,8 @@ impl Default for DirSettings {
     }
 }
 
+// Reason: field names are the TOML keys operators write; the unit suffix is deliberate.
+#[allow(clippy::struct_field_names)]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutSettings {
@@ -298,6 +300,8 @@ impl Default for TimeoutSettings {
     }
 }
 
+// Reason: field names are the TOML keys operators write.
+#[allow(clippy::struct_field_names)]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSettings {

@@ -17,7 +17,7 @@ use crate::preemption::{self, RECORD_KIND, Record};
 use crate::prepare::identity;
 use crate::settings::Settings;
 
-/// Deletes by name; NotFound is success (idempotent, and safe when another cleanup won the race).
+/// Deletes by name; `NotFound` is success (idempotent, and safe when another cleanup won the race).
 async fn delete_ignoring_missing<K>(
     kube: &Kube,
     api: &Api<K>,
@@ -228,6 +228,7 @@ pub async fn gc(ctx: &Ctx, dry_run: bool) -> Result<(), Failure> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_wrap)] // Reason: small literal test times.
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
