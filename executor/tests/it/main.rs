@@ -1,1 +1,6 @@
-//! Integration tests of spotrun-executor (driven through the runner harness against the emulator).
+//! Integration tests of spotrun-executor: the real binary driven by the runner harness against
+//! the Kubernetes API emulator (containers run for real in bwrap).
+
+mod jobs;
+mod resilience;
+mod support;
