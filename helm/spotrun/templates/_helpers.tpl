@@ -41,9 +41,9 @@ app.kubernetes.io/part-of: spotrun
 {{- end }}
 {{- end }}
 
-{{/* The namespace job pods run in. */}}
+{{/* The namespace job pods run in: executor.config.namespace, else runners.jobNamespace, else the release's. */}}
 {{- define "spotrun.jobNamespace" -}}
-{{- default .Release.Namespace .Values.runners.jobNamespace }}
+{{- coalesce .Values.executor.config.namespace .Values.runners.jobNamespace .Release.Namespace }}
 {{- end }}
 
 {{/* Object names. */}}

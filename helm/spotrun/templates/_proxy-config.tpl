@@ -6,19 +6,31 @@ Secrets never appear here: the proxy reads them from the environment (see cache-
 {{- define "spotrun.proxyConfig" -}}
 {{- $v := .Values.cacheProxy }}
 {{- $b := $v.backend }}
-{{- $cfg := deepCopy $v.config }}
 {{- $buckets := list .Values.runners.cache.bucketName }}
 {{- if .Values.backup.enabled }}{{ $buckets = append $buckets .Values.backup.bucketName | uniq }}{{ end }}
-{{- $defaults := dict "listen" (printf "0.0.0.0:%d" (int $v.service.port)) "buckets" $buckets "spool_dir" "/spool" }}
+{{- $defaults := dict "listen" (printf "0.0.0.0:%d" (int $v.service.port)) "region" .Values.runners.cache.bucketLocation "buckets" $buckets }}
 {{- if eq $b.type "disk" }}
-{{- $_ := set $defaults "backend" (dict "type" "disk" "path" "/data") }}
+{{- /* Uploads spool on the data volume (<path>/.spool), the proxy's default. */}}
+{{- $_ := set $defaults "store" (dict "kind" "disk" "path" "/data") }}
 {{- else if eq $b.type "s3" }}
-{{- $_ := set $defaults "backend" (dict "type" "s3" "endpoint" $b.s3.endpoint "region" $b.s3.region "bucket" $b.s3.bucket "path_style" $b.s3.pathStyle) }}
+{{- $_ := set $defaults "spool_dir" "/spool" }}
+{{- $store := dict "kind" "s3" "endpoint" $b.s3.endpoint "region" $b.s3.region "bucket" $b.s3.bucket "path_style" $b.s3.pathStyle }}
+{{- with $b.s3.prefix }}{{ $_ := set $store "prefix" . }}{{ end }}
+{{- $_ := set $defaults "store" $store }}
 {{- else if eq $b.type "gcs" }}
-{{- $_ := set $defaults "backend" (dict "type" "gcs" "bucket" $b.gcs.bucket) }}
+{{- $_ := set $defaults "spool_dir" "/spool" }}
+{{- $store := dict "kind" "gcs" "bucket" $b.gcs.bucket }}
+{{- with $b.gcs.prefix }}{{ $_ := set $store "prefix" . }}{{ end }}
+{{- $_ := set $defaults "store" $store }}
 {{- end }}
-{{- $cfg = mergeOverwrite $defaults $cfg }}
-# spotrun-cache-proxy settings (rendered by the spotrun chart from cacheProxy.*).
+{{- if $v.gc.enabled }}
+{{- /* The CronJob collects garbage; the in-server timer is off unless set explicitly. */}}
+{{- $_ := set $defaults "gc" (dict "interval_secs" 0) }}
+{{- end }}
+{{- $cfg := mergeOverwrite $defaults (deepCopy $v.config) }}
+# spotrun-cache-proxy settings (rendered by the spotrun chart from cacheProxy.*). The runner's key pair
+# comes from SPOTRUN_CACHE_ACCESS_KEY / SPOTRUN_CACHE_SECRET_KEY, backend keys from AWS_ACCESS_KEY_ID /
+# AWS_SECRET_ACCESS_KEY (Secrets), never from this file.
 {{- include "spotrun.toml.table" (dict "path" "" "table" $cfg) }}
 {{- end }}
 
@@ -87,9 +99,11 @@ Secrets never appear here: the proxy reads them from the environment (see cache-
 - name: config
   configMap:
     name: {{ include "spotrun.proxy.fullname" . }}
+{{- if ne .Values.cacheProxy.backend.type "disk" }}
 - name: spool
   emptyDir:
     sizeLimit: {{ .Values.cacheProxy.spool.sizeLimit }}
+{{- end }}
 - name: tmp
   emptyDir:
     sizeLimit: 64Mi
@@ -104,8 +118,10 @@ Secrets never appear here: the proxy reads them from the environment (see cache-
 - name: config
   mountPath: /etc/spotrun
   readOnly: true
+{{- if ne .Values.cacheProxy.backend.type "disk" }}
 - name: spool
   mountPath: /spool
+{{- end }}
 - name: tmp
   mountPath: /tmp
 {{- if eq .Values.cacheProxy.backend.type "disk" }}
