@@ -856,3 +856,173 @@ fn example_configs_round_trip_through_the_chart() {
         );
     }
 }
+
+fn leaf_paths(v: &Value, prefix: &str, out: &mut Vec<String>) {
+    match v.as_mapping() {
+        Some(m) if !m.is_empty() && !prefix.ends_with(".config") => {
+            for (k, sub) in m {
+                let k = k.as_str().expect("string keys");
+                let path = if prefix.is_empty() {
+                    k.to_owned()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                leaf_paths(sub, &path, out);
+            }
+        }
+        _ => out.push(prefix.to_owned()),
+    }
+}
+
+#[test]
+fn readme_values_table_documents_every_value() {
+    let values: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml")).unwrap())
+            .unwrap();
+    let readme = std::fs::read_to_string(chart_dir().join("README.md")).unwrap();
+    let mut paths = Vec::new();
+    leaf_paths(&values, "", &mut paths);
+    assert!(paths.len() > 100, "{paths:?}");
+    let undocumented: Vec<&String> = paths
+        .iter()
+        .filter(|p| {
+            // A value is documented by its own row or by a row of an enclosing object.
+            let mut cur = p.as_str();
+            loop {
+                if readme.contains(&format!("| `{cur}` |")) {
+                    return false;
+                }
+                match cur.rfind('.') {
+                    Some(i) => cur = &cur[..i],
+                    None => return true,
+                }
+            }
+        })
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "values missing from helm/spotrun/README.md: {undocumented:?}"
+    );
+}
+
+/// Runs the backup CronJob's script with stand-ins for kubectl (records its argv, runs the script it
+/// receives on stdin) and backup-utility (records its argv and environment): the proxy's key pair must
+/// reach backup-utility byte for byte and never appear on a command line.
+#[test]
+fn backup_job_hands_the_proxy_credentials_to_backup_utility_over_stdin() {
+    let values = chart_dir().join("ci/everything-values.yaml");
+    let docs = documents(&render_file(&values));
+    let cron = docs
+        .iter()
+        .find(|d| kind(d) == "CronJob" && name(d).ends_with("-backup"))
+        .expect("backup CronJob in the everything case");
+    let container = &cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0];
+    let command: Vec<&str> = container["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(&command[..2], ["/bin/sh", "-c"]);
+    let env_names: BTreeSet<&str> = container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let write_exe = |name: &str, body: &str| {
+        let p = bin.join(name);
+        std::fs::write(&p, body).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    write_exe(
+        "kubectl",
+        "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$OUT/kubectl.argv\"\ncat > \"$OUT/sent.sh\"\nexec sh \"$OUT/sent.sh\"\n",
+    );
+    write_exe(
+        "backup-utility",
+        "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$OUT/backup.argv\"\n\
+         printf '%s' \"$AWS_ACCESS_KEY_ID\" > \"$OUT/ak\"\nprintf '%s' \"$AWS_SECRET_ACCESS_KEY\" > \"$OUT/sk\"\n\
+         printf '%s' \"$BACKUP_BUCKET_NAME\" > \"$OUT/bucket\"\ncp \"$AWS_CONFIG_FILE\" \"$OUT/aws-config\"\n",
+    );
+    let access = "AKID'quote";
+    let secret = r#"s$e"c\r`e t\n"#;
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(&command[1..])
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("OUT", &out)
+        .env("TMPDIR", dir.path())
+        .env("CACHE_ACCESS_KEY", access)
+        .env("CACHE_SECRET_KEY", secret);
+    for e in container["env"].as_sequence().unwrap() {
+        if let Some(v) = e["value"].as_str() {
+            if e["name"] != "HOME" {
+                cmd.env(e["name"].as_str().unwrap(), v);
+            }
+        }
+    }
+    assert!(env_names.contains("CACHE_ACCESS_KEY") && env_names.contains("CACHE_SECRET_KEY"));
+    let run = cmd.output().unwrap();
+    assert!(
+        run.status.success(),
+        "backup script: {}\n{}",
+        text(&run.stdout),
+        text(&run.stderr)
+    );
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap();
+    assert_eq!(read("ak"), access);
+    assert_eq!(read("sk"), secret);
+    assert_eq!(read("bucket"), "gitlab-backups");
+    assert!(
+        read("aws-config").contains("multipart_threshold = 20GB"),
+        "{}",
+        read("aws-config")
+    );
+    let kubectl = read("kubectl.argv");
+    assert_eq!(
+        kubectl.lines().collect::<Vec<_>>(),
+        [
+            "exec",
+            "-i",
+            "-n",
+            "gitlab",
+            "deploy/gitlab-toolbox",
+            "-c",
+            "toolbox",
+            "--",
+            "/bin/sh",
+            "-s"
+        ]
+    );
+    let backup = read("backup.argv");
+    assert_eq!(
+        backup.lines().collect::<Vec<_>>(),
+        [
+            "--s3tool",
+            "awscli",
+            "--aws-s3-endpoint-url",
+            "http://spotrun-ci-cache.ci.svc:9000",
+            "--skip",
+            "registry"
+        ]
+    );
+    for argv in [&kubectl, &backup] {
+        assert!(
+            !argv.contains("AKID") && !argv.contains("s$e"),
+            "credential on a command line: {argv}"
+        );
+    }
+}
