@@ -232,7 +232,7 @@ fn rendered_manifests_pass_kubernetes_validate_strict_for_1_33_and_1_34() {
     for (label, out) in parallel(jobs) {
         let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
         assert!(out.status.success(), "kubernetes-validate {label}:\n{all}");
-        for line in all.lines() {
+        for line in all.lines().filter(|l| !l.trim().is_empty()) {
             let benign_crd = line.starts_with("WARN")
                 && line.contains("Couldn't find schema for kind ServiceMonitor");
             assert!(
@@ -261,7 +261,7 @@ fn committed_rules(text: &str) -> BTreeSet<(String, String)> {
     set
 }
 
-/// The (verb, resource) pairs a rendered Role or ClusterRole grants, refusing wildcards and names.
+/// The (verb, resource) pairs a rendered `Role` or `ClusterRole` grants, refusing wildcards and names.
 fn granted(role: &Value) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for rule in role["rules"].as_sequence().expect("rules is a list") {
@@ -421,6 +421,9 @@ fn a_wildcard_or_malformed_rules_line_fails_the_render_naming_the_line() {
     }
 }
 
+/// A `helm template` run expected to fail: its arguments, the expected message and the output.
+type RejectJob = Box<dyn FnOnce() -> (Vec<String>, &'static str, Output) + Send>;
+
 #[test]
 fn schema_rejects_bad_values_naming_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -493,7 +496,7 @@ fn schema_rejects_bad_values_naming_them() {
             "runners.cache.enabled requires cacheProxy.enabled",
         ),
     ];
-    let jobs: Vec<Box<dyn FnOnce() -> (Vec<String>, &'static str, Output) + Send>> = cases
+    let jobs: Vec<RejectJob> = cases
         .into_iter()
         .map(|(args, want)| {
             Box::new(move || {
@@ -520,7 +523,7 @@ fn schema_rejects_bad_values_naming_them() {
     }
 }
 
-/// A ConfigMap's data entry.
+/// A `ConfigMap`'s data entry.
 fn config_map_entry<'a>(docs: &'a [Value], suffix: &str, key: &str) -> &'a str {
     find(docs, "ConfigMap", suffix)
         .unwrap_or_else(|| panic!("ConfigMap *{suffix} rendered"))["data"][key]
@@ -718,18 +721,41 @@ fn no_secret_material_in_config_maps_and_tokens_only_where_needed() {
             c["readinessProbe"]["httpGet"]["path"].as_str(),
             Some("/readyz")
         );
-        for d in docs.iter().filter(|d| kind(d) == "ConfigMap") {
-            let body = serde_yaml::to_string(&d["data"]).unwrap();
-            assert!(
-                !body.contains("glrt-"),
-                "{label}: token in ConfigMap {}",
-                name(d)
-            );
+        // Generated secrets (the cache key pair) appear in their Secret only: everything else
+        // references them through secretKeyRef.
+        for secret in docs.iter().filter(|d| kind(d) == "Secret") {
+            for value in secret["data"]
+                .as_mapping()
+                .into_iter()
+                .flat_map(|m| m.values())
+            {
+                let plain = base64::Engine::decode(
+                    &base64::engine::general_purpose::STANDARD,
+                    value.as_str().unwrap(),
+                )
+                .unwrap();
+                let plain = String::from_utf8(plain).unwrap();
+                assert!(
+                    plain.len() >= 16,
+                    "{label}: weak generated secret in {}",
+                    name(secret)
+                );
+                for d in docs.iter().filter(|d| kind(d) != "Secret") {
+                    let body = serde_yaml::to_string(d).unwrap();
+                    assert!(
+                        !body.contains(&plain),
+                        "{label}: secret of {} leaks into {} {}",
+                        name(secret),
+                        kind(d),
+                        name(d)
+                    );
+                }
+            }
         }
     }
 }
 
-/// Runs the manager's entrypoint.sh from the rendered ConfigMap with a stand-in `gitlab-runner`
+/// Runs the manager's `entrypoint.sh` from the rendered `ConfigMap` with a stand-in `gitlab-runner`
 /// that prints the config it was given: the secrets must land TOML-escaped in the right keys.
 #[test]
 fn manager_entrypoint_fills_in_secrets_as_valid_toml() {
@@ -905,7 +931,7 @@ fn readme_values_table_documents_every_value() {
     );
 }
 
-/// Runs the backup CronJob's script with stand-ins for kubectl (records its argv, runs the script it
+/// Runs the backup `CronJob`'s script with stand-ins for kubectl (records its argv, runs the script it
 /// receives on stdin) and backup-utility (records its argv and environment): the proxy's key pair must
 /// reach backup-utility byte for byte and never appear on a command line.
 #[test]
@@ -968,10 +994,10 @@ fn backup_job_hands_the_proxy_credentials_to_backup_utility_over_stdin() {
         .env("CACHE_ACCESS_KEY", access)
         .env("CACHE_SECRET_KEY", secret);
     for e in container["env"].as_sequence().unwrap() {
-        if let Some(v) = e["value"].as_str() {
-            if e["name"] != "HOME" {
-                cmd.env(e["name"].as_str().unwrap(), v);
-            }
+        if let Some(v) = e["value"].as_str()
+            && e["name"] != "HOME"
+        {
+            cmd.env(e["name"].as_str().unwrap(), v);
         }
     }
     assert!(env_names.contains("CACHE_ACCESS_KEY") && env_names.contains("CACHE_SECRET_KEY"));
@@ -1025,4 +1051,126 @@ fn backup_job_hands_the_proxy_credentials_to_backup_utility_over_stdin() {
             "credential on a command line: {argv}"
         );
     }
+}
+
+/// Net bracket count of HCL code with string literals and comments removed.
+fn hcl_brackets(code: &str) -> i32 {
+    let mut net = 0;
+    let mut in_str = false;
+    let mut escaped = false;
+    for c in code.chars() {
+        if in_str {
+            match (escaped, c) {
+                (false, '\\') => escaped = true,
+                (false, '"') => in_str = false,
+                _ => escaped = false,
+            }
+            continue;
+        }
+        match c {
+            '"' => in_str = true,
+            '#' => break,
+            '{' | '[' | '(' => net += 1,
+            '}' | ']' | ')' => net -= 1,
+            _ => {}
+        }
+    }
+    net
+}
+
+/// terraform is not installable here, so this checks the rules of `terraform fmt` (hclwrite) that
+/// hand-written HCL gets wrong: two-space indent per open bracket line, `=` aligned across
+/// consecutive single-line attributes, one space before `=` when the value spans lines, no tabs or
+/// trailing spaces, one final newline.
+#[test]
+fn terraform_example_follows_fmt_layout() {
+    let dir = repo_root().join("config/terraform");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("config/terraform")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "tf"))
+        .collect();
+    files.sort();
+    let names: BTreeSet<String> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for want in ["main.tf", "variables.tf", "outputs.tf", "versions.tf"] {
+        assert!(names.contains(want), "config/terraform/{want} missing");
+    }
+    let mut problems = Vec::new();
+    for file in &files {
+        let label = file.file_name().unwrap().to_string_lossy().into_owned();
+        let body = std::fs::read_to_string(file).unwrap();
+        if !body.ends_with('\n') || body.ends_with("\n\n") {
+            problems.push(format!("{label}: must end with exactly one newline"));
+        }
+        let mut depth: i32 = 0;
+        // (line number, end column of the key, column of `=`) of the current run of single-line attributes.
+        let mut chain: Vec<(usize, usize, usize)> = Vec::new();
+        let close = |chain: &mut Vec<(usize, usize, usize)>, problems: &mut Vec<String>| {
+            let width = chain.iter().map(|c| c.1).max().unwrap_or(0);
+            for &(n, _, eq_col) in chain.iter() {
+                if eq_col != width + 1 {
+                    problems.push(format!(
+                        "{label}:{n}: `=` at column {eq_col}, want {}",
+                        width + 1
+                    ));
+                }
+            }
+            chain.clear();
+        };
+        for (i, raw) in body.lines().enumerate() {
+            let n = i + 1;
+            if raw.ends_with(' ') || raw.contains('\t') {
+                problems.push(format!("{label}:{n}: trailing space or tab"));
+            }
+            let line = raw.trim();
+            let net = hcl_brackets(line);
+            let closing = line.starts_with(['}', ']', ')']);
+            let want = 2 * usize::try_from(depth - i32::from(closing)).unwrap_or(0);
+            let indent = raw.len() - raw.trim_start().len();
+            if !line.is_empty() && indent != want {
+                problems.push(format!("{label}:{n}: indent {indent}, want {want}"));
+            }
+            let assign = (!line.starts_with('#'))
+                .then(|| {
+                    raw.find(" =")
+                        .filter(|&p| raw.as_bytes().get(p + 2) != Some(&b'='))
+                })
+                .flatten()
+                .filter(|&p| {
+                    let key = raw[..p].trim();
+                    !key.is_empty()
+                        && key
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_-./\"".contains(c))
+                });
+            match assign {
+                Some(p) if hcl_brackets(&raw[p..]) == 0 => {
+                    let key_end = raw[..p].trim_end().len();
+                    chain.push((n, key_end, p + 1));
+                }
+                Some(p) => {
+                    close(&mut chain, &mut problems);
+                    if raw[..p].ends_with(' ') {
+                        problems.push(format!(
+                            "{label}:{n}: one space before `=` of a multi-line value"
+                        ));
+                    }
+                }
+                None => close(&mut chain, &mut problems),
+            }
+            depth += net.signum();
+        }
+        close(&mut chain, &mut problems);
+        if depth != 0 {
+            problems.push(format!("{label}: unbalanced brackets"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "terraform fmt layout:\n{}",
+        problems.join("\n")
+    );
 }
