@@ -1,3 +1,4 @@
 //! Integration tests of the test kit.
 
 mod harness;
+mod helm;
