@@ -394,7 +394,10 @@ pub(crate) fn patch(
     status_only: bool,
 ) -> Result<Arc<Value>, ApiError> {
     let kind = PatchKind::from_content_type(content_type)
-        .ok_or_else(|| ApiError::unsupported_media_type(content_type))?;
+        .ok_or_else(|| ApiError::unsupported_media_type(
+            content_type,
+            "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json",
+        ))?;
     let p: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!("error decoding the patch body as JSON: {e}"))
     })?;

@@ -1167,12 +1167,17 @@ fn data_of(obj: &Value, secret: bool) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// The first child of `parent` (bwrap's sandboxed pid-1), found through /proc.
+/// The first child of `parent` (bwrap's sandboxed pid-1), found through /proc, once it has
+/// exec'd the container command: before that its mounts are still being set up, and an exec
+/// entering it too early would see a half-built sandbox.
 fn find_child(parent: u32, timeout: Duration) -> Option<u32> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(pid) = scan_children(parent) {
-            return Some(pid);
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if !cmdline.starts_with(b"bwrap\0") || Instant::now() > deadline {
+                return Some(pid);
+            }
         }
         if Instant::now() > deadline || !Path::new(&format!("/proc/{parent}")).exists() {
             return None;

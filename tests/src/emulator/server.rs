@@ -315,7 +315,7 @@ fn check_json_ct(ct: &str) -> Result<(), ApiError> {
     if base.is_empty() || base == "application/json" || base == "*/*" {
         Ok(())
     } else {
-        Err(ApiError::unsupported_media_type(ct))
+        Err(ApiError::unsupported_media_type(ct, "application/json"))
     }
 }
 

@@ -182,12 +182,12 @@ impl ApiError {
     }
 
     #[must_use]
-    pub fn unsupported_media_type(content_type: &str) -> Self {
+    pub fn unsupported_media_type(content_type: &str, accepted: &str) -> Self {
         Self::new(
             415,
             "UnsupportedMediaType",
             format!(
-                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {content_type:?})"
+                "the body of the request was in an unknown format - accepted media types include: {accepted} (got {content_type:?}; this emulator speaks JSON only, no protobuf)"
             ),
         )
     }

@@ -149,3 +149,103 @@ async fn preempting_a_node_fails_its_pods_and_deletes_it() {
     assert!(deleted, "the node was deleted");
     emu.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delays_deadlines_restarts_and_the_control_endpoint() {
+    let emu = gke().await;
+    let client = emu.client().await;
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    emu.faults().delay_scheduling(Duration::from_millis(600));
+    emu.faults().delay_pulls(Duration::from_millis(300));
+    let t0 = std::time::Instant::now();
+    pods.create(
+        &PostParams::default(),
+        &pod("slow", &json!([sleeper("build")])),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let p = pods.get("slow").await.unwrap();
+    assert!(p.spec.unwrap().node_name.is_none(), "not bound yet");
+    wait_running(&pods, "slow").await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    emu.faults().delay_scheduling(Duration::ZERO);
+    emu.faults().delay_pulls(Duration::ZERO);
+
+    // activeDeadlineSeconds: killed, phase Failed, reason DeadlineExceeded.
+    let mut dl = pod("deadline", &json!([sleeper("build")]));
+    dl.spec.as_mut().unwrap().active_deadline_seconds = Some(1);
+    pods.create(&PostParams::default(), &dl).await.unwrap();
+    let failed = wait_pod(&pods, "deadline", "Failed", |p| pod_phase(p) == "Failed").await;
+    let st = failed.status.unwrap();
+    assert_eq!(st.reason.as_deref(), Some("DeadlineExceeded"));
+    assert_eq!(
+        st.container_statuses.unwrap()[0]
+            .state
+            .as_ref()
+            .unwrap()
+            .terminated
+            .as_ref()
+            .unwrap()
+            .exit_code,
+        137
+    );
+
+    // restartPolicy OnFailure restarts a failing container.
+    let mut rp = pod(
+        "again",
+        &json!([{"name": "c", "image": "busybox", "command": ["sh", "-c", "exit 1"]}]),
+    );
+    rp.spec.as_mut().unwrap().restart_policy = Some("OnFailure".into());
+    pods.create(&PostParams::default(), &rp).await.unwrap();
+    let restarted = wait_pod(&pods, "again", "restarted twice", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_some_and(|c| c[0].restart_count >= 2)
+    })
+    .await;
+    let last = restarted.status.unwrap().container_statuses.unwrap()[0]
+        .last_state
+        .clone()
+        .unwrap();
+    assert_eq!(last.terminated.unwrap().exit_code, 1);
+
+    // The HTTP control endpoint drives the same knobs (what the standalone binary offers).
+    let (code, _) = super::emulator_support::raw(
+        &client,
+        "POST",
+        "/emulator/fail-next",
+        Some("application/json"),
+        br#"{"count": 1, "verb": "get", "resource": "pods", "status": 500}"#,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(matches!(pods.get("slow").await, Err(kube::Error::Api(s)) if s.code == 500));
+    pods.get("slow").await.unwrap();
+    let (code, audit) =
+        super::emulator_support::raw(&client, "GET", "/emulator/audit", None, b"").await;
+    assert_eq!(code, 200);
+    assert!(
+        audit["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["code"] == 500 && e["verb"] == "get")
+    );
+    let (code, body) = super::emulator_support::raw(
+        &client,
+        "POST",
+        "/emulator/preempt-node",
+        Some("application/json"),
+        b"{}",
+    )
+    .await;
+    assert_eq!((code, body["reason"].as_str()), (400, Some("BadRequest")));
+    assert_eq!(emu.panics(), 0);
+    emu.shutdown().await;
+}
