@@ -284,3 +284,104 @@ async fn exec_into_pods_that_are_not_running_fails_cleanly() {
     );
     emu.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_stdin_reaches_the_container_and_watchers_survive_dropped_watches() {
+    let emu = gke().await;
+    let pods: Api<Pod> = Api::default_namespaced(emu.client().await);
+    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "copy"}, "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
+        "volumes": [{"name": "scripts", "emptyDir": {}}],
+        "containers": [{"name": "build", "image": "busybox", "command": ["sleep", "3600"], "volumeMounts": [{"name": "scripts", "mountPath": "/scripts"}]}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    wait_running(&pods, "copy").await;
+    // A kube-rs watcher keeps going across dropped watch connections (it re-lists or resumes).
+    emu.faults().close_watches_every(Duration::from_millis(150));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let wp = pods.clone();
+    let watch_task = tokio::spawn(async move {
+        let mut w = kube::runtime::watcher(wp, kube::runtime::watcher::Config::default()).boxed();
+        while let Some(ev) = w.next().await {
+            if let Ok(kube::runtime::watcher::Event::Apply(p)) = ev {
+                let _ = tx.send(p);
+            }
+        }
+    });
+    // 4 MiB through stdin, as a script/tar upload would do.
+    let payload: Vec<u8> = (0..4 * 1024 * 1024u32)
+        .map(|i| u8::try_from(i % 251).unwrap())
+        .collect();
+    let mut proc = pods
+        .exec(
+            "copy",
+            vec![
+                "sh",
+                "-c",
+                "cat > /scripts/blob && wc -c < /scripts/blob && cksum < /scripts/blob",
+            ],
+            &AttachParams::default().stdin(true).stderr(false),
+        )
+        .await
+        .unwrap();
+    let mut stdin = proc.stdin().unwrap();
+    let mut stdout = proc.stdout().unwrap();
+    let writer = tokio::spawn(async move {
+        tokio::io::AsyncWriteExt::write_all(&mut stdin, &payload)
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::shutdown(&mut stdin)
+            .await
+            .unwrap();
+    });
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(
+        proc.take_status().unwrap().await.unwrap().status.as_deref(),
+        Some("Success")
+    );
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("4194304"));
+    // The same bytes land on the host side of the emptyDir.
+    let (sum, _) = run(&pods, "copy", "cksum < /scripts/blob").await;
+    assert_eq!(Some(sum.trim()), lines.next());
+    // tty=true: stderr is merged into stdout.
+    let mut t = pods
+        .exec(
+            "copy",
+            vec!["sh", "-c", "echo a; echo b >&2"],
+            &AttachParams::default().stderr(false).tty(true),
+        )
+        .await
+        .unwrap();
+    let mut s = String::new();
+    t.stdout().unwrap().read_to_string(&mut s).await.unwrap();
+    assert!(s.contains('a') && s.contains('b'), "{s:?}");
+    // Changes made while watches keep being dropped still reach the watcher.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    pods.patch(
+        "copy",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"metadata": {"labels": {"seen": "yes"}}})),
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut seen = false;
+    while let Ok(Some(p)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        if p.metadata
+            .labels
+            .unwrap_or_default()
+            .get("seen")
+            .map(String::as_str)
+            == Some("yes")
+        {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "the watcher saw the change despite dropped watches");
+    watch_task.abort();
+    emu.faults().close_watches_every(Duration::ZERO);
+    emu.shutdown().await;
+}
