@@ -358,3 +358,76 @@ async fn graceful_delete_sends_sigterm_then_sigkill() {
     );
     emu.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_and_tail_and_delete_collection() {
+    let emu = gke().await;
+    let client = emu.client().await;
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    pods.create(&PostParams::default(), &pod("talker", &json!([{"name": "c", "image": "busybox", "command": ["sh", "-c", "for i in 1 2 3 4 5; do echo line-$i; sleep 0.1; done"]}])))
+        .await
+        .unwrap();
+    wait_running(&pods, "talker").await;
+    let mut stream = pods
+        .log_stream(
+            "talker",
+            &kube::api::LogParams {
+                follow: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::AsyncReadExt::read_to_end(&mut stream, &mut all),
+    )
+    .await
+    .expect("follow ends when the container exits")
+    .unwrap();
+    assert_eq!(
+        String::from_utf8(all).unwrap(),
+        "line-1\nline-2\nline-3\nline-4\nline-5\n"
+    );
+    let tail = pods
+        .logs(
+            "talker",
+            &kube::api::LogParams {
+                tail_lines: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(tail, "line-4\nline-5\n");
+
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    for (name, team) in [("a", "x"), ("b", "x"), ("c", "y")] {
+        let cm: ConfigMap =
+            serde_json::from_value(json!({"metadata": {"name": name, "labels": {"team": team}}}))
+                .unwrap();
+        cms.create(&PostParams::default(), &cm).await.unwrap();
+    }
+    cms.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("team=x"),
+    )
+    .await
+    .unwrap();
+    let left: Vec<String> = cms
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(kube::ResourceExt::name_any)
+        .collect();
+    assert_eq!(left, ["c"]);
+    assert!(
+        emu.audit()
+            .iter()
+            .any(|a| a.verb == "deletecollection" && a.resource == "configmaps")
+    );
+    emu.shutdown().await;
+}
