@@ -72,6 +72,18 @@ pub(crate) fn name_of(obj: &Value) -> &str {
     obj["metadata"]["name"].as_str().unwrap_or("")
 }
 
+/// Names of a pod's `containers` or `initContainers`.
+pub(crate) fn container_names(pod: &Value, list: &str) -> Vec<String> {
+    pod["spec"][list]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub(crate) fn uid_of(obj: &Value) -> &str {
     obj["metadata"]["uid"].as_str().unwrap_or("")
 }

@@ -84,14 +84,8 @@ pub(crate) fn handle(
         stderr: flag(q, "stderr"),
         tty: flag(q, "tty"),
     };
-    let names: Vec<String> = pod["spec"]["containers"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|c| c["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let names = api::container_names(&pod, "containers");
+    let init_names = api::container_names(&pod, "initContainers");
     let container = match q
         .iter()
         .find(|(k, _)| k == "container")
@@ -106,7 +100,7 @@ pub(crate) fn handle(
             )));
         }
     };
-    if !names.contains(&container) {
+    if !names.contains(&container) && !init_names.contains(&container) {
         return Err(ApiError::bad_request(format!(
             "container {container} is not valid for pod {name}"
         )));

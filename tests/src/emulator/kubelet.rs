@@ -169,6 +169,8 @@ struct Ctr {
     generation: u64,
     pulled: bool,
     bwrap_pid: Option<u32>,
+    /// An init container: runs to completion, in order, before the app containers start.
+    init: bool,
 }
 
 struct Worker {
@@ -208,11 +210,13 @@ pub(crate) fn spawn_pod(shared: Arc<Shared>, pod: &Value) {
     tokio::spawn(async move { run(shared, h, rx, pod).await });
 }
 
-fn containers_of(pod: &Value) -> Vec<Value> {
-    pod["spec"]["containers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+/// Init containers first (flagged), then the app containers.
+fn containers_of(pod: &Value) -> Vec<(Value, bool)> {
+    let list = |k: &str| pod["spec"][k].as_array().cloned().unwrap_or_default();
+    let inits = list("initContainers").into_iter().map(|c| (c, true));
+    inits
+        .chain(list("containers").into_iter().map(|c| (c, false)))
+        .collect()
 }
 
 async fn run(
@@ -221,19 +225,31 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<PodCmd>,
     pod: Value,
 ) {
+    let has_inits = !pod["spec"]["initContainers"]
+        .as_array()
+        .is_none_or(Vec::is_empty);
     let ctrs = containers_of(&pod)
         .into_iter()
-        .map(|spec| Ctr {
+        .map(|(spec, init)| Ctr {
             name: spec["name"].as_str().unwrap_or("").to_string(),
             image: spec["image"].as_str().unwrap_or("").to_string(),
             spec,
-            state: CState::Waiting("ContainerCreating".into(), None),
+            state: CState::Waiting(
+                if has_inits && !init {
+                    "PodInitializing"
+                } else {
+                    "ContainerCreating"
+                }
+                .into(),
+                None,
+            ),
             restarts: 0,
             last: None,
             id: String::new(),
             generation: 0,
             pulled: false,
             bwrap_pid: None,
+            init,
         })
         .collect();
     let mut w = Worker {
@@ -268,9 +284,7 @@ async fn run(
         }
     }
     w.publish();
-    for i in 0..w.ctrs.len() {
-        w.spawn_pull(i);
-    }
+    w.pull_next_stage(0);
     if let Some(secs) = w.pod["spec"]["activeDeadlineSeconds"].as_u64() {
         let tx = h.tx.clone();
         tokio::spawn(async move {
@@ -376,7 +390,14 @@ impl Worker {
     fn event(&self, kind: &str, reason: &str, msg: &str, ctr: Option<&str>) {
         let cur = self.shared.store().get(Res::Pods, &self.h.ns, &self.h.name);
         let obj = cur.map_or_else(|| self.pod.clone(), |c| (*c).clone());
-        let fp = ctr.map(|c| format!("spec.containers{{{c}}}"));
+        let list = |c: &str| {
+            if self.ctrs.iter().any(|x| x.init && x.name == c) {
+                "initContainers"
+            } else {
+                "containers"
+            }
+        };
+        let fp = ctr.map(|c| format!("spec.{}{{{c}}}", list(c)));
         api::emit_event(
             &self.shared,
             &obj,
@@ -883,9 +904,17 @@ impl Worker {
         let policy = self.pod["spec"]["restartPolicy"]
             .as_str()
             .unwrap_or("Always");
+        let init = self.ctrs[i].init;
         let restart = self.deleting.is_none()
             && self.forced.is_none()
-            && (policy == "Always" || (policy == "OnFailure" && code != 0));
+            && if init {
+                policy != "Never" && code != 0
+            } else {
+                policy == "Always" || (policy == "OnFailure" && code != 0)
+            };
+        if init && code == 0 && self.deleting.is_none() && self.forced.is_none() {
+            self.pull_next_stage(i + 1);
+        }
         if restart {
             let c = &mut self.ctrs[i];
             c.restarts += 1;
@@ -905,12 +934,42 @@ impl Worker {
         }
     }
 
+    /// Pulls the init container at `from`, or every app container once the inits are done.
+    fn pull_next_stage(&self, from: usize) {
+        match self.ctrs.get(from) {
+            Some(c) if c.init => self.spawn_pull(from),
+            _ => {
+                for i in from..self.ctrs.len() {
+                    self.spawn_pull(i);
+                }
+            }
+        }
+    }
+
+    fn inits_done(&self) -> bool {
+        self.ctrs
+            .iter()
+            .filter(|c| c.init)
+            .all(|c| matches!(c.state, CState::Terminated { code: 0, .. }))
+    }
+
     fn phase(&self) -> &'static str {
         if self.forced.is_some() && self.all_stopped() {
             return "Failed";
         }
-        let term: Vec<i32> = self
+        let never = self.pod["spec"]["restartPolicy"].as_str() == Some("Never");
+        let init_failed = self
             .ctrs
+            .iter()
+            .any(|c| c.init && matches!(c.state, CState::Terminated { code, .. } if code != 0));
+        if never && init_failed {
+            return "Failed";
+        }
+        if !self.inits_done() {
+            return "Pending";
+        }
+        let apps: Vec<&Ctr> = self.ctrs.iter().filter(|c| !c.init).collect();
+        let term: Vec<i32> = apps
             .iter()
             .filter_map(|c| {
                 if let CState::Terminated { code, .. } = c.state {
@@ -920,15 +979,14 @@ impl Worker {
                 }
             })
             .collect();
-        if term.len() == self.ctrs.len() {
+        if term.len() == apps.len() {
             return if term.iter().all(|c| *c == 0) {
                 "Succeeded"
             } else {
                 "Failed"
             };
         }
-        let all_started = self
-            .ctrs
+        let all_started = apps
             .iter()
             .all(|c| !matches!(c.state, CState::Waiting(..)) || c.restarts > 0);
         if all_started { "Running" } else { "Pending" }
@@ -941,27 +999,41 @@ impl Worker {
     )]
     fn publish(&mut self) -> bool {
         let phase = self.phase();
+        let status_of = |c: &Ctr| {
+            let running = matches!(c.state, CState::Running(_));
+            let mut s = json!({
+                "name": c.name, "state": state_json(&c.state), "lastState": c.last.as_ref().filter(|l| l.is_object()).cloned().unwrap_or(json!({})),
+                "ready": running, "restartCount": c.restarts, "image": c.image,
+                "imageID": if c.pulled { format!("{}@sha256:{}", c.image.split(':').next().unwrap_or(""), "0".repeat(64)) } else { String::new() },
+                "started": running,
+            });
+            if !c.id.is_empty() {
+                s["containerID"] = json!(c.id);
+            }
+            s
+        };
         let statuses: Vec<Value> = self
             .ctrs
             .iter()
-            .map(|c| {
-                let running = matches!(c.state, CState::Running(_));
-                let mut s = json!({
-                    "name": c.name, "state": state_json(&c.state), "lastState": c.last.as_ref().filter(|l| l.is_object()).cloned().unwrap_or(json!({})),
-                    "ready": running, "restartCount": c.restarts, "image": c.image,
-                    "imageID": if c.pulled { format!("{}@sha256:{}", c.image.split(':').next().unwrap_or(""), "0".repeat(64)) } else { String::new() },
-                    "started": running,
-                });
-                if !c.id.is_empty() {
-                    s["containerID"] = json!(c.id);
-                }
-                s
-            })
+            .filter(|c| !c.init)
+            .map(status_of)
             .collect();
+        let init_statuses: Vec<Value> =
+            self.ctrs.iter().filter(|c| c.init).map(status_of).collect();
+        let incomplete: Vec<&str> = self
+            .ctrs
+            .iter()
+            .filter(|c| c.init && !matches!(c.state, CState::Terminated { code: 0, .. }))
+            .map(|c| c.name.as_str())
+            .collect();
+        let incomplete_msg = format!(
+            "containers with incomplete status: [{}]",
+            incomplete.join(" ")
+        );
         let unready: Vec<&str> = self
             .ctrs
             .iter()
-            .filter(|c| !matches!(c.state, CState::Running(_)))
+            .filter(|c| !c.init && !matches!(c.state, CState::Running(_)))
             .map(|c| c.name.as_str())
             .collect();
         let terminal = matches!(phase, "Succeeded" | "Failed");
@@ -978,6 +1050,9 @@ impl Worker {
             st["podIPs"] = json!([{"ip": "127.0.0.1"}]);
             st["startTime"] = json!(start);
             st["containerStatuses"] = json!(statuses);
+            if !init_statuses.is_empty() {
+                st["initContainerStatuses"] = json!(init_statuses);
+            }
             st["observedGeneration"] = generation;
             if let Some((reason, message)) = &forced
                 && terminal
@@ -992,7 +1067,17 @@ impl Worker {
                 None,
                 None,
             );
-            cond(p, "Initialized", true, None, None);
+            if incomplete.is_empty() {
+                cond(p, "Initialized", true, None, None);
+            } else {
+                cond(
+                    p,
+                    "Initialized",
+                    false,
+                    Some("ContainersNotInitialized"),
+                    Some(&incomplete_msg),
+                );
+            }
             let (reason, msg) = if terminal {
                 (Some("PodFailed".to_string()), None)
             } else if unready.is_empty() {

@@ -577,14 +577,8 @@ async fn logs(
     q: &[(String, String)],
 ) -> Result<Response<Body>, ApiError> {
     let pod = api::get(shared, Res::Pods, ns, name)?;
-    let names: Vec<String> = pod["spec"]["containers"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|c| c["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let names = api::container_names(&pod, "containers");
+    let init_names = api::container_names(&pod, "initContainers");
     let container = match qget(q, "container") {
         Some(c) => c.to_string(),
         None if names.len() == 1 => names[0].clone(),
@@ -595,7 +589,7 @@ async fn logs(
             )));
         }
     };
-    if !names.contains(&container) {
+    if !names.contains(&container) && !init_names.contains(&container) {
         return Err(ApiError::bad_request(format!(
             "container {container} is not valid for pod {name}"
         )));

@@ -323,3 +323,76 @@ async fn image_pull_failure_backs_off_while_other_containers_run() {
     assert_eq!(log, "default-cmd\n");
     emu.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_containers_run_in_order_before_app_containers() {
+    let emu = gke().await;
+    let pods: Api<Pod> = Api::default_namespaced(emu.client().await);
+    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "inits"}, "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
+        "volumes": [{"name": "w", "emptyDir": {}}],
+        "initContainers": [
+            {"name": "one", "image": "busybox", "command": ["sh", "-c", "sleep 0.2; echo one >> /w/order"], "volumeMounts": [{"name": "w", "mountPath": "/w"}]},
+            {"name": "two", "image": "busybox", "command": ["sh", "-c", "echo two >> /w/order"], "volumeMounts": [{"name": "w", "mountPath": "/w"}]}
+        ],
+        "containers": [{"name": "app", "image": "busybox", "command": ["sh", "-c", "echo app >> /w/order; sleep 3600"], "volumeMounts": [{"name": "w", "mountPath": "/w"}]}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    let running = wait_running(&pods, "inits").await;
+    let st = running.status.unwrap();
+    let inits = st.init_container_statuses.unwrap();
+    assert!(inits.iter().all(|c| {
+        c.state
+            .as_ref()
+            .unwrap()
+            .terminated
+            .as_ref()
+            .is_some_and(|t| t.exit_code == 0 && t.reason.as_deref() == Some("Completed"))
+    }));
+    assert!(
+        st.conditions
+            .unwrap()
+            .iter()
+            .any(|c| c.type_ == "Initialized" && c.status == "True")
+    );
+    assert_eq!(
+        exec_out(&pods, "inits", "app", "cat /w/order").await,
+        "one\ntwo\napp\n"
+    );
+
+    // A failing init container with restartPolicy Never fails the pod; the app never starts.
+    let bad: Pod = serde_json::from_value(
+        json!({"metadata": {"name": "bad-init"}, "spec": {"restartPolicy": "Never",
+        "initContainers": [{"name": "boom", "image": "busybox", "command": ["sh", "-c", "exit 5"]}],
+        "containers": [{"name": "app", "image": "busybox", "command": ["sleep", "3600"]}]}}),
+    )
+    .unwrap();
+    pods.create(&PostParams::default(), &bad).await.unwrap();
+    let failed = wait_pod(&pods, "bad-init", "Failed", |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
+    })
+    .await;
+    let st = failed.status.unwrap();
+    let app = &st.container_statuses.unwrap()[0];
+    assert_eq!(
+        app.state
+            .as_ref()
+            .unwrap()
+            .waiting
+            .as_ref()
+            .unwrap()
+            .reason
+            .as_deref(),
+        Some("PodInitializing")
+    );
+    let init = st
+        .conditions
+        .unwrap()
+        .into_iter()
+        .find(|c| c.type_ == "Initialized")
+        .unwrap();
+    assert_eq!(
+        (init.status.as_str(), init.message.as_deref()),
+        ("False", Some("containers with incomplete status: [boom]"))
+    );
+    emu.shutdown().await;
+}
