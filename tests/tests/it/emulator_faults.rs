@@ -249,3 +249,34 @@ async fn delays_deadlines_restarts_and_the_control_endpoint() {
     assert_eq!(emu.panics(), 0);
     emu.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_list_watches_end_their_initial_events() {
+    let emu = gke().await;
+    let pods: Api<Pod> = Api::default_namespaced(emu.client().await);
+    pods.create(
+        &PostParams::default(),
+        &pod("one", &json!([sleeper("build")])),
+    )
+    .await
+    .unwrap();
+    let mut w = kube::runtime::watcher(
+        pods.clone(),
+        kube::runtime::watcher::Config::default().streaming_lists(),
+    )
+    .boxed();
+    let mut got = Vec::new();
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(5), w.next()).await {
+        match ev.unwrap() {
+            kube::runtime::watcher::Event::Init => got.push("init".to_string()),
+            kube::runtime::watcher::Event::InitApply(p) => got.push(p.metadata.name.unwrap()),
+            kube::runtime::watcher::Event::InitDone => {
+                got.push("done".into());
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(got, ["init", "one", "done"]);
+    emu.shutdown().await;
+}
