@@ -2,8 +2,10 @@
 //! (shared/reference/gitlab-runner.md §1) and reports the job log and result as the runner would.
 
 mod job;
+mod presign;
 mod runner;
 pub mod script;
 
 pub use job::{CacheSpec, JobBuilder, JobSpec, Service, Variable};
+pub use presign::CacheConfig;
 pub use runner::{CachePresigner, Cancel, CancelMode, JobOutcome, JobResult, Runner, StageRecord};

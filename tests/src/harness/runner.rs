@@ -405,7 +405,7 @@ impl JobRun<'_> {
             let (get, _) = presign("GET", &object);
             let (head, _) = presign("HEAD", &object);
             let archive = self.cache_archive(&c.key);
-            let s = w.restore_cache(&archive, &get, &head);
+            let s = w.restore_cache(&c.key, &archive, &get, &head);
             let r = self.stage(script::RESTORE_CACHE, &s, "running").await;
             if !matches!(r, ExecResult::Ok | ExecResult::Build(_)) {
                 return self.end(r).await;
@@ -466,7 +466,7 @@ impl JobRun<'_> {
             let (put, headers) = presign("PUT", &object);
             let (head, _) = presign("HEAD", &object);
             let archive = self.cache_archive(&c.key);
-            let s = w.archive_cache(&archive, &c.paths, &put, &headers, &head);
+            let s = w.archive_cache(&c.key, &archive, &c.paths, &put, &headers, &head);
             let r = self.stage(script::ARCHIVE_CACHE, &s, status).await;
             if matches!(r, ExecResult::Crashed) {
                 return self.end(r).await;

@@ -183,15 +183,17 @@ impl ScriptWriter<'_> {
 
     /// `restore_cache`: the `gitlab-runner cache-extractor` call with presigned URLs.
     #[must_use]
-    pub fn restore_cache(&self, archive: &str, get_url: &str, head_url: &str) -> String {
+    pub fn restore_cache(&self, key: &str, archive: &str, get_url: &str, head_url: &str) -> String {
         let mut body = self.exports("running");
         body.push_str(&format!("cd {}\n", self.project_dir()));
         body.push_str(&format!(
-            "if gitlab-runner --version >/dev/null 2>&1 ; then\n  echo {msg}\n  gitlab-runner cache-extractor --file {a} --timeout 10 --url {g} --head-url {h}\nelse\n  echo {missing}\nfi\n",
-            msg = shell_escape("\x1b[32;1mChecking cache...\x1b[0;m"),
+            "if gitlab-runner --version >/dev/null 2>&1 ; then\n  echo {msg}\n  if gitlab-runner cache-extractor --file {a} --timeout 10 --url {g} --head-url {h} ; then\n    echo {ok}\n  else\n    echo {failed}\n  fi\nelse\n  echo {missing}\nfi\n",
+            msg = shell_escape(&format!("\x1b[32;1mChecking cache for {key}...\x1b[0;m")),
             a = shell_escape(archive),
             g = shell_escape(get_url),
             h = shell_escape(head_url),
+            ok = shell_escape("\x1b[32;1mSuccessfully extracted cache\x1b[0;m"),
+            failed = shell_escape("\x1b[0;33mFailed to extract cache\x1b[0;m"),
             missing = shell_escape("\x1b[0;33mMissing gitlab-runner. Extracting cache is disabled.\x1b[0;m"),
         ));
         finish(&body)
@@ -201,6 +203,7 @@ impl ScriptWriter<'_> {
     #[must_use]
     pub fn archive_cache(
         &self,
+        key: &str,
         archive: &str,
         paths: &[String],
         put_url: &str,
@@ -222,8 +225,10 @@ impl ScriptWriter<'_> {
         }
         cmd.push_str(&format!(" --check-url {}", shell_escape(check_url)));
         body.push_str(&format!(
-            "if gitlab-runner --version >/dev/null 2>&1 ; then\n  echo {msg}\n  {cmd}\nelse\n  echo {missing}\nfi\n",
-            msg = shell_escape("\x1b[32;1mCreating cache...\x1b[0;m"),
+            "if gitlab-runner --version >/dev/null 2>&1 ; then\n  echo {msg}\n  if {cmd} ; then\n    echo {ok}\n  else\n    echo {failed}\n  fi\nelse\n  echo {missing}\nfi\n",
+            msg = shell_escape(&format!("\x1b[32;1mCreating cache {key}...\x1b[0;m")),
+            ok = shell_escape("\x1b[32;1mCreated cache\x1b[0;m"),
+            failed = shell_escape("\x1b[0;33mFailed to create cache\x1b[0;m"),
             missing = shell_escape("\x1b[0;33mMissing gitlab-runner. Creating cache is disabled.\x1b[0;m"),
         ));
         finish(&body)
