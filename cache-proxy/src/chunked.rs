@@ -33,7 +33,9 @@ pub struct ChunkSigner {
 impl std::fmt::Debug for ChunkSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print keys or signatures.
-        f.debug_struct("ChunkSigner").field("scope", &self.scope).finish_non_exhaustive()
+        f.debug_struct("ChunkSigner")
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
     }
 }
 
@@ -65,7 +67,10 @@ impl AwsChunkedDecoder {
     /// `signer = None` for `STREAMING-UNSIGNED-PAYLOAD-TRAILER`; `signed_trailer` for `...-PAYLOAD-TRAILER`.
     #[must_use]
     pub fn new(signer: Option<ChunkSigner>, signed_trailer: bool) -> Self {
-        let prev_signature = signer.as_ref().map(|s| s.seed_signature.clone()).unwrap_or_default();
+        let prev_signature = signer
+            .as_ref()
+            .map(|s| s.seed_signature.clone())
+            .unwrap_or_default();
         Self {
             signer,
             prev_signature,
@@ -91,14 +96,18 @@ impl AwsChunkedDecoder {
         loop {
             match self.state {
                 State::Header => {
-                    let Some(line) = self.take_line()? else { return Ok(()) };
+                    let Some(line) = self.take_line()? else {
+                        return Ok(());
+                    };
                     self.start_chunk(&line)?;
                 }
                 State::Data(remaining) => {
                     if self.buf.is_empty() {
                         return Ok(());
                     }
-                    let n = usize::try_from(remaining).unwrap_or(usize::MAX).min(self.buf.len());
+                    let n = usize::try_from(remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(self.buf.len());
                     let data = self.buf.split_to(n);
                     self.chunk_hash.update(&data);
                     self.decoded_len += n as u64;
@@ -116,20 +125,24 @@ impl AwsChunkedDecoder {
                         return Ok(());
                     }
                     if &self.buf[..2] != b"\r\n" {
-                        return Err(ChunkedError::Malformed("chunk data not followed by CRLF".into()));
+                        return Err(ChunkedError::Malformed(
+                            "chunk data not followed by CRLF".into(),
+                        ));
                     }
                     self.buf.advance(2);
                     self.state = State::Header;
                 }
                 State::Trailer => {
-                    let Some(line) = self.take_line()? else { return Ok(()) };
+                    let Some(line) = self.take_line()? else {
+                        return Ok(());
+                    };
                     if line.is_empty() {
                         self.state = State::Done;
                         continue;
                     }
-                    let (name, value) = line
-                        .split_once(':')
-                        .ok_or_else(|| ChunkedError::Malformed(format!("bad trailer line {line:?}")))?;
+                    let (name, value) = line.split_once(':').ok_or_else(|| {
+                        ChunkedError::Malformed(format!("bad trailer line {line:?}"))
+                    })?;
                     let name = name.trim().to_ascii_lowercase();
                     if name == "x-amz-trailer-signature" {
                         self.trailer_sig = Some(value.trim().to_owned());
@@ -155,11 +168,16 @@ impl AwsChunkedDecoder {
             self.state = State::Done;
         }
         if self.state != State::Done {
-            return Err(ChunkedError::Malformed("body ended before the final chunk".into()));
+            return Err(ChunkedError::Malformed(
+                "body ended before the final chunk".into(),
+            ));
         }
         if let Some(signer) = &self.signer {
             if self.expect_signed_trailer || self.trailer_sig.is_some() {
-                let got = self.trailer_sig.as_deref().ok_or(ChunkedError::TrailerSignature)?;
+                let got = self
+                    .trailer_sig
+                    .as_deref()
+                    .ok_or(ChunkedError::TrailerSignature)?;
                 let want = sigv4::trailer_signature(
                     &signer.key,
                     &signer.amz_date,
@@ -196,7 +214,10 @@ impl AwsChunkedDecoder {
         let (size, ext) = line.split_once(';').unwrap_or((line, ""));
         let size = u64::from_str_radix(size.trim(), 16)
             .map_err(|_| ChunkedError::Malformed(format!("bad chunk size {size:?}")))?;
-        self.chunk_sig = ext.trim().strip_prefix("chunk-signature=").map(str::to_owned);
+        self.chunk_sig = ext
+            .trim()
+            .strip_prefix("chunk-signature=")
+            .map(str::to_owned);
         if self.signer.is_some() && self.chunk_sig.is_none() {
             return Err(ChunkedError::ChunkSignature);
         }
@@ -211,9 +232,17 @@ impl AwsChunkedDecoder {
     }
 
     fn verify_chunk(&mut self) -> Result<(), ChunkedError> {
-        let Some(signer) = &self.signer else { return Ok(()) };
+        let Some(signer) = &self.signer else {
+            return Ok(());
+        };
         let digest = hex::encode(std::mem::take(&mut self.chunk_hash).finalize());
-        let want = sigv4::chunk_signature(&signer.key, &signer.amz_date, &signer.scope, &self.prev_signature, &digest);
+        let want = sigv4::chunk_signature(
+            &signer.key,
+            &signer.amz_date,
+            &signer.scope,
+            &self.prev_signature,
+            &digest,
+        );
         let got = self.chunk_sig.take().unwrap_or_default();
         if !sigv4::signatures_equal(&got, &want) {
             return Err(ChunkedError::ChunkSignature);
@@ -227,7 +256,11 @@ impl AwsChunkedDecoder {
 mod tests {
     use super::*;
 
-    fn decode_all(dec: &mut AwsChunkedDecoder, input: &[u8], step: usize) -> Result<Vec<u8>, ChunkedError> {
+    fn decode_all(
+        dec: &mut AwsChunkedDecoder,
+        input: &[u8],
+        step: usize,
+    ) -> Result<Vec<u8>, ChunkedError> {
         let mut out = Vec::new();
         for piece in input.chunks(step) {
             dec.feed(piece, &mut |d| out.extend_from_slice(d))?;
@@ -241,7 +274,10 @@ mod tests {
         for step in [1, 3, 7, body.len()] {
             let mut dec = AwsChunkedDecoder::new(None, false);
             assert_eq!(decode_all(&mut dec, body, step).unwrap(), b"hello world");
-            assert_eq!(dec.finish().unwrap(), vec![("x-amz-checksum-crc32".into(), "DUoRhQ==".into())]);
+            assert_eq!(
+                dec.finish().unwrap(),
+                vec![("x-amz-checksum-crc32".into(), "DUoRhQ==".into())]
+            );
         }
     }
 
@@ -253,12 +289,15 @@ mod tests {
     }
 
     fn signer() -> ChunkSigner {
-        let cred = sigv4::Credential::parse("AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request").unwrap();
+        let cred =
+            sigv4::Credential::parse("AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request")
+                .unwrap();
         ChunkSigner {
             key: sigv4::signing_key("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", &cred),
             amz_date: "20130524T000000Z".into(),
             scope: cred.scope(),
-            seed_signature: "4f232c4386841ef735655705268965c44a0e4690baa4adea153f7db9fa80a0a9".into(),
+            seed_signature: "4f232c4386841ef735655705268965c44a0e4690baa4adea153f7db9fa80a0a9"
+                .into(),
         }
     }
 
@@ -268,7 +307,8 @@ mod tests {
         let mut prev = s.seed_signature.clone();
         let mut body = Vec::new();
         for d in data.iter().chain(std::iter::once(&&b""[..])) {
-            let sig = sigv4::chunk_signature(&s.key, &s.amz_date, &s.scope, &prev, &sigv4::sha256_hex(d));
+            let sig =
+                sigv4::chunk_signature(&s.key, &s.amz_date, &s.scope, &prev, &sigv4::sha256_hex(d));
             body.extend_from_slice(format!("{:X};chunk-signature={sig}\r\n", d.len()).as_bytes());
             if !d.is_empty() {
                 body.extend_from_slice(d);
@@ -277,8 +317,16 @@ mod tests {
             prev = sig;
         }
         if let Some((k, v)) = trailer {
-            let ts = sigv4::trailer_signature(&s.key, &s.amz_date, &s.scope, &prev, &[(k.into(), v.into())]);
-            body.extend_from_slice(format!("{k}:{v}\r\nx-amz-trailer-signature:{ts}\r\n").as_bytes());
+            let ts = sigv4::trailer_signature(
+                &s.key,
+                &s.amz_date,
+                &s.scope,
+                &prev,
+                &[(k.into(), v.into())],
+            );
+            body.extend_from_slice(
+                format!("{k}:{v}\r\nx-amz-trailer-signature:{ts}\r\n").as_bytes(),
+            );
         }
         body.extend_from_slice(b"\r\n");
         body
@@ -286,7 +334,10 @@ mod tests {
 
     #[test]
     fn signed_chain_and_trailer_verify() {
-        let body = signed_body(&[b"hello", b" world"], Some(("x-amz-checksum-crc32", "DUoRhQ==")));
+        let body = signed_body(
+            &[b"hello", b" world"],
+            Some(("x-amz-checksum-crc32", "DUoRhQ==")),
+        );
         let mut dec = AwsChunkedDecoder::new(Some(signer()), true);
         assert_eq!(decode_all(&mut dec, &body, 5).unwrap(), b"hello world");
         assert_eq!(dec.finish().unwrap().len(), 1);
@@ -294,17 +345,25 @@ mod tests {
 
     #[test]
     fn tampered_chunk_data_fails_chunk_signature() {
-        let mut body = signed_body(&[b"hello", b" world"], Some(("x-amz-checksum-crc32", "DUoRhQ==")));
+        let mut body = signed_body(
+            &[b"hello", b" world"],
+            Some(("x-amz-checksum-crc32", "DUoRhQ==")),
+        );
         let pos = body.windows(5).position(|w| w == b"hello").unwrap();
         body[pos] = b'j';
         let mut dec = AwsChunkedDecoder::new(Some(signer()), true);
-        assert_eq!(decode_all(&mut dec, &body, 64), Err(ChunkedError::ChunkSignature));
+        assert_eq!(
+            decode_all(&mut dec, &body, 64),
+            Err(ChunkedError::ChunkSignature)
+        );
     }
 
     #[test]
     fn tampered_trailer_fails_trailer_signature() {
         let body = signed_body(&[b"hello"], Some(("x-amz-checksum-crc32", "DUoRhQ==")));
-        let body = String::from_utf8(body).unwrap().replace("DUoRhQ==", "AAAAAA==");
+        let body = String::from_utf8(body)
+            .unwrap()
+            .replace("DUoRhQ==", "AAAAAA==");
         let mut dec = AwsChunkedDecoder::new(Some(signer()), true);
         decode_all(&mut dec, body.as_bytes(), 64).unwrap();
         assert_eq!(dec.finish(), Err(ChunkedError::TrailerSignature));

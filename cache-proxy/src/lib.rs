@@ -44,9 +44,14 @@ pub fn open_blob_store(choice: &StoreChoice) -> Result<Arc<dyn BlobStore>, store
 }
 
 /// Open the dedup store for `settings`.
-pub async fn open_dedup(settings: &Settings, metrics: Arc<Metrics>) -> Result<Arc<DedupStore>, RunError> {
+pub async fn open_dedup(
+    settings: &Settings,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<DedupStore>, RunError> {
     let blob = open_blob_store(&settings.store)?;
-    Ok(Arc::new(DedupStore::open(blob, settings.spool_dir.clone(), metrics).await?))
+    Ok(Arc::new(
+        DedupStore::open(blob, settings.spool_dir.clone(), metrics).await?,
+    ))
 }
 
 #[must_use]
@@ -82,5 +87,8 @@ pub async fn serve(
         });
     }
     let app = server::router(server::AppState::new(settings, dedup, metrics));
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(RunError::Serve)
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(RunError::Serve)
 }

@@ -10,7 +10,11 @@ use spotrun_cache_proxy::metrics::Metrics;
 use spotrun_cache_proxy::{RunError, gc_options, open_dedup, serve};
 
 #[derive(Debug, Parser)]
-#[command(name = "spotrun-cache-proxy", version, about = "S3-compatible dedup cache proxy for gitlab-runner")]
+#[command(
+    name = "spotrun-cache-proxy",
+    version,
+    about = "S3-compatible dedup cache proxy for gitlab-runner"
+)]
 struct Cli {
     /// TOML config file.
     #[arg(long, env = "SPOTRUN_CACHE_CONFIG", global = true)]
@@ -25,13 +29,23 @@ struct Cli {
     #[arg(long, env = "SPOTRUN_CACHE_REGION", global = true)]
     region: Option<String>,
     /// Accepted bucket names (comma separated).
-    #[arg(long = "bucket", env = "SPOTRUN_CACHE_BUCKETS", global = true, value_delimiter = ',')]
+    #[arg(
+        long = "bucket",
+        env = "SPOTRUN_CACHE_BUCKETS",
+        global = true,
+        value_delimiter = ','
+    )]
     buckets: Vec<String>,
     /// Access key id the runner signs with (with --secret-key; added to [[access_keys]]).
     #[arg(long, env = "SPOTRUN_CACHE_ACCESS_KEY", global = true)]
     access_key: Option<String>,
     /// Secret key for --access-key.
-    #[arg(long, env = "SPOTRUN_CACHE_SECRET_KEY", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SPOTRUN_CACHE_SECRET_KEY",
+        global = true,
+        hide_env_values = true
+    )]
     secret_key: Option<String>,
     /// Directory uploads are spooled to before chunking.
     #[arg(long, env = "SPOTRUN_CACHE_SPOOL_DIR", global = true)]
@@ -54,7 +68,9 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .json()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -95,7 +111,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => {
             let listener = tokio::net::TcpListener::bind(settings.listen)
                 .await
-                .map_err(|source| RunError::Listen { addr: settings.listen, source })?;
+                .map_err(|source| RunError::Listen {
+                    addr: settings.listen,
+                    source,
+                })?;
             tracing::info!(addr = %settings.listen, store = ?settings.store, "serving");
             serve(settings, dedup, metrics, listener, shutdown_signal()).await?;
         }

@@ -15,7 +15,12 @@ pub struct S3Error {
 
 impl S3Error {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
     }
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
@@ -24,11 +29,22 @@ impl S3Error {
         Self::new(StatusCode::FORBIDDEN, "AccessDenied", message)
     }
     pub fn not_implemented(what: &str) -> Self {
-        Self::new(StatusCode::NOT_IMPLEMENTED, "NotImplemented", format!("{what} is not implemented by this cache proxy"))
+        Self::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "NotImplemented",
+            format!("{what} is not implemented by this cache proxy"),
+        )
     }
     /// The backend is down or throttling: retryable, and the runner retries 5xx (reference/cache.md §1.4).
     pub fn slow_down() -> Self {
-        Self { retry_after: Some(2), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "SlowDown", "Please reduce your request rate; the storage backend is unavailable") }
+        Self {
+            retry_after: Some(2),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SlowDown",
+                "Please reduce your request rate; the storage backend is unavailable",
+            )
+        }
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", message)
@@ -44,10 +60,17 @@ impl S3Error {
             xml_escape(resource),
             request_id
         );
-        let mut resp = if head { Response::new(Body::empty()) } else { Response::new(Body::from(xml)) };
+        let mut resp = if head {
+            Response::new(Body::empty())
+        } else {
+            Response::new(Body::from(xml))
+        };
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/xml"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/xml"),
+        );
         if let Ok(v) = HeaderValue::from_str(request_id) {
             h.insert("x-amz-request-id", v);
         }
@@ -82,8 +105,12 @@ mod tests {
 
     #[tokio::test]
     async fn renders_s3_xml() {
-        let resp = S3Error::new(StatusCode::NOT_FOUND, "NoSuchKey", "The specified key does not exist.")
-            .into_response("/b/a<b", "REQ1", false);
+        let resp = S3Error::new(
+            StatusCode::NOT_FOUND,
+            "NoSuchKey",
+            "The specified key does not exist.",
+        )
+        .into_response("/b/a<b", "REQ1", false);
         assert_eq!(resp.status(), StatusCode::NOT_FOUND);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(

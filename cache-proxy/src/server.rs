@@ -41,7 +41,12 @@ pub struct AppState {
 impl AppState {
     #[must_use]
     pub fn new(settings: Settings, dedup: Arc<DedupStore>, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self { settings, dedup, metrics, pins: Mutex::new(HashMap::new()) })
+        Arc::new(Self {
+            settings,
+            dedup,
+            metrics,
+            pins: Mutex::new(HashMap::new()),
+        })
     }
 }
 
@@ -55,7 +60,10 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
 }
 
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
@@ -104,15 +112,29 @@ type Handled = Result<(Response, Option<String>), S3Error>;
 fn auth_error(e: &AuthError) -> S3Error {
     match e {
         AuthError::Expired => S3Error::access_denied("Request has expired"),
-        AuthError::TooEarly => S3Error::access_denied("Request is not yet valid (X-Amz-Date is in the future)"),
-        AuthError::ExpiresTooLong => S3Error::bad_request("AuthorizationQueryParametersError", e.to_string()),
-        AuthError::WrongRegion { .. } => S3Error::bad_request("AuthorizationQueryParametersError", e.to_string()),
-        AuthError::Malformed(m) => S3Error::bad_request("InvalidArgument", m.clone()),
-        AuthError::UnknownAccessKey(_) => {
-            S3Error::new(StatusCode::FORBIDDEN, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records.")
+        AuthError::TooEarly => {
+            S3Error::access_denied("Request is not yet valid (X-Amz-Date is in the future)")
         }
-        AuthError::MissingSignedHeader(h) => S3Error::access_denied(format!("signed header {h} is missing from the request")),
-        AuthError::SignatureMismatch => S3Error::new(StatusCode::FORBIDDEN, "SignatureDoesNotMatch", e.to_string()),
+        AuthError::ExpiresTooLong => {
+            S3Error::bad_request("AuthorizationQueryParametersError", e.to_string())
+        }
+        AuthError::WrongRegion { .. } => {
+            S3Error::bad_request("AuthorizationQueryParametersError", e.to_string())
+        }
+        AuthError::Malformed(m) => S3Error::bad_request("InvalidArgument", m.clone()),
+        AuthError::UnknownAccessKey(_) => S3Error::new(
+            StatusCode::FORBIDDEN,
+            "InvalidAccessKeyId",
+            "The AWS Access Key Id you provided does not exist in our records.",
+        ),
+        AuthError::MissingSignedHeader(h) => {
+            S3Error::access_denied(format!("signed header {h} is missing from the request"))
+        }
+        AuthError::SignatureMismatch => S3Error::new(
+            StatusCode::FORBIDDEN,
+            "SignatureDoesNotMatch",
+            e.to_string(),
+        ),
         AuthError::Forbidden => S3Error::access_denied("Access Denied"),
         AuthError::Anonymous => S3Error::access_denied(e.to_string()),
     }
@@ -131,13 +153,22 @@ fn dedup_error(e: &DedupError) -> S3Error {
 /// Reject keys that could mean something else on a filesystem or exceed S3 limits.
 fn validate_key(key: &str) -> Result<(), S3Error> {
     if key.len() > MAX_KEY_BYTES {
-        return Err(S3Error::bad_request("KeyTooLongError", "Your key is too long (over 1024 bytes)"));
+        return Err(S3Error::bad_request(
+            "KeyTooLongError",
+            "Your key is too long (over 1024 bytes)",
+        ));
     }
     if key.contains('\0') {
-        return Err(S3Error::bad_request("InvalidArgument", "object key contains a NUL byte"));
+        return Err(S3Error::bad_request(
+            "InvalidArgument",
+            "object key contains a NUL byte",
+        ));
     }
     if key.split('/').any(|s| s == ".." || s == ".") {
-        return Err(S3Error::bad_request("InvalidRequest", "object key contains a '.' or '..' path segment"));
+        return Err(S3Error::bad_request(
+            "InvalidRequest",
+            "object key contains a '.' or '..' path segment",
+        ));
     }
     Ok(())
 }
@@ -146,10 +177,19 @@ async fn handle(st: &AppState, req: Request) -> (&'static str, Handled) {
     let (parts, body) = req.into_parts();
     let raw_path = parts.uri.path();
     let Ok(path) = sigv4::percent_decode(raw_path) else {
-        return ("Unknown", Err(S3Error::bad_request("InvalidURI", "Couldn't parse the specified URI.")));
+        return (
+            "Unknown",
+            Err(S3Error::bad_request(
+                "InvalidURI",
+                "Couldn't parse the specified URI.",
+            )),
+        );
     };
     let Ok(path_str) = std::str::from_utf8(&path) else {
-        return ("Unknown", Err(S3Error::bad_request("InvalidURI", "path is not UTF-8")));
+        return (
+            "Unknown",
+            Err(S3Error::bad_request("InvalidURI", "path is not UTF-8")),
+        );
     };
     let trimmed = path_str.strip_prefix('/').unwrap_or(path_str);
     let (bucket, key) = trimmed.split_once('/').unwrap_or((trimmed, ""));
@@ -171,8 +211,20 @@ async fn handle(st: &AppState, req: Request) -> (&'static str, Handled) {
     if let Err(e) = validate_key(key) {
         return (op, Err(e));
     }
-    let rp = RequestParts { method: parts.method.as_str(), path: &path, query: &query, headers: &parts.headers, bucket, key };
-    let authd = match auth::authenticate(&st.settings.access_keys, &st.settings.region, &rp, SystemTime::now()) {
+    let rp = RequestParts {
+        method: parts.method.as_str(),
+        path: &path,
+        query: &query,
+        headers: &parts.headers,
+        bucket,
+        key,
+    };
+    let authd = match auth::authenticate(
+        &st.settings.access_keys,
+        &st.settings.region,
+        &rp,
+        SystemTime::now(),
+    ) {
         Ok(a) => a,
         Err(e) => {
             tracing::info!(error = %e, "authentication failed");
@@ -180,20 +232,50 @@ async fn handle(st: &AppState, req: Request) -> (&'static str, Handled) {
         }
     };
     if !st.settings.buckets.iter().any(|b| b == bucket) {
-        return (op, Err(S3Error::new(StatusCode::NOT_FOUND, "NoSuchBucket", "The specified bucket does not exist")));
+        return (
+            op,
+            Err(S3Error::new(
+                StatusCode::NOT_FOUND,
+                "NoSuchBucket",
+                "The specified bucket does not exist",
+            )),
+        );
     }
     // Sub-resources (?acl, ?tagging, ?uploads, ...) are other S3 operations.
-    let sub = query.iter().find(|(k, _)| !k.to_ascii_lowercase().starts_with("x-amz-") && k != "x-id" && k != "location");
+    let sub = query.iter().find(|(k, _)| {
+        !k.to_ascii_lowercase().starts_with("x-amz-") && k != "x-id" && k != "location"
+    });
     if let Some((k, _)) = sub {
-        return (op, Err(S3Error::not_implemented(&format!("the ?{k} sub-resource"))));
+        return (
+            op,
+            Err(S3Error::not_implemented(&format!("the ?{k} sub-resource"))),
+        );
     }
     let ak = Some(authd.access_key.clone());
     let result = match op {
-        "GetObject" | "HeadObject" => get_object(st, bucket, key, &parts.headers, op == "HeadObject", authd.presigned_signature.as_deref()).await,
+        "GetObject" | "HeadObject" => {
+            get_object(
+                st,
+                bucket,
+                key,
+                &parts.headers,
+                op == "HeadObject",
+                authd.presigned_signature.as_deref(),
+            )
+            .await
+        }
         "PutObject" => put_object(st, bucket, key, &parts.headers, authd.payload, body).await,
         "GetBucketLocation" => Ok(location(&st.settings.region)),
         "HeadBucket" => Ok(StatusCode::OK.into_response()),
-        _ => Err(S3Error::not_implemented(&format!("{} on {}", parts.method, if key.is_empty() { "a bucket" } else { "an object" }))),
+        _ => Err(S3Error::not_implemented(&format!(
+            "{} on {}",
+            parts.method,
+            if key.is_empty() {
+                "a bucket"
+            } else {
+                "an object"
+            }
+        ))),
     };
     (op, result.map(|r| (r, ak)))
 }
@@ -208,27 +290,38 @@ fn location(region: &str) -> Response {
 
 /// Parsed `Range` header: `Ok(None)` = whole object; `Err` = unsatisfiable (416).
 fn parse_range(h: Option<&HeaderValue>, size: u64) -> Result<Option<(u64, u64)>, ()> {
-    let Some(spec) = h.and_then(|v| v.to_str().ok()).and_then(|v| v.trim().strip_prefix("bytes=")) else {
+    let Some(spec) = h
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("bytes="))
+    else {
         return Ok(None);
     };
     if spec.contains(',') {
         // Multiple ranges are not supported by S3 either; serve the whole object.
         return Ok(None);
     }
-    let Some((a, b)) = spec.split_once('-') else { return Ok(None) };
+    let Some((a, b)) = spec.split_once('-') else {
+        return Ok(None);
+    };
     let (a, b) = (a.trim(), b.trim());
     let range = if a.is_empty() {
-        let Ok(n) = b.parse::<u64>() else { return Ok(None) };
+        let Ok(n) = b.parse::<u64>() else {
+            return Ok(None);
+        };
         if n == 0 || size == 0 {
             return Err(());
         }
         (size.saturating_sub(n), size)
     } else {
-        let Ok(start) = a.parse::<u64>() else { return Ok(None) };
+        let Ok(start) = a.parse::<u64>() else {
+            return Ok(None);
+        };
         let end = if b.is_empty() {
             size
         } else {
-            let Ok(last) = b.parse::<u64>() else { return Ok(None) };
+            let Ok(last) = b.parse::<u64>() else {
+                return Ok(None);
+            };
             if last < start {
                 return Ok(None);
             }
@@ -242,8 +335,17 @@ fn parse_range(h: Option<&HeaderValue>, size: u64) -> Result<Option<(u64, u64)>,
     Ok(Some(range))
 }
 
-async fn get_object(st: &AppState, bucket: &str, key: &str, headers: &HeaderMap, head: bool, pin: Option<&str>) -> Result<Response, S3Error> {
-    let pin_id: Option<[u8; 32]> = pin.filter(|_| !head).map(|sig| Sha256::digest(sig.as_bytes()).into());
+async fn get_object(
+    st: &AppState,
+    bucket: &str,
+    key: &str,
+    headers: &HeaderMap,
+    head: bool,
+    pin: Option<&str>,
+) -> Result<Response, S3Error> {
+    let pin_id: Option<[u8; 32]> = pin
+        .filter(|_| !head)
+        .map(|sig| Sha256::digest(sig.as_bytes()).into());
     let pinned = pin_id.and_then(|id| {
         let mut pins = st.pins.lock().expect("pins lock");
         let now = Instant::now();
@@ -253,11 +355,23 @@ async fn get_object(st: &AppState, bucket: &str, key: &str, headers: &HeaderMap,
     let m = match pinned {
         Some(m) => m,
         None => {
-            let Some(m) = st.dedup.manifest(bucket, key).await.map_err(|e| dedup_error(&e))? else {
-                return Err(S3Error::new(StatusCode::NOT_FOUND, "NoSuchKey", "The specified key does not exist."));
+            let Some(m) = st
+                .dedup
+                .manifest(bucket, key)
+                .await
+                .map_err(|e| dedup_error(&e))?
+            else {
+                return Err(S3Error::new(
+                    StatusCode::NOT_FOUND,
+                    "NoSuchKey",
+                    "The specified key does not exist.",
+                ));
             };
             if let Some(id) = pin_id {
-                st.pins.lock().expect("pins lock").insert(id, (Instant::now(), m.clone()));
+                st.pins
+                    .lock()
+                    .expect("pins lock")
+                    .insert(id, (Instant::now(), m.clone()));
             }
             m
         }
@@ -266,8 +380,12 @@ async fn get_object(st: &AppState, bucket: &str, key: &str, headers: &HeaderMap,
     let range = match parse_range(headers.get(header::RANGE), size) {
         Ok(r) => r,
         Err(()) => {
-            let mut e = S3Error::new(StatusCode::RANGE_NOT_SATISFIABLE, "InvalidRange", "The requested range is not satisfiable")
-                .into_response(&format!("/{bucket}/{key}"), &request_id(), head);
+            let mut e = S3Error::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "InvalidRange",
+                "The requested range is not satisfiable",
+            )
+            .into_response(&format!("/{bucket}/{key}"), &request_id(), head);
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
                 e.headers_mut().insert(header::CONTENT_RANGE, v);
             }
@@ -300,14 +418,24 @@ fn object_headers(h: &mut HeaderMap, m: &ManifestV1) {
         h.insert(header::ETAG, v);
     }
     let lm = SystemTime::UNIX_EPOCH + Duration::from_secs(m.header.last_modified);
-    h.insert(header::LAST_MODIFIED, HeaderValue::from_str(&httpdate::fmt_http_date(lm)).expect("ascii date"));
+    h.insert(
+        header::LAST_MODIFIED,
+        HeaderValue::from_str(&httpdate::fmt_http_date(lm)).expect("ascii date"),
+    );
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    let ct = m.header.content_type.as_deref().unwrap_or("application/octet-stream");
+    let ct = m
+        .header
+        .content_type
+        .as_deref()
+        .unwrap_or("application/octet-stream");
     if let Ok(v) = HeaderValue::from_str(ct) {
         h.insert(header::CONTENT_TYPE, v);
     }
     for (k, v) in &m.header.metadata {
-        if let (Ok(name), Ok(value)) = (header::HeaderName::from_bytes(format!("x-amz-meta-{k}").as_bytes()), HeaderValue::from_bytes(v.as_bytes())) {
+        if let (Ok(name), Ok(value)) = (
+            header::HeaderName::from_bytes(format!("x-amz-meta-{k}").as_bytes()),
+            HeaderValue::from_bytes(v.as_bytes()),
+        ) {
             h.append(name, value);
         }
     }
@@ -322,26 +450,51 @@ fn crc32_b64(c: u32) -> String {
     base64::engine::general_purpose::STANDARD.encode(c.to_be_bytes())
 }
 
-async fn put_object(st: &AppState, bucket: &str, key: &str, headers: &HeaderMap, payload: PayloadMode, body: Body) -> Result<Response, S3Error> {
+async fn put_object(
+    st: &AppState,
+    bucket: &str,
+    key: &str,
+    headers: &HeaderMap,
+    payload: PayloadMode,
+    body: Body,
+) -> Result<Response, S3Error> {
     use base64::Engine as _;
-    let decoded_len: Option<u64> = header_str(headers, "x-amz-decoded-content-length").and_then(|v| v.parse().ok());
+    let decoded_len: Option<u64> =
+        header_str(headers, "x-amz-decoded-content-length").and_then(|v| v.parse().ok());
     let is_chunked = matches!(payload, PayloadMode::Chunked { .. })
-        || header_str(headers, "content-encoding").is_some_and(|v| v.split(',').any(|p| p.trim() == "aws-chunked"));
+        || header_str(headers, "content-encoding")
+            .is_some_and(|v| v.split(',').any(|p| p.trim() == "aws-chunked"));
     let mut decoder = match &payload {
-        PayloadMode::Chunked { signer, signed_trailer } => Some(AwsChunkedDecoder::new(signer.clone(), *signed_trailer)),
+        PayloadMode::Chunked {
+            signer,
+            signed_trailer,
+        } => Some(AwsChunkedDecoder::new(signer.clone(), *signed_trailer)),
         _ if is_chunked => Some(AwsChunkedDecoder::new(None, false)),
         _ => None,
     };
     if decoder.is_some() && decoded_len.is_none() {
-        return Err(S3Error::new(StatusCode::LENGTH_REQUIRED, "MissingContentLength", "aws-chunked bodies need x-amz-decoded-content-length"));
+        return Err(S3Error::new(
+            StatusCode::LENGTH_REQUIRED,
+            "MissingContentLength",
+            "aws-chunked bodies need x-amz-decoded-content-length",
+        ));
     }
     let limit = st.settings.max_object_bytes.unwrap_or(u64::MAX);
-    if decoded_len.or_else(|| header_str(headers, "content-length").and_then(|v| v.parse().ok())).is_some_and(|n: u64| n > limit) {
-        return Err(S3Error::bad_request("EntityTooLarge", "Your proposed upload exceeds the maximum allowed object size."));
+    if decoded_len
+        .or_else(|| header_str(headers, "content-length").and_then(|v| v.parse().ok()))
+        .is_some_and(|n: u64| n > limit)
+    {
+        return Err(S3Error::bad_request(
+            "EntityTooLarge",
+            "Your proposed upload exceeds the maximum allowed object size.",
+        ));
     }
 
-    let spool = tempfile::NamedTempFile::new_in(st.dedup.spool_dir()).map_err(|e| S3Error::internal(format!("spool: {e}")))?;
-    let std_file = spool.reopen().map_err(|e| S3Error::internal(format!("spool: {e}")))?;
+    let spool = tempfile::NamedTempFile::new_in(st.dedup.spool_dir())
+        .map_err(|e| S3Error::internal(format!("spool: {e}")))?;
+    let std_file = spool
+        .reopen()
+        .map_err(|e| S3Error::internal(format!("spool: {e}")))?;
     let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(std_file));
     let mut md5 = Md5::new();
     let mut sha = matches!(payload, PayloadMode::Sha256(_)).then(Sha256::new);
@@ -356,32 +509,46 @@ async fn put_object(st: &AppState, bucket: &str, key: &str, headers: &HeaderMap,
         })?;
         let data: &[u8] = if let Some(dec) = decoder.as_mut() {
             decoded.clear();
-            dec.feed(&frame, &mut |d| decoded.extend_from_slice(d)).map_err(|e| chunked_error(&e))?;
+            dec.feed(&frame, &mut |d| decoded.extend_from_slice(d))
+                .map_err(|e| chunked_error(&e))?;
             &decoded
         } else {
             &frame
         };
         size += data.len() as u64;
         if size > limit {
-            return Err(S3Error::bad_request("EntityTooLarge", "Your proposed upload exceeds the maximum allowed object size."));
+            return Err(S3Error::bad_request(
+                "EntityTooLarge",
+                "Your proposed upload exceeds the maximum allowed object size.",
+            ));
         }
         md5.update(data);
         crc.update(data);
         if let Some(s) = sha.as_mut() {
             s.update(data);
         }
-        out.write_all(data).await.map_err(|e| S3Error::internal(format!("spool write: {e}")))?;
+        out.write_all(data)
+            .await
+            .map_err(|e| S3Error::internal(format!("spool write: {e}")))?;
     }
     let mut checksums: Vec<(String, String)> = Vec::new();
     if let Some(dec) = decoder {
         checksums = dec.finish().map_err(|e| chunked_error(&e))?;
         if decoded_len != Some(size) {
-            return Err(S3Error::bad_request("IncompleteBody", format!("decoded {size} bytes but x-amz-decoded-content-length says {decoded_len:?}")));
+            return Err(S3Error::bad_request(
+                "IncompleteBody",
+                format!(
+                    "decoded {size} bytes but x-amz-decoded-content-length says {decoded_len:?}"
+                ),
+            ));
         }
     }
     if let (PayloadMode::Sha256(want), Some(s)) = (&payload, sha) {
         if hex::encode(s.finalize()) != *want {
-            return Err(S3Error::bad_request("XAmzContentSHA256Mismatch", "The provided 'x-amz-content-sha256' header does not match what was computed."));
+            return Err(S3Error::bad_request(
+                "XAmzContentSHA256Mismatch",
+                "The provided 'x-amz-content-sha256' header does not match what was computed.",
+            ));
         }
     }
     if let Some(v) = header_str(headers, "x-amz-checksum-crc32") {
@@ -390,23 +557,36 @@ async fn put_object(st: &AppState, bucket: &str, key: &str, headers: &HeaderMap,
     let crc_value = crc32_b64(crc.finalize());
     for (name, value) in &checksums {
         if name == "x-amz-checksum-crc32" && value.trim() != crc_value {
-            return Err(S3Error::bad_request("BadDigest", "The CRC32 you specified did not match the calculated checksum."));
+            return Err(S3Error::bad_request(
+                "BadDigest",
+                "The CRC32 you specified did not match the calculated checksum.",
+            ));
         }
     }
     let md5 = md5.finalize();
     if let Some(v) = header_str(headers, "content-md5") {
         if v.trim() != base64::engine::general_purpose::STANDARD.encode(md5) {
-            return Err(S3Error::bad_request("BadDigest", "The Content-MD5 you specified did not match what we received."));
+            return Err(S3Error::bad_request(
+                "BadDigest",
+                "The Content-MD5 you specified did not match what we received.",
+            ));
         }
     }
-    out.flush().await.map_err(|e| S3Error::internal(format!("spool flush: {e}")))?;
+    out.flush()
+        .await
+        .map_err(|e| S3Error::internal(format!("spool flush: {e}")))?;
     drop(out);
     Metrics::add(&st.metrics.logical_bytes_in, size);
 
     let metadata: Vec<(String, String)> = headers
         .iter()
         .filter_map(|(k, v)| {
-            k.as_str().strip_prefix("x-amz-meta-").map(|n| (n.to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            k.as_str().strip_prefix("x-amz-meta-").map(|n| {
+                (
+                    n.to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
         })
         .collect();
     let etag = format!("\"{}\"", hex::encode(md5));
@@ -417,9 +597,13 @@ async fn put_object(st: &AppState, bucket: &str, key: &str, headers: &HeaderMap,
         content_type: header_str(headers, "content-type").map(str::to_owned),
         metadata,
     };
-    st.dedup.ingest(spool.path(), size, obj).await.map_err(|e| dedup_error(&e))?;
+    st.dedup
+        .ingest(spool.path(), size, obj)
+        .await
+        .map_err(|e| dedup_error(&e))?;
     let mut resp = StatusCode::OK.into_response();
-    resp.headers_mut().insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex"));
+    resp.headers_mut()
+        .insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex"));
     Ok(resp)
 }
 
@@ -427,7 +611,11 @@ fn chunked_error(e: &crate::chunked::ChunkedError) -> S3Error {
     use crate::chunked::ChunkedError;
     match e {
         ChunkedError::Malformed(m) => S3Error::bad_request("IncompleteBody", m.clone()),
-        ChunkedError::ChunkSignature | ChunkedError::TrailerSignature => S3Error::new(StatusCode::FORBIDDEN, "SignatureDoesNotMatch", e.to_string()),
+        ChunkedError::ChunkSignature | ChunkedError::TrailerSignature => S3Error::new(
+            StatusCode::FORBIDDEN,
+            "SignatureDoesNotMatch",
+            e.to_string(),
+        ),
     }
 }
 
@@ -455,6 +643,9 @@ mod tests {
         assert_eq!(validate_key("a/../b").unwrap_err().code, "InvalidRequest");
         assert_eq!(validate_key("a/./b").unwrap_err().code, "InvalidRequest");
         assert_eq!(validate_key("a\0b").unwrap_err().code, "InvalidArgument");
-        assert_eq!(validate_key(&"k".repeat(1025)).unwrap_err().code, "KeyTooLongError");
+        assert_eq!(
+            validate_key(&"k".repeat(1025)).unwrap_err().code,
+            "KeyTooLongError"
+        );
     }
 }

@@ -72,7 +72,10 @@ impl Credential {
 
     #[must_use]
     pub fn scope(&self) -> String {
-        format!("{}/{}/{}/aws4_request", self.date, self.region, self.service)
+        format!(
+            "{}/{}/{}/aws4_request",
+            self.date, self.region, self.service
+        )
     }
 }
 
@@ -81,7 +84,10 @@ impl Credential {
 pub fn uri_encode(input: &[u8], keep_slash: bool) -> String {
     let mut out = String::with_capacity(input.len());
     for &b in input {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') || (keep_slash && b == b'/') {
+        if b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'_' | b'.' | b'~')
+            || (keep_slash && b == b'/')
+        {
             out.push(b as char);
         } else {
             let _ = write!(out, "%{b:02X}");
@@ -101,7 +107,9 @@ pub fn percent_decode(input: &str) -> Result<Vec<u8>, AuthError> {
                 .get(i + 1..i + 3)
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| AuthError::Malformed(format!("bad percent-encoding in {input:?}")))?;
+                .ok_or_else(|| {
+                    AuthError::Malformed(format!("bad percent-encoding in {input:?}"))
+                })?;
             out.push(hex);
             i += 3;
         } else {
@@ -132,10 +140,18 @@ pub fn canonical_query(pairs: &[(String, String)]) -> String {
     let mut enc: Vec<(String, String)> = pairs
         .iter()
         .filter(|(k, _)| k != "X-Amz-Signature")
-        .map(|(k, v)| (uri_encode(k.as_bytes(), false), uri_encode(v.as_bytes(), false)))
+        .map(|(k, v)| {
+            (
+                uri_encode(k.as_bytes(), false),
+                uri_encode(v.as_bytes(), false),
+            )
+        })
         .collect();
     enc.sort();
-    enc.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
+    enc.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Header value canonical form: trimmed, inner whitespace runs collapsed to one space.
@@ -171,7 +187,13 @@ pub fn canonical_request(input: &CanonicalInput<'_>) -> String {
         let _ = writeln!(s, "{k}:{}", canonical_header_value(v));
     }
     s.push('\n');
-    s.push_str(&headers.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(";"));
+    s.push_str(
+        &headers
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect::<Vec<_>>()
+            .join(";"),
+    );
     s.push('\n');
     s.push_str(input.payload_hash);
     s
@@ -215,22 +237,41 @@ pub fn signatures_equal(a: &str, b: &str) -> bool {
 
 /// Signature of one aws-chunked chunk, chained to the previous signature.
 #[must_use]
-pub fn chunk_signature(key: &[u8; 32], amz_date: &str, scope: &str, prev: &str, data_sha256_hex: &str) -> String {
-    let sts = format!("AWS4-HMAC-SHA256-PAYLOAD\n{amz_date}\n{scope}\n{prev}\n{EMPTY_SHA256}\n{data_sha256_hex}");
+pub fn chunk_signature(
+    key: &[u8; 32],
+    amz_date: &str,
+    scope: &str,
+    prev: &str,
+    data_sha256_hex: &str,
+) -> String {
+    let sts = format!(
+        "AWS4-HMAC-SHA256-PAYLOAD\n{amz_date}\n{scope}\n{prev}\n{EMPTY_SHA256}\n{data_sha256_hex}"
+    );
     sign(key, &sts)
 }
 
 /// Signature of the trailing headers, chained to the final chunk's signature.
 #[must_use]
-pub fn trailer_signature(key: &[u8; 32], amz_date: &str, scope: &str, prev: &str, trailers: &[(String, String)]) -> String {
-    let mut sorted: Vec<(String, String)> =
-        trailers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.trim().to_owned())).collect();
+pub fn trailer_signature(
+    key: &[u8; 32],
+    amz_date: &str,
+    scope: &str,
+    prev: &str,
+    trailers: &[(String, String)],
+) -> String {
+    let mut sorted: Vec<(String, String)> = trailers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
     sorted.sort();
     let mut canon = String::new();
     for (k, v) in &sorted {
         let _ = writeln!(canon, "{k}:{v}");
     }
-    let sts = format!("AWS4-HMAC-SHA256-TRAILER\n{amz_date}\n{scope}\n{prev}\n{}", sha256_hex(canon.as_bytes()));
+    let sts = format!(
+        "AWS4-HMAC-SHA256-TRAILER\n{amz_date}\n{scope}\n{prev}\n{}",
+        sha256_hex(canon.as_bytes())
+    );
     sign(key, &sts)
 }
 
@@ -240,10 +281,12 @@ pub fn parse_amz_date(s: &str) -> Result<SystemTime, AuthError> {
     if s.len() != 16 || &s[8..9] != "T" || !s.ends_with('Z') {
         return Err(bad());
     }
-    let num = |r: std::ops::Range<usize>| s.get(r).and_then(|x| x.parse::<u64>().ok()).ok_or_else(bad);
+    let num =
+        |r: std::ops::Range<usize>| s.get(r).and_then(|x| x.parse::<u64>().ok()).ok_or_else(bad);
     let (y, mo, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
     let (h, mi, se) = (num(9..11)?, num(11..13)?, num(13..15)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 || y < 1970 {
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 || y < 1970
+    {
         return Err(bad());
     }
     let days = days_from_civil(y, mo, d);
@@ -262,7 +305,11 @@ fn days_from_civil(y: u64, m: u64, d: u64) -> u64 {
 }
 
 /// Check `X-Amz-Date`/`X-Amz-Expires` against `now`.
-pub fn check_time(amz_date: SystemTime, expires: Option<u64>, now: SystemTime) -> Result<(), AuthError> {
+pub fn check_time(
+    amz_date: SystemTime,
+    expires: Option<u64>,
+    now: SystemTime,
+) -> Result<(), AuthError> {
     if amz_date > now + MAX_SKEW {
         return Err(AuthError::TooEarly);
     }
@@ -295,9 +342,9 @@ pub struct AuthHeader {
 
 impl AuthHeader {
     pub fn parse(v: &str) -> Result<Self, AuthError> {
-        let rest = v
-            .strip_prefix("AWS4-HMAC-SHA256")
-            .ok_or_else(|| AuthError::Malformed("only AWS4-HMAC-SHA256 authorization is supported".into()))?;
+        let rest = v.strip_prefix("AWS4-HMAC-SHA256").ok_or_else(|| {
+            AuthError::Malformed("only AWS4-HMAC-SHA256 authorization is supported".into())
+        })?;
         let mut fields = BTreeMap::new();
         for part in rest.split(',') {
             if let Some((k, v)) = part.trim().split_once('=') {
@@ -312,7 +359,10 @@ impl AuthHeader {
         };
         Ok(Self {
             credential: Credential::parse(&get("Credential")?)?,
-            signed_headers: get("SignedHeaders")?.split(';').map(str::to_owned).collect(),
+            signed_headers: get("SignedHeaders")?
+                .split(';')
+                .map(str::to_owned)
+                .collect(),
             signature: get("Signature")?,
         })
     }
@@ -325,7 +375,8 @@ mod tests {
     /// The GET example from the S3 SigV4 documentation ("Example: GET Object").
     #[test]
     fn aws_documented_get_object_example() {
-        let cred = Credential::parse("AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request").unwrap();
+        let cred =
+            Credential::parse("AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request").unwrap();
         let input = CanonicalInput {
             method: "GET",
             path: b"/test.txt",
@@ -343,9 +394,17 @@ mod tests {
             creq,
             "GET\n/test.txt\n\nhost:examplebucket.s3.amazonaws.com\nrange:bytes=0-9\nx-amz-content-sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\nx-amz-date:20130524T000000Z\n\nhost;range;x-amz-content-sha256;x-amz-date\ne3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
-        let sts = string_to_sign("AWS4-HMAC-SHA256", "20130524T000000Z", &cred.scope(), &sha256_hex(creq.as_bytes()));
+        let sts = string_to_sign(
+            "AWS4-HMAC-SHA256",
+            "20130524T000000Z",
+            &cred.scope(),
+            &sha256_hex(creq.as_bytes()),
+        );
         let key = signing_key("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", &cred);
-        assert_eq!(sign(&key, &sts), "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41");
+        assert_eq!(
+            sign(&key, &sts),
+            "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+        );
     }
 
     /// The presigned URL example from the S3 documentation ("Query string authentication").
@@ -363,10 +422,19 @@ mod tests {
             payload_hash: UNSIGNED_PAYLOAD,
         };
         let creq = canonical_request(&input);
-        let cred = Credential::parse("AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request").unwrap();
-        let sts = string_to_sign("AWS4-HMAC-SHA256", "20130524T000000Z", &cred.scope(), &sha256_hex(creq.as_bytes()));
+        let cred =
+            Credential::parse("AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request").unwrap();
+        let sts = string_to_sign(
+            "AWS4-HMAC-SHA256",
+            "20130524T000000Z",
+            &cred.scope(),
+            &sha256_hex(creq.as_bytes()),
+        );
         let key = signing_key("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", &cred);
-        assert_eq!(sign(&key, &sts), "aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404");
+        assert_eq!(
+            sign(&key, &sts),
+            "aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
+        );
     }
 
     #[test]
@@ -374,7 +442,11 @@ mod tests {
         assert_eq!(uri_encode(b"a b/c~d+e=f", true), "a%20b/c~d%2Be%3Df");
         assert_eq!(uri_encode(b"a/b", false), "a%2Fb");
         assert_eq!(
-            canonical_query(&[("b".into(), "2".into()), ("X-Amz-Signature".into(), "x".into()), ("a".into(), "1 2".into())]),
+            canonical_query(&[
+                ("b".into(), "2".into()),
+                ("X-Amz-Signature".into(), "x".into()),
+                ("a".into(), "1 2".into())
+            ]),
             "a=1%202&b=2"
         );
     }
@@ -382,18 +454,31 @@ mod tests {
     #[test]
     fn parses_dates_and_checks_expiry() {
         let t = parse_amz_date("20130524T000000Z").unwrap();
-        assert_eq!(t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(), 1_369_353_600);
+        assert_eq!(
+            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            1_369_353_600
+        );
         assert!(parse_amz_date("20130524 000000Z").is_err());
-        assert_eq!(check_time(t, Some(10), t + Duration::from_secs(11)), Err(AuthError::Expired));
+        assert_eq!(
+            check_time(t, Some(10), t + Duration::from_secs(11)),
+            Err(AuthError::Expired)
+        );
         assert_eq!(check_time(t, Some(10), t + Duration::from_secs(10)), Ok(()));
-        assert_eq!(check_time(t, Some(604_801), t), Err(AuthError::ExpiresTooLong));
-        assert_eq!(check_time(t + Duration::from_secs(901), Some(10), t), Err(AuthError::TooEarly));
+        assert_eq!(
+            check_time(t, Some(604_801), t),
+            Err(AuthError::ExpiresTooLong)
+        );
+        assert_eq!(
+            check_time(t + Duration::from_secs(901), Some(10), t),
+            Err(AuthError::TooEarly)
+        );
     }
 
     /// Chunk signature example from the S3 "sigv4-streaming" documentation (first 64 KiB chunk of 'a').
     #[test]
     fn aws_documented_chunk_signature() {
-        let cred = Credential::parse("AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request").unwrap();
+        let cred =
+            Credential::parse("AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request").unwrap();
         let key = signing_key("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", &cred);
         let data = vec![b'a'; 65_536];
         let sig = chunk_signature(
@@ -403,7 +488,10 @@ mod tests {
             "4f232c4386841ef735655705268965c44a0e4690baa4adea153f7db9fa80a0a9",
             &sha256_hex(&data),
         );
-        assert_eq!(sig, "ad80c730a21e5b8d04586a2213dd63b9a0e99e0e2307b0ade35a65485a288648");
+        assert_eq!(
+            sig,
+            "ad80c730a21e5b8d04586a2213dd63b9a0e99e0e2307b0ade35a65485a288648"
+        );
     }
 
     #[test]

@@ -66,7 +66,9 @@ async fn pipe(client: TcpStream, up: TcpStream, f: Arc<Faults>) {
             if delay > 0 {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
             }
-            let Ok(n) = cr.read(&mut buf).await else { return true };
+            let Ok(n) = cr.read(&mut buf).await else {
+                return true;
+            };
             if n == 0 {
                 let _ = uw.shutdown().await;
                 return false;
@@ -76,11 +78,15 @@ async fn pipe(client: TcpStream, up: TcpStream, f: Arc<Faults>) {
             let mut n_fwd = n as u64;
             if cut > 0 && sent + n_fwd >= cut {
                 n_fwd = cut - sent;
-                let _ = uw.write_all(&buf[..usize::try_from(n_fwd).unwrap_or(0)]).await;
+                let _ = uw
+                    .write_all(&buf[..usize::try_from(n_fwd).unwrap_or(0)])
+                    .await;
                 return true; // dropping both halves closes the connections
             }
             if stall > 0 && sent + n_fwd >= stall {
-                let _ = uw.write_all(&buf[..usize::try_from(stall - sent).unwrap_or(0)]).await;
+                let _ = uw
+                    .write_all(&buf[..usize::try_from(stall - sent).unwrap_or(0)])
+                    .await;
                 std::future::pending::<()>().await;
             }
             if uw.write_all(&buf[..n]).await.is_err() {

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum S3PeerError {
-    #[error("s3s-fs not found: set S3S_FS or put it on PATH (cargo install s3s-fs@0.14.1 --features binary --locked)")]
+    #[error(
+        "s3s-fs not found: set S3S_FS or put it on PATH (cargo install s3s-fs@0.14.1 --features binary --locked)"
+    )]
     NotFound,
     #[error("starting s3s-fs {path}: {source}")]
     Spawn {
@@ -38,10 +40,17 @@ pub struct S3Peer {
 pub fn s3s_fs_binary() -> Result<PathBuf, S3PeerError> {
     if let Some(p) = std::env::var_os("S3S_FS") {
         let p = PathBuf::from(p);
-        return if p.is_file() { Ok(p) } else { Err(S3PeerError::NotFound) };
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(S3PeerError::NotFound)
+        };
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).map(|d| d.join("s3s-fs")).find(|p| p.is_file()).ok_or(S3PeerError::NotFound)
+    std::env::split_paths(&path)
+        .map(|d| d.join("s3s-fs"))
+        .find(|p| p.is_file())
+        .ok_or(S3PeerError::NotFound)
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -69,21 +78,38 @@ impl S3Peer {
 
     fn spawn(&mut self) -> Result<(), S3PeerError> {
         let child = Command::new(&self.binary)
-            .args(["--host", "127.0.0.1", "--port", &self.addr.port().to_string()])
-            .args(["--access-key", &self.access_key, "--secret-key", &self.secret_key])
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &self.addr.port().to_string(),
+            ])
+            .args([
+                "--access-key",
+                &self.access_key,
+                "--secret-key",
+                &self.secret_key,
+            ])
             .arg(self.data.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|source| S3PeerError::Spawn { path: self.binary.clone(), source })?;
+            .map_err(|source| S3PeerError::Spawn {
+                path: self.binary.clone(),
+                source,
+            })?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
                 return Ok(());
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
                 return Err(S3PeerError::Exited(status));
             }

@@ -90,7 +90,10 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8], ManifestError> {
-        let s = self.b.get(self.i..self.i + n).ok_or(ManifestError::Malformed("truncated"))?;
+        let s = self
+            .b
+            .get(self.i..self.i + n)
+            .ok_or(ManifestError::Malformed("truncated"))?;
         self.i += n;
         Ok(s)
     }
@@ -114,7 +117,11 @@ impl ManifestV1 {
         let mut out = Vec::with_capacity(header.len() + self.segments.len() * 48 + 16);
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
-        out.extend_from_slice(&u32::try_from(header.len()).expect("header under 4 GiB").to_le_bytes());
+        out.extend_from_slice(
+            &u32::try_from(header.len())
+                .expect("header under 4 GiB")
+                .to_le_bytes(),
+        );
         out.extend_from_slice(&header);
         put_varint(&mut out, self.segments.len() as u64);
         for seg in &self.segments {
@@ -146,26 +153,34 @@ impl ManifestV1 {
             return Err(ManifestError::Version(v));
         }
         let hlen = u32::from_le_bytes(r.take(4)?.try_into().expect("4 bytes")) as usize;
-        let header: ObjectHeader =
-            serde_json::from_slice(r.take(hlen)?).map_err(|_| ManifestError::Malformed("header JSON"))?;
+        let header: ObjectHeader = serde_json::from_slice(r.take(hlen)?)
+            .map_err(|_| ManifestError::Malformed("header JSON"))?;
         let count = r.varint()?;
         let mut segments = Vec::with_capacity(usize::try_from(count.min(1 << 20)).unwrap_or(0));
         let mut total = 0u64;
         for _ in 0..count {
             let seg = match r.take(1)?[0] {
                 0 => {
-                    let n = usize::try_from(r.varint()?).map_err(|_| ManifestError::Malformed("inline length"))?;
+                    let n = usize::try_from(r.varint()?)
+                        .map_err(|_| ManifestError::Malformed("inline length"))?;
                     Segment::Inline(r.take(n)?.to_vec())
                 }
                 1 => {
-                    let pack = u32::try_from(r.varint()?).map_err(|_| ManifestError::Malformed("pack index"))?;
+                    let pack = u32::try_from(r.varint()?)
+                        .map_err(|_| ManifestError::Malformed("pack index"))?;
                     if pack as usize >= header.packs.len() {
                         return Err(ManifestError::Malformed("pack index out of range"));
                     }
                     let offset = r.varint()?;
-                    let len = u32::try_from(r.varint()?).map_err(|_| ManifestError::Malformed("chunk length"))?;
+                    let len = u32::try_from(r.varint()?)
+                        .map_err(|_| ManifestError::Malformed("chunk length"))?;
                     let sha256 = r.take(32)?.try_into().expect("32 bytes");
-                    Segment::Chunk(ChunkRef { pack, offset, len, sha256 })
+                    Segment::Chunk(ChunkRef {
+                        pack,
+                        offset,
+                        len,
+                        sha256,
+                    })
                 }
                 _ => return Err(ManifestError::Malformed("unknown segment tag")),
             };
@@ -176,7 +191,9 @@ impl ManifestV1 {
             return Err(ManifestError::Malformed("trailing bytes"));
         }
         if total != header.size {
-            return Err(ManifestError::Malformed("segment lengths do not add up to the object size"));
+            return Err(ManifestError::Malformed(
+                "segment lengths do not add up to the object size",
+            ));
         }
         Ok(Self { header, segments })
     }
@@ -200,7 +217,12 @@ mod tests {
             },
             segments: vec![
                 Segment::Inline(b"PK\x03\x04x".to_vec()),
-                Segment::Chunk(ChunkRef { pack: 0, offset: 200, len: 300, sha256: [7; 32] }),
+                Segment::Chunk(ChunkRef {
+                    pack: 0,
+                    offset: 200,
+                    len: 300,
+                    sha256: [7; 32],
+                }),
             ],
         }
     }
@@ -219,12 +241,18 @@ mod tests {
     #[test]
     fn rejects_other_versions_truncation_and_size_mismatch() {
         let mut enc = sample().encode();
-        assert_eq!(ManifestV1::decode(&enc[..enc.len() - 1]), Err(ManifestError::Malformed("truncated")));
+        assert_eq!(
+            ManifestV1::decode(&enc[..enc.len() - 1]),
+            Err(ManifestError::Malformed("truncated"))
+        );
         enc[3] = 2;
         assert_eq!(ManifestV1::decode(&enc), Err(ManifestError::Version(2)));
         let mut m = sample();
         m.header.size = 1;
-        assert!(matches!(ManifestV1::decode(&m.encode()), Err(ManifestError::Malformed(_))));
+        assert!(matches!(
+            ManifestV1::decode(&m.encode()),
+            Err(ManifestError::Malformed(_))
+        ));
         assert_eq!(ManifestV1::decode(b"nope"), Err(ManifestError::Magic));
     }
 }

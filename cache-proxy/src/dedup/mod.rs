@@ -157,7 +157,11 @@ impl PackWriter<'_> {
         }
         let (name, w, size) = self.current.as_mut().expect("just created");
         w.write_all(data)?;
-        let loc = Loc { pack: name.clone(), offset: *size, len: u32::try_from(data.len()).expect("chunks are small") };
+        let loc = Loc {
+            pack: name.clone(),
+            offset: *size,
+            len: u32::try_from(data.len()).expect("chunks are small"),
+        };
         *size += data.len() as u64;
         if *size >= PACK_TARGET {
             self.finish_current()?;
@@ -167,7 +171,9 @@ impl PackWriter<'_> {
 
     fn finish_current(&mut self) -> std::io::Result<()> {
         if let Some((name, w, _)) = self.current.take() {
-            let file = w.into_inner().map_err(std::io::IntoInnerError::into_error)?;
+            let file = w
+                .into_inner()
+                .map_err(std::io::IntoInnerError::into_error)?;
             self.done.push((name, file));
         }
         Ok(())
@@ -187,12 +193,28 @@ fn plan_chunks(
             if !matches!(e, zip::ZipError::NotZip) {
                 tracing::info!(error = %e, "zip parse failed; chunking the body as plain data");
             }
-            vec![zip::Span { offset: 0, len: size, kind: SpanKind::Data }]
+            vec![zip::Span {
+                offset: 0,
+                len: size,
+                kind: SpanKind::Data,
+            }]
         }
     };
-    let mut plan = Plan { segments: Vec::new(), packs: Vec::new(), new_chunks: Vec::new(), hits: 0, misses: 0, dedup_bytes: 0, stored_bytes: 0 };
+    let mut plan = Plan {
+        segments: Vec::new(),
+        packs: Vec::new(),
+        new_chunks: Vec::new(),
+        hits: 0,
+        misses: 0,
+        dedup_bytes: 0,
+        stored_bytes: 0,
+    };
     let mut local: HashMap<[u8; 32], Loc> = HashMap::new();
-    let mut packs = PackWriter { spool_dir, current: None, done: Vec::new() };
+    let mut packs = PackWriter {
+        spool_dir,
+        current: None,
+        done: Vec::new(),
+    };
     for span in spans.into_iter().filter(|s| s.len > 0) {
         file.seek(SeekFrom::Start(span.offset))?;
         if span.kind == SpanKind::Literal && span.len <= INLINE_MAX {
@@ -201,7 +223,11 @@ fn plan_chunks(
             plan.segments.push(PlannedSegment::Inline(buf));
             continue;
         }
-        let (min, avg, max) = if span.kind == SpanKind::Data { DATA_CDC } else { META_CDC };
+        let (min, avg, max) = if span.kind == SpanKind::Data {
+            DATA_CDC
+        } else {
+            META_CDC
+        };
         for chunk in fastcdc::v2020::StreamCDC::new((&mut file).take(span.len), min, avg, max) {
             let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
             let sha: [u8; 32] = Sha256::digest(&chunk.data).into();
@@ -230,7 +256,11 @@ fn plan_chunks(
 
 impl DedupStore {
     /// Open the store and rebuild the chunk index from the live manifests.
-    pub async fn open(blob: Arc<dyn BlobStore>, spool_dir: PathBuf, metrics: Arc<Metrics>) -> Result<Self, DedupError> {
+    pub async fn open(
+        blob: Arc<dyn BlobStore>,
+        spool_dir: PathBuf,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, DedupError> {
         std::fs::create_dir_all(&spool_dir)?;
         let this = Self {
             blob,
@@ -259,11 +289,25 @@ impl DedupStore {
     pub async fn reload_index(&self) -> Result<(), DedupError> {
         let mut fresh = HashMap::new();
         for info in self.blob.list("manifests/").await? {
-            let Some(m) = self.load_manifest_at(&info.key).await? else { continue };
-            let packs: Vec<Arc<str>> = m.header.packs.iter().map(|p| Arc::from(p.as_str())).collect();
+            let Some(m) = self.load_manifest_at(&info.key).await? else {
+                continue;
+            };
+            let packs: Vec<Arc<str>> = m
+                .header
+                .packs
+                .iter()
+                .map(|p| Arc::from(p.as_str()))
+                .collect();
             for seg in &m.segments {
                 if let Segment::Chunk(c) = seg {
-                    fresh.insert(c.sha256, Loc { pack: packs[c.pack as usize].clone(), offset: c.offset, len: c.len });
+                    fresh.insert(
+                        c.sha256,
+                        Loc {
+                            pack: packs[c.pack as usize].clone(),
+                            offset: c.offset,
+                            len: c.len,
+                        },
+                    );
                 }
             }
         }
@@ -277,27 +321,49 @@ impl DedupStore {
             Err(StoreError::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        ManifestV1::decode(&bytes).map(Some).map_err(|source| DedupError::Manifest { key: mkey.to_owned(), source })
+        ManifestV1::decode(&bytes)
+            .map(Some)
+            .map_err(|source| DedupError::Manifest {
+                key: mkey.to_owned(),
+                source,
+            })
     }
 
     /// The current manifest of a key, if any.
-    pub async fn manifest(&self, bucket: &str, key: &str) -> Result<Option<Arc<ManifestV1>>, DedupError> {
+    pub async fn manifest(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<Arc<ManifestV1>>, DedupError> {
         let m = self.load_manifest_at(&manifest_key(bucket, key)).await?;
         // A hash collision on the manifest name would show up as a different key inside.
-        Ok(m.filter(|m| m.header.bucket == bucket && m.header.key == key).map(Arc::new))
+        Ok(
+            m.filter(|m| m.header.bucket == bucket && m.header.key == key)
+                .map(Arc::new),
+        )
     }
 
     /// Chunk a fully received, verified body from `spool` and publish it: packs first, manifest last.
-    pub async fn ingest(&self, spool: &Path, size: u64, obj: NewObject) -> Result<ManifestV1, DedupError> {
+    pub async fn ingest(
+        &self,
+        spool: &Path,
+        size: u64,
+        obj: NewObject,
+    ) -> Result<ManifestV1, DedupError> {
         let _gc_guard = self.gc_lock.read().await;
         let spool = spool.to_owned();
         let spool_dir = self.spool_dir.clone();
         let index_snapshot = self.index_reader();
-        let plan = tokio::task::spawn_blocking(move || plan_chunks(&spool, size, &spool_dir, &*index_snapshot))
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let plan = tokio::task::spawn_blocking(move || {
+            plan_chunks(&spool, size, &spool_dir, &*index_snapshot)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
         for (name, file) in &plan.packs {
-            self.blob.put_file(name, file.path()).await.inspect_err(|_| Metrics::add(&self.metrics.backend_errors, 1))?;
+            self.blob
+                .put_file(name, file.path())
+                .await
+                .inspect_err(|_| Metrics::add(&self.metrics.backend_errors, 1))?;
         }
         Metrics::add(&self.metrics.chunk_hits, plan.hits);
         Metrics::add(&self.metrics.chunk_misses, plan.misses);
@@ -316,7 +382,12 @@ impl DedupStore {
                         pack_names.push(loc.pack.to_string());
                         u32::try_from(pack_names.len() - 1).expect("fewer than 4G packs")
                     });
-                    Segment::Chunk(ChunkRef { pack, offset: loc.offset, len: loc.len, sha256 })
+                    Segment::Chunk(ChunkRef {
+                        pack,
+                        offset: loc.offset,
+                        len: loc.len,
+                        sha256,
+                    })
                 }
             })
             .collect();
@@ -334,7 +405,10 @@ impl DedupStore {
             segments,
         };
         let mkey = manifest_key(&manifest.header.bucket, &manifest.header.key);
-        self.blob.put_bytes(&mkey, Bytes::from(manifest.encode())).await.inspect_err(|_| Metrics::add(&self.metrics.backend_errors, 1))?;
+        self.blob
+            .put_bytes(&mkey, Bytes::from(manifest.encode()))
+            .await
+            .inspect_err(|_| Metrics::add(&self.metrics.backend_errors, 1))?;
         let mut index = self.index.write().expect("index lock");
         for (sha, loc) in plan.new_chunks {
             index.entry(sha).or_insert(loc);
@@ -365,10 +439,18 @@ impl DedupStore {
                 let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
             }
         });
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+        futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })
     }
 
-    async fn pump(&self, m: &ManifestV1, start: u64, end: u64, tx: &mpsc::Sender<Result<Bytes, std::io::Error>>) -> Result<(), DedupError> {
+    async fn pump(
+        &self,
+        m: &ManifestV1,
+        start: u64,
+        end: u64,
+        tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+    ) -> Result<(), DedupError> {
         let segs = &m.segments;
         let mut pos = 0u64;
         let mut i = 0;
@@ -394,7 +476,9 @@ impl DedupStore {
                     let mut group_end_off = first.offset + u64::from(first.len);
                     let mut group_pos_end = pos + seg_len;
                     while j < segs.len() && group_pos_end < end {
-                        let Segment::Chunk(next) = &segs[j] else { break };
+                        let Segment::Chunk(next) = &segs[j] else {
+                            break;
+                        };
                         let next_end = next.offset + u64::from(next.len);
                         if next.pack != first.pack
                             || next.offset < group_end_off
@@ -414,14 +498,20 @@ impl DedupStore {
                         .await
                         .inspect_err(|_| Metrics::add(&self.metrics.backend_errors, 1))?;
                     for seg in &segs[i..j] {
-                        let Segment::Chunk(c) = seg else { unreachable!("group holds chunks only") };
-                        let rel = usize::try_from(c.offset - first.offset).expect("bounded by READ_SPAN_MAX");
+                        let Segment::Chunk(c) = seg else {
+                            unreachable!("group holds chunks only")
+                        };
+                        let rel = usize::try_from(c.offset - first.offset)
+                            .expect("bounded by READ_SPAN_MAX");
                         let bytes = data.slice(rel..rel + c.len as usize);
                         let seg_len = u64::from(c.len);
                         if pos + seg_len > start && pos < end {
                             if <[u8; 32]>::from(Sha256::digest(&bytes)) != c.sha256 {
                                 Metrics::add(&self.metrics.corrupt_chunks, 1);
-                                return Err(DedupError::Corrupt { pack: pack.clone(), sha: hex::encode(c.sha256) });
+                                return Err(DedupError::Corrupt {
+                                    pack: pack.clone(),
+                                    sha: hex::encode(c.sha256),
+                                });
                             }
                             let (a, z) = window(pos, seg_len, start, end);
                             if tx.send(Ok(bytes.slice(a..z))).await.is_err() {
@@ -443,7 +533,10 @@ impl DedupStore {
         {
             let mut recent = self.recent_reads.lock().expect("reads lock");
             let now = Instant::now();
-            if recent.get(&mkey).is_some_and(|t| now.duration_since(*t) < READ_MARK_EVERY) {
+            if recent
+                .get(&mkey)
+                .is_some_and(|t| now.duration_since(*t) < READ_MARK_EVERY)
+            {
                 return;
             }
             if recent.len() > 100_000 {
@@ -451,7 +544,11 @@ impl DedupStore {
             }
             recent.insert(mkey.clone(), now);
         }
-        if let Err(e) = self.blob.put_bytes(&read_marker_key(&mkey), Bytes::new()).await {
+        if let Err(e) = self
+            .blob
+            .put_bytes(&read_marker_key(&mkey), Bytes::new())
+            .await
+        {
             tracing::warn!(error = %e, "could not record read time");
         }
     }
@@ -460,18 +557,28 @@ impl DedupStore {
     pub async fn gc(&self, opts: &GcOptions) -> Result<GcReport, DedupError> {
         let _guard = self.gc_lock.write().await;
         let mut report = GcReport::default();
-        let markers: HashMap<String, SystemTime> =
-            self.blob.list("reads/").await?.into_iter().map(|o| (o.key, o.modified)).collect();
+        let markers: HashMap<String, SystemTime> = self
+            .blob
+            .list("reads/")
+            .await?
+            .into_iter()
+            .map(|o| (o.key, o.modified))
+            .collect();
         let mut live: Vec<(String, ManifestV1, SystemTime)> = Vec::new();
         for info in self.blob.list("manifests/").await? {
             let m = match self.load_manifest_at(&info.key).await {
                 Ok(Some(m)) => m,
                 Ok(None) => continue,
-                Err(DedupError::Manifest { .. }) => return Err(DedupError::UnreadableManifest(info.key)),
+                Err(DedupError::Manifest { .. }) => {
+                    return Err(DedupError::UnreadableManifest(info.key));
+                }
                 Err(e) => return Err(e),
             };
             let written = SystemTime::UNIX_EPOCH + Duration::from_secs(m.header.last_modified);
-            let last_used = markers.get(&read_marker_key(&info.key)).copied().map_or(written, |r| r.max(written));
+            let last_used = markers
+                .get(&read_marker_key(&info.key))
+                .copied()
+                .map_or(written, |r| r.max(written));
             live.push((info.key, m, last_used));
         }
         // Most recently used first; expire and cap from the tail.
@@ -479,8 +586,12 @@ impl DedupStore {
         let mut logical = 0u64;
         let mut keep = Vec::new();
         for (mkey, m, last_used) in live {
-            let too_old = opts.expire_unread.is_some_and(|max| opts.now.duration_since(last_used).unwrap_or_default() > max);
-            let over_cap = opts.max_logical_bytes.is_some_and(|cap| logical + m.header.size > cap);
+            let too_old = opts
+                .expire_unread
+                .is_some_and(|max| opts.now.duration_since(last_used).unwrap_or_default() > max);
+            let over_cap = opts
+                .max_logical_bytes
+                .is_some_and(|cap| logical + m.header.size > cap);
             if too_old || over_cap {
                 tracing::info!(bucket = %m.header.bucket, key = %m.header.key, too_old, over_cap, "expiring cache key");
                 self.blob.delete(&mkey).await?;
@@ -492,7 +603,10 @@ impl DedupStore {
             }
         }
         report.manifests_live = keep.len();
-        let referenced: HashSet<&str> = keep.iter().flat_map(|m| m.header.packs.iter().map(String::as_str)).collect();
+        let referenced: HashSet<&str> = keep
+            .iter()
+            .flat_map(|m| m.header.packs.iter().map(String::as_str))
+            .collect();
         let mut deleted: HashSet<String> = HashSet::new();
         for pack in self.blob.list("packs/").await? {
             let age = opts.now.duration_since(pack.modified).unwrap_or_default();
@@ -511,7 +625,14 @@ impl DedupStore {
             for seg in &m.segments {
                 if let Segment::Chunk(c) = seg {
                     let pack = &m.header.packs[c.pack as usize];
-                    fresh.insert(c.sha256, Loc { pack: Arc::from(pack.as_str()), offset: c.offset, len: c.len });
+                    fresh.insert(
+                        c.sha256,
+                        Loc {
+                            pack: Arc::from(pack.as_str()),
+                            offset: c.offset,
+                            len: c.len,
+                        },
+                    );
                 }
             }
         }
@@ -546,12 +667,17 @@ impl DedupStore {
 fn window(pos: u64, len: u64, start: u64, end: u64) -> (usize, usize) {
     let a = start.saturating_sub(pos).min(len);
     let z = (end - pos).min(len);
-    (usize::try_from(a).expect("segment offsets fit usize"), usize::try_from(z).expect("segment offsets fit usize"))
+    (
+        usize::try_from(a).expect("segment offsets fit usize"),
+        usize::try_from(z).expect("segment offsets fit usize"),
+    )
 }
 
 #[must_use]
 pub fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -563,12 +689,20 @@ mod tests {
     async fn store() -> (tempfile::TempDir, Arc<DedupStore>) {
         let dir = tempfile::tempdir().unwrap();
         let blob = Arc::new(DiskStore::open(dir.path().join("data")).unwrap());
-        let s = DedupStore::open(blob, dir.path().join("spool"), Arc::new(Metrics::default())).await.unwrap();
+        let s = DedupStore::open(blob, dir.path().join("spool"), Arc::new(Metrics::default()))
+            .await
+            .unwrap();
         (dir, Arc::new(s))
     }
 
     fn obj(key: &str) -> NewObject {
-        NewObject { bucket: "b".into(), key: key.into(), etag: "\"e\"".into(), content_type: None, metadata: vec![] }
+        NewObject {
+            bucket: "b".into(),
+            key: key.into(),
+            etag: "\"e\"".into(),
+            content_type: None,
+            metadata: vec![],
+        }
     }
 
     async fn put(s: &DedupStore, dir: &Path, key: &str, body: &[u8]) -> ManifestV1 {
@@ -577,7 +711,12 @@ mod tests {
         s.ingest(&p, body.len() as u64, obj(key)).await.unwrap()
     }
 
-    async fn get(s: &Arc<DedupStore>, key: &str, start: u64, end: u64) -> Result<Vec<u8>, std::io::Error> {
+    async fn get(
+        s: &Arc<DedupStore>,
+        key: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<u8>, std::io::Error> {
         let m = s.manifest("b", key).await.unwrap().unwrap();
         let mut out = Vec::new();
         let mut st = std::pin::pin!(s.read(m, start, end));
@@ -605,11 +744,17 @@ mod tests {
         let body = noise(3 << 20, 1);
         put(&s, dir.path(), "k1", &body).await;
         assert_eq!(get(&s, "k1", 0, body.len() as u64).await.unwrap(), body);
-        assert_eq!(get(&s, "k1", 100_000, 1_500_000).await.unwrap(), &body[100_000..1_500_000]);
+        assert_eq!(
+            get(&s, "k1", 100_000, 1_500_000).await.unwrap(),
+            &body[100_000..1_500_000]
+        );
         let before = s.stats().await.unwrap().pack_bytes;
         put(&s, dir.path(), "k2", &body).await;
         let st = s.stats().await.unwrap();
-        assert_eq!(st.pack_bytes, before, "identical body must add no pack bytes");
+        assert_eq!(
+            st.pack_bytes, before,
+            "identical body must add no pack bytes"
+        );
         assert_eq!(st.logical_bytes, 2 * body.len() as u64);
     }
 
@@ -623,7 +768,10 @@ mod tests {
         bytes[500_000] ^= 0xFF;
         std::fs::write(&pack, bytes).unwrap();
         let err = get(&s, "k", 0, body.len() as u64).await.unwrap_err();
-        assert!(err.to_string().contains("failed SHA-256 verification"), "{err}");
+        assert!(
+            err.to_string().contains("failed SHA-256 verification"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -632,13 +780,29 @@ mod tests {
         put(&s, dir.path(), "k", &noise(1 << 20, 3)).await;
         put(&s, dir.path(), "k", &noise(1 << 20, 4)).await; // overwrite: first pack now unreferenced
         let now = SystemTime::now();
-        let opts = GcOptions { grace: Duration::from_secs(3600), expire_unread: None, max_logical_bytes: None, now };
-        assert_eq!(s.gc(&opts).await.unwrap().packs_deleted, 0, "grace protects young packs");
-        let later = GcOptions { grace: Duration::from_secs(60), now: now + Duration::from_secs(120), ..opts.clone() };
+        let opts = GcOptions {
+            grace: Duration::from_secs(3600),
+            expire_unread: None,
+            max_logical_bytes: None,
+            now,
+        };
+        assert_eq!(
+            s.gc(&opts).await.unwrap().packs_deleted,
+            0,
+            "grace protects young packs"
+        );
+        let later = GcOptions {
+            grace: Duration::from_secs(60),
+            now: now + Duration::from_secs(120),
+            ..opts.clone()
+        };
         let r = s.gc(&later).await.unwrap();
         assert_eq!((r.packs_deleted, r.packs_kept, r.manifests_live), (1, 1, 1));
         assert_eq!(get(&s, "k", 0, 1 << 20).await.unwrap(), noise(1 << 20, 4));
-        let expire = GcOptions { expire_unread: Some(Duration::from_secs(60)), ..later };
+        let expire = GcOptions {
+            expire_unread: Some(Duration::from_secs(60)),
+            ..later
+        };
         let r = s.gc(&expire).await.unwrap();
         assert_eq!((r.manifests_expired, r.packs_deleted), (1, 1));
         assert!(s.manifest("b", "k").await.unwrap().is_none());

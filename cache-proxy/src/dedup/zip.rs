@@ -37,10 +37,14 @@ pub enum ZipError {
 const MAX_CD_BYTES: u64 = 256 << 20;
 
 fn u16_at(b: &[u8], i: usize) -> Result<u16, ZipError> {
-    b.get(i..i + 2).map(|s| u16::from_le_bytes([s[0], s[1]])).ok_or(ZipError::Corrupt("truncated record"))
+    b.get(i..i + 2)
+        .map(|s| u16::from_le_bytes([s[0], s[1]]))
+        .ok_or(ZipError::Corrupt("truncated record"))
 }
 fn u32_at(b: &[u8], i: usize) -> Result<u32, ZipError> {
-    b.get(i..i + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]])).ok_or(ZipError::Corrupt("truncated record"))
+    b.get(i..i + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or(ZipError::Corrupt("truncated record"))
 }
 fn u64_at(b: &[u8], i: usize) -> Result<u64, ZipError> {
     b.get(i..i + 8)
@@ -51,7 +55,8 @@ fn u64_at(b: &[u8], i: usize) -> Result<u64, ZipError> {
 fn read_at<R: Read + Seek>(r: &mut R, offset: u64, len: usize) -> Result<Vec<u8>, ZipError> {
     r.seek(SeekFrom::Start(offset))?;
     let mut buf = vec![0; len];
-    r.read_exact(&mut buf).map_err(|_| ZipError::Corrupt("record past end of file"))?;
+    r.read_exact(&mut buf)
+        .map_err(|_| ZipError::Corrupt("record past end of file"))?;
     Ok(buf)
 }
 
@@ -67,7 +72,11 @@ pub fn zip_spans<R: Read + Seek>(r: &mut R, size: u64) -> Result<Vec<Span>, ZipE
     if cd_size > MAX_CD_BYTES || cd_offset.checked_add(cd_size).is_none_or(|end| end > size) {
         return Err(ZipError::Corrupt("central directory out of bounds"));
     }
-    let cd = read_at(r, cd_offset, usize::try_from(cd_size).map_err(|_| ZipError::Corrupt("huge central directory"))?)?;
+    let cd = read_at(
+        r,
+        cd_offset,
+        usize::try_from(cd_size).map_err(|_| ZipError::Corrupt("huge central directory"))?,
+    )?;
     let mut items = parse_central_directory(&cd, entries)?;
     items.sort_unstable();
 
@@ -79,29 +88,55 @@ pub fn zip_spans<R: Read + Seek>(r: &mut R, size: u64) -> Result<Vec<Span>, ZipE
         }
         let lh = read_at(r, local_offset, 30)?;
         if u32_at(&lh, 0)? != 0x0403_4b50 {
-            return Err(ZipError::Corrupt("central directory points at no local header"));
+            return Err(ZipError::Corrupt(
+                "central directory points at no local header",
+            ));
         }
-        let data_start = local_offset + 30 + u64::from(u16_at(&lh, 26)?) + u64::from(u16_at(&lh, 28)?);
-        let data_end = data_start.checked_add(compressed).ok_or(ZipError::Corrupt("entry size overflow"))?;
+        let data_start =
+            local_offset + 30 + u64::from(u16_at(&lh, 26)?) + u64::from(u16_at(&lh, 28)?);
+        let data_end = data_start
+            .checked_add(compressed)
+            .ok_or(ZipError::Corrupt("entry size overflow"))?;
         if data_end > cd_offset {
-            return Err(ZipError::Corrupt("entry data runs into the central directory"));
+            return Err(ZipError::Corrupt(
+                "entry data runs into the central directory",
+            ));
         }
-        spans.push(Span { offset: cursor, len: data_start - cursor, kind: SpanKind::Literal });
+        spans.push(Span {
+            offset: cursor,
+            len: data_start - cursor,
+            kind: SpanKind::Literal,
+        });
         if compressed > 0 {
-            spans.push(Span { offset: data_start, len: compressed, kind: SpanKind::Data });
+            spans.push(Span {
+                offset: data_start,
+                len: compressed,
+                kind: SpanKind::Data,
+            });
         }
         cursor = data_end;
     }
-    spans.push(Span { offset: cursor, len: size - cursor, kind: SpanKind::Literal });
+    spans.push(Span {
+        offset: cursor,
+        len: size - cursor,
+        kind: SpanKind::Literal,
+    });
     spans.retain(|s| s.len > 0);
     Ok(spans)
 }
 
 /// (offset, size, entry count) of the central directory, via the EOCD and, if needed, zip64 records.
-fn find_central_directory<R: Read + Seek>(r: &mut R, size: u64) -> Result<(u64, u64, u64), ZipError> {
+fn find_central_directory<R: Read + Seek>(
+    r: &mut R,
+    size: u64,
+) -> Result<(u64, u64, u64), ZipError> {
     let tail_len = size.min(22 + 65_535);
     let tail_start = size - tail_len;
-    let tail = read_at(r, tail_start, usize::try_from(tail_len).expect("at most 64 KiB"))?;
+    let tail = read_at(
+        r,
+        tail_start,
+        usize::try_from(tail_len).expect("at most 64 KiB"),
+    )?;
     let eocd = (0..=tail.len() - 22)
         .rev()
         .find(|&i| {
@@ -116,7 +151,9 @@ fn find_central_directory<R: Read + Seek>(r: &mut R, size: u64) -> Result<(u64, 
         return Ok((cd_offset, cd_size, entries));
     }
     // Zip64: the locator sits right before the EOCD and points at the zip64 EOCD record.
-    let loc_pos = (tail_start + eocd as u64).checked_sub(20).ok_or(ZipError::Corrupt("no zip64 locator"))?;
+    let loc_pos = (tail_start + eocd as u64)
+        .checked_sub(20)
+        .ok_or(ZipError::Corrupt("no zip64 locator"))?;
     let loc = read_at(r, loc_pos, 20)?;
     if u32_at(&loc, 0)? != 0x0706_4b50 {
         return Err(ZipError::Corrupt("no zip64 locator"));
@@ -141,7 +178,9 @@ fn parse_central_directory(cd: &[u8], entries: u64) -> Result<Vec<(u64, u64)>, Z
         let comment_len = usize::from(u16_at(cd, i + 32)?);
         let mut local = u64::from(u32_at(cd, i + 42)?);
         let extra_start = i + 46 + name_len;
-        let extra = cd.get(extra_start..extra_start + extra_len).ok_or(ZipError::Corrupt("truncated extra field"))?;
+        let extra = cd
+            .get(extra_start..extra_start + extra_len)
+            .ok_or(ZipError::Corrupt("truncated extra field"))?;
         if compressed == 0xFFFF_FFFF || local == 0xFFFF_FFFF || uncompressed == 0xFFFF_FFFF {
             // Zip64 extended information: present fields appear in a fixed order.
             let mut j = 0;
@@ -212,9 +251,21 @@ mod tests {
         assert_eq!(
             spans,
             vec![
-                Span { offset: 0, len: 35, kind: SpanKind::Literal },
-                Span { offset: 35, len: 5, kind: SpanKind::Data },
-                Span { offset: 40, len: z.len() as u64 - 40, kind: SpanKind::Literal },
+                Span {
+                    offset: 0,
+                    len: 35,
+                    kind: SpanKind::Literal
+                },
+                Span {
+                    offset: 35,
+                    len: 5,
+                    kind: SpanKind::Data
+                },
+                Span {
+                    offset: 40,
+                    len: z.len() as u64 - 40,
+                    kind: SpanKind::Literal
+                },
             ]
         );
     }
@@ -222,10 +273,16 @@ mod tests {
     #[test]
     fn rejects_non_zip_and_truncated_zip() {
         let plain = b"just some bytes that are not an archive".to_vec();
-        assert!(matches!(zip_spans(&mut Cursor::new(&plain), plain.len() as u64), Err(ZipError::NotZip)));
+        assert!(matches!(
+            zip_spans(&mut Cursor::new(&plain), plain.len() as u64),
+            Err(ZipError::NotZip)
+        ));
         let z = tiny_zip();
         let cut = &z[..z.len() - 10];
-        assert!(matches!(zip_spans(&mut Cursor::new(cut), cut.len() as u64), Err(ZipError::Corrupt(_))));
+        assert!(matches!(
+            zip_spans(&mut Cursor::new(cut), cut.len() as u64),
+            Err(ZipError::Corrupt(_))
+        ));
     }
 
     #[test]

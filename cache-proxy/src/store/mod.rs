@@ -31,12 +31,24 @@ pub enum StoreError {
     },
     /// Not retryable: bad configuration or a backend answer we cannot use.
     #[error("backend rejected {op} of {key:?}: {message}")]
-    Rejected { op: &'static str, key: String, message: String },
+    Rejected {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
 }
 
 impl StoreError {
-    pub fn unavailable(op: &'static str, key: &str, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        Self::Unavailable { op, key: key.to_owned(), source: source.into() }
+    pub fn unavailable(
+        op: &'static str,
+        key: &str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Unavailable {
+            op,
+            key: key.to_owned(),
+            source: source.into(),
+        }
     }
 }
 

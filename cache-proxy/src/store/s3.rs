@@ -7,10 +7,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation};
-use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
 use aws_sdk_s3::error::SdkError;
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
@@ -43,14 +45,23 @@ pub struct S3Store {
 
 impl std::fmt::Debug for S3Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Store").field("bucket", &self.bucket).field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("S3Store")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
     }
 }
 
 impl S3Store {
     #[must_use]
     pub fn new(s: &S3Settings) -> Self {
-        let creds = Credentials::new(&s.access_key_id, &s.secret_access_key, None, None, "spotrun-cache-proxy");
+        let creds = Credentials::new(
+            &s.access_key_id,
+            &s.secret_access_key,
+            None,
+            None,
+            "spotrun-cache-proxy",
+        );
         let conf = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(s.region.clone()))
@@ -81,7 +92,10 @@ impl S3Store {
     }
 
     async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
-        self.permits.acquire().await.expect("semaphore is never closed")
+        self.permits
+            .acquire()
+            .await
+            .expect("semaphore is never closed")
     }
 }
 
@@ -107,7 +121,9 @@ where
 impl BlobStore for S3Store {
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StoreError> {
         let _p = self.permit().await;
-        let body = ByteStream::from_path(path).await.map_err(|e| StoreError::unavailable("put", key, e))?;
+        let body = ByteStream::from_path(path)
+            .await
+            .map_err(|e| StoreError::unavailable("put", key, e))?;
         self.client
             .put_object()
             .bucket(&self.bucket)
@@ -134,8 +150,19 @@ impl BlobStore for S3Store {
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         let _p = self.permit().await;
-        let out = self.client.get_object().bucket(&self.bucket).key(self.full(key)).send().await.map_err(|e| classify("get", key, e))?;
-        let data = out.body.collect().await.map_err(|e| StoreError::unavailable("get", key, e))?;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .send()
+            .await
+            .map_err(|e| classify("get", key, e))?;
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::unavailable("get", key, e))?;
         Ok(data.into_bytes())
     }
 
@@ -153,20 +180,42 @@ impl BlobStore for S3Store {
             .send()
             .await
             .map_err(|e| classify("get_range", key, e))?;
-        let data = out.body.collect().await.map_err(|e| StoreError::unavailable("get_range", key, e))?.into_bytes();
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::unavailable("get_range", key, e))?
+            .into_bytes();
         if data.len() as u64 != len {
-            return Err(StoreError::Rejected { op: "get_range", key: key.to_owned(), message: "object shorter than requested range".into() });
+            return Err(StoreError::Rejected {
+                op: "get_range",
+                key: key.to_owned(),
+                message: "object shorter than requested range".into(),
+            });
         }
         Ok(data)
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
         let _p = self.permit().await;
-        match self.client.head_object().bucket(&self.bucket).key(self.full(key)).send().await {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .send()
+            .await
+        {
             Ok(out) => Ok(Some(ObjectInfo {
                 key: key.to_owned(),
-                size: out.content_length().and_then(|l| u64::try_from(l).ok()).unwrap_or(0),
-                modified: out.last_modified().and_then(|d| SystemTime::try_from(*d).ok()).unwrap_or(SystemTime::UNIX_EPOCH),
+                size: out
+                    .content_length()
+                    .and_then(|l| u64::try_from(l).ok())
+                    .unwrap_or(0),
+                modified: out
+                    .last_modified()
+                    .and_then(|d| SystemTime::try_from(*d).ok())
+                    .unwrap_or(SystemTime::UNIX_EPOCH),
             })),
             Err(e) => match classify("head", key, e) {
                 StoreError::NotFound(_) => Ok(None),
@@ -194,7 +243,10 @@ impl BlobStore for S3Store {
                 out.push(ObjectInfo {
                     key: k.strip_prefix(&self.prefix).unwrap_or(k).to_owned(),
                     size: obj.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
-                    modified: obj.last_modified().and_then(|d| SystemTime::try_from(*d).ok()).unwrap_or(SystemTime::UNIX_EPOCH),
+                    modified: obj
+                        .last_modified()
+                        .and_then(|d| SystemTime::try_from(*d).ok())
+                        .unwrap_or(SystemTime::UNIX_EPOCH),
                 });
             }
             match page.next_continuation_token() {
@@ -207,7 +259,14 @@ impl BlobStore for S3Store {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let _p = self.permit().await;
-        match self.client.delete_object().bucket(&self.bucket).key(self.full(key)).send().await {
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .send()
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) => match classify("delete", key, e) {
                 StoreError::NotFound(_) => Ok(()),
@@ -218,7 +277,12 @@ impl BlobStore for S3Store {
 
     async fn ping(&self) -> Result<(), StoreError> {
         let _p = self.permit().await;
-        self.client.head_bucket().bucket(&self.bucket).send().await.map_err(|e| classify("ping", &self.bucket, e))?;
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|e| classify("ping", &self.bucket, e))?;
         Ok(())
     }
 }

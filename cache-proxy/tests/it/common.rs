@@ -41,7 +41,8 @@ impl Proxy {
         let (store, peer) = match backend {
             Backend::Disk => (StoreChoice::Disk(dir.path().join("store")), None),
             Backend::S3s => {
-                let peer = S3Peer::start(&["dedup"]).expect("s3s-fs must be installed for these tests (set S3S_FS or PATH)");
+                let peer = S3Peer::start(&["dedup"])
+                    .expect("s3s-fs must be installed for these tests (set S3S_FS or PATH)");
                 let s = S3Settings {
                     endpoint: peer.endpoint(),
                     region: "us-east-1".into(),
@@ -60,8 +61,18 @@ impl Proxy {
             region: "us-east-1".into(),
             buckets: vec![BUCKET.into()],
             access_keys: vec![
-                AccessKey { id: AK.into(), secret: SK.into(), bucket: None, prefix: None },
-                AccessKey { id: "limited".into(), secret: "limited-secret".into(), bucket: Some(BUCKET.into()), prefix: Some("project/7/".into()) },
+                AccessKey {
+                    id: AK.into(),
+                    secret: SK.into(),
+                    bucket: None,
+                    prefix: None,
+                },
+                AccessKey {
+                    id: "limited".into(),
+                    secret: "limited-secret".into(),
+                    bucket: Some(BUCKET.into()),
+                    prefix: Some("project/7/".into()),
+                },
             ],
             store,
             spool_dir: dir.path().join("spool"),
@@ -73,7 +84,9 @@ impl Proxy {
         };
         tweak(&mut settings);
         let metrics = Arc::new(Metrics::default());
-        let dedup = spotrun_cache_proxy::open_dedup(&settings, metrics.clone()).await.unwrap();
+        let dedup = spotrun_cache_proxy::open_dedup(&settings, metrics.clone())
+            .await
+            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -85,7 +98,14 @@ impl Proxy {
             .await
             .unwrap();
         });
-        Self { addr, dir, peer, metrics, shutdown: Some(tx), task: Some(task) }
+        Self {
+            addr,
+            dir,
+            peer,
+            metrics,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -117,7 +137,10 @@ impl Proxy {
             let _ = tx.send(());
         }
         if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), t).await.expect("graceful shutdown").unwrap();
+            tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("graceful shutdown")
+                .unwrap();
         }
     }
 }
@@ -139,22 +162,39 @@ pub struct RawResponse {
 
 impl RawResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn error_code(&self) -> String {
         let s = String::from_utf8_lossy(&self.body);
-        s.split("<Code>").nth(1).and_then(|r| r.split("</Code>").next()).unwrap_or("").to_owned()
+        s.split("<Code>")
+            .nth(1)
+            .and_then(|r| r.split("</Code>").next())
+            .unwrap_or("")
+            .to_owned()
     }
 }
 
 /// One HTTP/1.1 request over a fresh connection (`Connection: close`), with full control of framing.
-pub async fn raw(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> RawResponse {
+pub async fn raw(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
     let mut req = format!("{method} {target} HTTP/1.1\r\nConnection: close\r\n");
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
         req.push_str(&format!("Host: {addr}\r\n"));
     }
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length")) && (method == "PUT" || !body.is_empty()) {
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        && (method == "PUT" || !body.is_empty())
+    {
         req.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     for (k, v) in headers {
@@ -165,31 +205,64 @@ pub async fn raw(addr: SocketAddr, method: &str, target: &str, headers: &[(&str,
     s.write_all(req.as_bytes()).await.unwrap();
     s.write_all(body).await.unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut buf)).await.expect("response in time").ok();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut buf))
+        .await
+        .expect("response in time")
+        .ok();
     parse_response(&buf, method == "HEAD")
 }
 
 pub fn parse_response(buf: &[u8], head: bool) -> RawResponse {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("complete response head");
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("complete response head");
     let head_text = std::str::from_utf8(&buf[..end]).unwrap();
     let mut lines = head_text.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> =
-        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned())).collect();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
     let mut body = buf[end + 4..].to_vec();
     if head {
         body.clear();
-    } else if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) {
+    } else if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
         body = dechunk(&body);
     }
-    RawResponse { status, headers, body }
+    RawResponse {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
-        let Some(p) = b.windows(2).position(|w| w == b"\r\n") else { return out };
-        let n = usize::from_str_radix(std::str::from_utf8(&b[..p]).unwrap().split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        let Some(p) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let n = usize::from_str_radix(
+            std::str::from_utf8(&b[..p])
+                .unwrap()
+                .split(';')
+                .next()
+                .unwrap()
+                .trim(),
+            16,
+        )
+        .unwrap_or(0);
         if n == 0 || b.len() < p + 2 + n {
             return out;
         }
@@ -201,18 +274,37 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 /// Split a presigned URL into the request target (path + query).
 pub fn target_of(url: &str) -> String {
     let after_scheme = url.split_once("://").map_or(url, |(_, r)| r);
-    after_scheme.find('/').map_or("/".into(), |i| after_scheme[i..].to_owned())
+    after_scheme
+        .find('/')
+        .map_or("/".into(), |i| after_scheme[i..].to_owned())
 }
 
-pub async fn presign(client: &aws_sdk_s3::Client, method: &str, key: &str, meta: Option<(&str, &str)>) -> (String, Vec<(String, String)>) {
+pub async fn presign(
+    client: &aws_sdk_s3::Client,
+    method: &str,
+    key: &str,
+    meta: Option<(&str, &str)>,
+) -> (String, Vec<(String, String)>) {
     use aws_sdk_s3::presigning::PresigningConfig;
     // A distinct expiry per call keeps two URLs signed in the same second distinct, like two jobs' URLs.
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let cfg = PresigningConfig::expires_in(Duration::from_secs(3600 + n)).unwrap();
     let req = match method {
-        "GET" => client.get_object().bucket(BUCKET).key(key).presigned(cfg).await.unwrap(),
-        "HEAD" => client.head_object().bucket(BUCKET).key(key).presigned(cfg).await.unwrap(),
+        "GET" => client
+            .get_object()
+            .bucket(BUCKET)
+            .key(key)
+            .presigned(cfg)
+            .await
+            .unwrap(),
+        "HEAD" => client
+            .head_object()
+            .bucket(BUCKET)
+            .key(key)
+            .presigned(cfg)
+            .await
+            .unwrap(),
         "PUT" => {
             let mut b = client.put_object().bucket(BUCKET).key(key);
             if let Some((k, v)) = meta {
@@ -222,7 +314,10 @@ pub async fn presign(client: &aws_sdk_s3::Client, method: &str, key: &str, meta:
         }
         _ => unreachable!(),
     };
-    let headers = req.headers().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+    let headers = req
+        .headers()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
     (target_of(req.uri()), headers)
 }
 

@@ -9,9 +9,47 @@ use zip::write::SimpleFileOptions;
 use crate::common::{BUCKET, Backend, Proxy, sha256};
 
 const WORDS: &[&str] = &[
-    "fn", "let", "mut", "pub", "struct", "impl", "return", "match", "self", "Some", "None", "Ok", "Err", "usize", "String",
-    "vec", "iter", "map", "collect", "into", "clone", "unwrap", "value", "config", "request", "response", "error", "buffer",
-    "module", "export", "require", "function", "const", "import", "from", "package", "version", "dependency", "=>", "{", "}",
+    "fn",
+    "let",
+    "mut",
+    "pub",
+    "struct",
+    "impl",
+    "return",
+    "match",
+    "self",
+    "Some",
+    "None",
+    "Ok",
+    "Err",
+    "usize",
+    "String",
+    "vec",
+    "iter",
+    "map",
+    "collect",
+    "into",
+    "clone",
+    "unwrap",
+    "value",
+    "config",
+    "request",
+    "response",
+    "error",
+    "buffer",
+    "module",
+    "export",
+    "require",
+    "function",
+    "const",
+    "import",
+    "from",
+    "package",
+    "version",
+    "dependency",
+    "=>",
+    "{",
+    "}",
 ];
 
 struct Tree {
@@ -47,7 +85,13 @@ fn source_file(seed: u64) -> Vec<u8> {
 impl Tree {
     fn new(files: usize) -> Self {
         let files = (0..files)
-            .map(|i| (format!("node_modules/pkg-{}/lib/file-{i}.js", i / 12), source_file(i as u64 + 1), (2026, 1, 1, 0, 0, 0)))
+            .map(|i| {
+                (
+                    format!("node_modules/pkg-{}/lib/file-{i}.js", i / 12),
+                    source_file(i as u64 + 1),
+                    (2026, 1, 1, 0, 0, 0),
+                )
+            })
             .collect();
         Self { files }
     }
@@ -76,7 +120,9 @@ impl Tree {
             let opts = SimpleFileOptions::default()
                 .compression_method(zip::CompressionMethod::Deflated)
                 .compression_level(Some(5))
-                .last_modified_time(zip::DateTime::from_date_and_time(*y, *mo, *d, *h, *mi, *s).unwrap());
+                .last_modified_time(
+                    zip::DateTime::from_date_and_time(*y, *mo, *d, *h, *mi, *s).unwrap(),
+                );
             w.start_file(name.as_str(), opts).unwrap();
             w.write_all(data).unwrap();
         }
@@ -85,7 +131,10 @@ impl Tree {
 }
 
 /// Sum of compressed entry data that is new compared with everything seen before (the ideal store).
-fn new_entry_bytes(zip_bytes: &[u8], seen: &mut std::collections::HashSet<(String, u32, u64)>) -> u64 {
+fn new_entry_bytes(
+    zip_bytes: &[u8],
+    seen: &mut std::collections::HashSet<(String, u32, u64)>,
+) -> u64 {
     let mut a = zip::ZipArchive::new(Cursor::new(zip_bytes)).unwrap();
     let mut total = 0;
     for i in 0..a.len() {
@@ -102,7 +151,11 @@ fn dir_bytes(p: &Path) -> u64 {
     if let Ok(rd) = std::fs::read_dir(p) {
         for e in rd.flatten() {
             let m = e.metadata().unwrap();
-            total += if m.is_dir() { dir_bytes(&e.path()) } else { m.len() };
+            total += if m.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                m.len()
+            };
         }
     }
     total
@@ -110,9 +163,30 @@ fn dir_bytes(p: &Path) -> u64 {
 
 async fn put_and_check(proxy: &Proxy, key: &str, body: &[u8]) {
     let c = proxy.client();
-    c.put_object().bucket(BUCKET).key(key).body(ByteStream::from(body.to_vec())).send().await.unwrap();
-    let got = c.get_object().bucket(BUCKET).key(key).send().await.unwrap().body.collect().await.unwrap().into_bytes();
-    assert_eq!(sha256(&got), sha256(body), "{key} must read back byte-identical");
+    c.put_object()
+        .bucket(BUCKET)
+        .key(key)
+        .body(ByteStream::from(body.to_vec()))
+        .send()
+        .await
+        .unwrap();
+    let got = c
+        .get_object()
+        .bucket(BUCKET)
+        .key(key)
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    assert_eq!(
+        sha256(&got),
+        sha256(body),
+        "{key} must read back byte-identical"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,10 +211,14 @@ async fn ten_versions_with_five_percent_churn() {
         // Distinct keys keep every version live (branches of one project), so nothing is collected.
         put_and_check(&proxy, &format!("project/1/deps-v{v}"), &z).await;
     }
-    let stored = dir_bytes(&proxy.store_dir().join("packs")) + dir_bytes(&proxy.store_dir().join("manifests"));
+    let stored = dir_bytes(&proxy.store_dir().join("packs"))
+        + dir_bytes(&proxy.store_dir().join("manifests"));
     #[allow(clippy::cast_precision_loss)]
-    let (ratio, ideal_ratio, overhead) =
-        (stored as f64 / one_version as f64, ideal as f64 / one_version as f64, stored as f64 / ideal as f64);
+    let (ratio, ideal_ratio, overhead) = (
+        stored as f64 / one_version as f64,
+        ideal as f64 / one_version as f64,
+        stored as f64 / ideal as f64,
+    );
     println!(
         "dedup: one version {one_version} B, 10 versions stored {stored} B = {ratio:.3}x one version; \
          ideal (one version + new entry data) {ideal_ratio:.3}x; stored/ideal {overhead:.3}"
@@ -150,8 +228,15 @@ async fn ten_versions_with_five_percent_churn() {
     // the re-chunked central directory. Guard that per-version overhead.
     #[allow(clippy::cast_precision_loss)]
     let per_version = (stored.saturating_sub(ideal)) as f64 / 9.0 / one_version as f64;
-    println!("dedup: per-version overhead above the ideal = {:.1} % of one version", per_version * 100.0);
-    assert!(per_version <= 0.12, "per-version overhead {:.1} % of one version", per_version * 100.0);
+    println!(
+        "dedup: per-version overhead above the ideal = {:.1} % of one version",
+        per_version * 100.0
+    );
+    assert!(
+        per_version <= 0.12,
+        "per-version overhead {:.1} % of one version",
+        per_version * 100.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,15 +245,26 @@ async fn mtime_only_change_reuses_over_ninety_percent() {
     let mut tree = Tree::new(1500);
     let first = tree.zip();
     put_and_check(&proxy, "project/1/deps", &first).await;
-    let dedup_before = proxy.metrics.dedup_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let dedup_before = proxy
+        .metrics
+        .dedup_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
     tree.touch_all();
     let second = tree.zip();
     assert_ne!(sha256(&first), sha256(&second));
     put_and_check(&proxy, "project/1/deps", &second).await;
-    let reused = proxy.metrics.dedup_bytes.load(std::sync::atomic::Ordering::Relaxed) - dedup_before;
+    let reused = proxy
+        .metrics
+        .dedup_bytes
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - dedup_before;
     #[allow(clippy::cast_precision_loss)]
     let share = reused as f64 / second.len() as f64;
-    println!("mtime-only: reused {reused} of {} B = {:.1} %", second.len(), share * 100.0);
+    println!(
+        "mtime-only: reused {reused} of {} B = {:.1} %",
+        second.len(),
+        share * 100.0
+    );
     assert!(share >= 0.90, "only {:.1} % reused", share * 100.0);
 }
 
@@ -188,7 +284,14 @@ async fn corrupt_and_truncated_zips_still_round_trip() {
     put_and_check(&proxy, "project/1/empty", b"").await;
     // An intact archive still extracts after the round trip through the zip-aware path.
     put_and_check(&proxy, "project/1/ok", &z).await;
-    let got = proxy.client().get_object().bucket(BUCKET).key("project/1/ok").send().await.unwrap();
+    let got = proxy
+        .client()
+        .get_object()
+        .bucket(BUCKET)
+        .key("project/1/ok")
+        .send()
+        .await
+        .unwrap();
     let got = got.body.collect().await.unwrap().into_bytes().to_vec();
     let mut a = zip::ZipArchive::new(Cursor::new(got)).unwrap();
     let mut s = String::new();

@@ -24,13 +24,30 @@ for op in ('get_object', 'head_object', 'put_object'):
 /// (GET, HEAD, PUT) presigned URLs from boto3. Fails loudly if python3/boto3 are missing (CI installs them).
 fn boto3_presign(endpoint: &str, key: &str, expires: u64) -> (String, String, String) {
     let out = Command::new("python3")
-        .args(["-c", SCRIPT, endpoint, AK, SK, BUCKET, key, &expires.to_string()])
+        .args([
+            "-c",
+            SCRIPT,
+            endpoint,
+            AK,
+            SK,
+            BUCKET,
+            key,
+            &expires.to_string(),
+        ])
         .output()
         .expect("python3 is required for the boto3 signer tests");
-    assert!(out.status.success(), "boto3 presigning failed (is boto3 installed? pip install boto3): {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "boto3 presigning failed (is boto3 installed? pip install boto3): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let mut lines = text.lines().map(str::to_owned);
-    (lines.next().unwrap(), lines.next().unwrap(), lines.next().unwrap())
+    (
+        lines.next().unwrap(),
+        lines.next().unwrap(),
+        lines.next().unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,10 +59,20 @@ async fn boto3_presigned_get_head_put_range() {
     let r = raw(proxy.addr, "PUT", &target_of(&put), &[], &body).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let r = raw(proxy.addr, "HEAD", &target_of(&head), &[], b"").await;
-    assert_eq!((r.status, r.header("content-length")), (200, Some(body.len().to_string().as_str())));
+    assert_eq!(
+        (r.status, r.header("content-length")),
+        (200, Some(body.len().to_string().as_str()))
+    );
     let r = raw(proxy.addr, "GET", &target_of(&get), &[], b"").await;
     assert_eq!(sha256(&r.body), sha256(&body));
-    let r = raw(proxy.addr, "GET", &target_of(&get), &[("Range", "bytes=100-199")], b"").await;
+    let r = raw(
+        proxy.addr,
+        "GET",
+        &target_of(&get),
+        &[("Range", "bytes=100-199")],
+        b"",
+    )
+    .await;
     assert_eq!((r.status, r.body.as_slice()), (206, &body[100..200]));
 }
 
@@ -65,7 +92,15 @@ fn tamper_query(target: &str, name: &str, f: impl Fn(&str) -> String) -> String 
 async fn tampered_presigned_urls_are_rejected_with_s3_codes() {
     let proxy = Proxy::start(Backend::Disk).await;
     let key = "project/9/main";
-    proxy.client().put_object().bucket(BUCKET).key(key).body(b"content".to_vec().into()).send().await.unwrap();
+    proxy
+        .client()
+        .put_object()
+        .bucket(BUCKET)
+        .key(key)
+        .body(b"content".to_vec().into())
+        .send()
+        .await
+        .unwrap();
     let (get, _, _) = boto3_presign(&proxy.endpoint(), key, 600);
     let get = target_of(&get);
     assert_eq!(raw(proxy.addr, "GET", &get, &[], b"").await.status, 200);
@@ -78,19 +113,91 @@ async fn tampered_presigned_urls_are_rejected_with_s3_codes() {
         s
     };
     let cases: Vec<(&str, String, &str, Vec<(&str, &str)>, u16, &str)> = vec![
-        ("signature", tamper_query(&get, "X-Amz-Signature", flip), "GET", vec![], 403, "SignatureDoesNotMatch"),
-        ("expires", tamper_query(&get, "X-Amz-Expires", |_| "601".into()), "GET", vec![], 403, "SignatureDoesNotMatch"),
-        ("date", tamper_query(&get, "X-Amz-Date", |v| format!("{}00Z", &v[..v.len() - 3])), "GET", vec![], 403, "SignatureDoesNotMatch"),
-        ("key", get.replacen("/main?", "/mainx?", 1), "GET", vec![], 403, "SignatureDoesNotMatch"),
-        ("extra query parameter", format!("{get}&x-id=GetObject"), "GET", vec![], 403, "SignatureDoesNotMatch"),
-        ("host", get.clone(), "GET", vec![("Host", "evil.example:9000")], 403, "SignatureDoesNotMatch"),
-        ("method", get.clone(), "PUT", vec![], 403, "SignatureDoesNotMatch"),
-        ("credential region", tamper_query(&get, "X-Amz-Credential", |v| v.replace("us-east-1", "eu-west-1")), "GET", vec![], 400, "AuthorizationQueryParametersError"),
-        ("unknown access key", tamper_query(&get, "X-Amz-Credential", |v| v.replacen("runner-key", "nobody", 1)), "GET", vec![], 403, "InvalidAccessKeyId"),
+        (
+            "signature",
+            tamper_query(&get, "X-Amz-Signature", flip),
+            "GET",
+            vec![],
+            403,
+            "SignatureDoesNotMatch",
+        ),
+        (
+            "expires",
+            tamper_query(&get, "X-Amz-Expires", |_| "601".into()),
+            "GET",
+            vec![],
+            403,
+            "SignatureDoesNotMatch",
+        ),
+        (
+            "date",
+            tamper_query(&get, "X-Amz-Date", |v| format!("{}00Z", &v[..v.len() - 3])),
+            "GET",
+            vec![],
+            403,
+            "SignatureDoesNotMatch",
+        ),
+        (
+            "key",
+            get.replacen("/main?", "/mainx?", 1),
+            "GET",
+            vec![],
+            403,
+            "SignatureDoesNotMatch",
+        ),
+        (
+            "extra query parameter",
+            format!("{get}&x-id=GetObject"),
+            "GET",
+            vec![],
+            403,
+            "SignatureDoesNotMatch",
+        ),
+        (
+            "host",
+            get.clone(),
+            "GET",
+            vec![("Host", "evil.example:9000")],
+            403,
+            "SignatureDoesNotMatch",
+        ),
+        (
+            "method",
+            get.clone(),
+            "PUT",
+            vec![],
+            403,
+            "SignatureDoesNotMatch",
+        ),
+        (
+            "credential region",
+            tamper_query(&get, "X-Amz-Credential", |v| {
+                v.replace("us-east-1", "eu-west-1")
+            }),
+            "GET",
+            vec![],
+            400,
+            "AuthorizationQueryParametersError",
+        ),
+        (
+            "unknown access key",
+            tamper_query(&get, "X-Amz-Credential", |v| {
+                v.replacen("runner-key", "nobody", 1)
+            }),
+            "GET",
+            vec![],
+            403,
+            "InvalidAccessKeyId",
+        ),
     ];
     for (what, target, method, headers, status, code) in cases {
         let r = raw(proxy.addr, method, &target, &headers, b"").await;
-        assert_eq!((r.status, r.error_code().as_str()), (status, code), "tampered {what}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (status, code),
+            "tampered {what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
     }
     // HEAD with a GET signature: 403 without a body.
     assert_eq!(raw(proxy.addr, "HEAD", &get, &[], b"").await.status, 403);
@@ -98,7 +205,10 @@ async fn tampered_presigned_urls_are_rejected_with_s3_codes() {
     // Over the 7-day maximum.
     let (long, _, _) = boto3_presign(&proxy.endpoint(), key, 604_801);
     let r = raw(proxy.addr, "GET", &target_of(&long), &[], b"").await;
-    assert_eq!((r.status, r.error_code().as_str()), (400, "AuthorizationQueryParametersError"));
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "AuthorizationQueryParametersError")
+    );
 
     // Expired.
     let (short, _, _) = boto3_presign(&proxy.endpoint(), key, 1);
@@ -110,11 +220,29 @@ async fn tampered_presigned_urls_are_rejected_with_s3_codes() {
     // A signed x-amz-meta header (SDK presigned PUT, like the runner's s3v2 adapter): missing or changed.
     let c = proxy.client();
     let (put, h) = presign(&c, "PUT", key, Some(("cachekey", "main"))).await;
-    assert!(h.iter().any(|(k, _)| k == "x-amz-meta-cachekey"), "the SDK signs the metadata header");
+    assert!(
+        h.iter().any(|(k, _)| k == "x-amz-meta-cachekey"),
+        "the SDK signs the metadata header"
+    );
     let r = raw(proxy.addr, "PUT", &put, &[], b"x").await;
-    assert_eq!((r.status, r.error_code().as_str()), (403, "AccessDenied"), "missing signed header");
-    let r = raw(proxy.addr, "PUT", &put, &[("x-amz-meta-cachekey", "other")], b"x").await;
-    assert_eq!((r.status, r.error_code().as_str()), (403, "SignatureDoesNotMatch"), "changed signed header");
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (403, "AccessDenied"),
+        "missing signed header"
+    );
+    let r = raw(
+        proxy.addr,
+        "PUT",
+        &put,
+        &[("x-amz-meta-cachekey", "other")],
+        b"x",
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (403, "SignatureDoesNotMatch"),
+        "changed signed header"
+    );
     // Nothing above overwrote the object.
     let r = raw(proxy.addr, "GET", &get, &[], b"").await;
     assert_eq!(r.body, b"content");
