@@ -1,0 +1,404 @@
+//! Configuration: one TOML file (`deny_unknown_fields`), overridden by env vars and flags (file < env < flag).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::store::s3::S3Settings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid setting `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The TOML file as written by operators (see config/cache-proxy.example.toml).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub region: Option<String>,
+    pub buckets: Option<Vec<String>>,
+    pub spool_dir: Option<PathBuf>,
+    pub max_object_bytes: Option<u64>,
+    #[serde(default)]
+    pub access_keys: Vec<AccessKey>,
+    pub store: Option<StoreFile>,
+    #[serde(default)]
+    pub gc: GcFile,
+}
+
+/// A credential the runner signs with, optionally confined to one bucket and key prefix.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessKey {
+    pub id: String,
+    pub secret: String,
+    pub bucket: Option<String>,
+    pub prefix: Option<String>,
+}
+
+impl std::fmt::Debug for AccessKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessKey")
+            .field("id", &self.id)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFile {
+    /// `disk`, `s3` or `gcs`.
+    pub kind: Option<String>,
+    /// disk: root directory.
+    pub path: Option<PathBuf>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub bucket: Option<String>,
+    pub prefix: Option<String>,
+    pub path_style: Option<bool>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub max_concurrency: Option<usize>,
+}
+
+impl std::fmt::Debug for StoreFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreFile")
+            .field("kind", &self.kind)
+            .field("path", &self.path)
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcFile {
+    /// Seconds between GC runs inside `serve`; 0 disables the timer.
+    pub interval_secs: u64,
+    /// Unreferenced packs younger than this are kept.
+    pub grace_secs: u64,
+    /// Keys neither written nor read for this many days are deleted; 0 = never.
+    pub expire_unread_days: u64,
+    /// Least recently used keys are deleted while the logical total exceeds this; 0 = no cap.
+    pub max_logical_bytes: u64,
+}
+
+impl Default for GcFile {
+    fn default() -> Self {
+        Self {
+            interval_secs: 3600,
+            grace_secs: 3600,
+            expire_unread_days: 30,
+            max_logical_bytes: 0,
+        }
+    }
+}
+
+/// Values from env vars and flags (clap fills both); `None` = not given.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub region: Option<String>,
+    pub buckets: Option<Vec<String>>,
+    pub store_dir: Option<PathBuf>,
+    pub spool_dir: Option<PathBuf>,
+    pub access_key: Option<String>,
+    pub secret_key: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreChoice {
+    Disk(PathBuf),
+    S3(S3Settings),
+}
+
+/// The resolved settings the program runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub region: String,
+    pub buckets: Vec<String>,
+    pub access_keys: Vec<AccessKey>,
+    pub store: StoreChoice,
+    pub spool_dir: PathBuf,
+    pub max_object_bytes: Option<u64>,
+    pub gc_interval: Option<Duration>,
+    pub gc_grace: Duration,
+    pub expire_unread: Option<Duration>,
+    pub max_logical_bytes: Option<u64>,
+}
+
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_file(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+pub fn parse_file(text: &str) -> Result<FileConfig, toml::de::Error> {
+    toml::from_str(text)
+}
+
+/// Merge file < overrides and validate; `env` reads backend credentials from the environment.
+pub fn resolve(
+    file: FileConfig,
+    over: Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Settings, ConfigError> {
+    let listen_s = over
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| "0.0.0.0:9000".into());
+    let listen = listen_s
+        .parse()
+        .map_err(|e| invalid("listen", format!("{listen_s:?}: {e}")))?;
+    let region = over
+        .region
+        .or(file.region)
+        .unwrap_or_else(|| "us-east-1".into());
+    let buckets = over
+        .buckets
+        .or(file.buckets)
+        .unwrap_or_else(|| vec!["runner-cache".into()]);
+    if buckets.is_empty() || buckets.iter().any(|b| b.is_empty() || b.contains('/')) {
+        return Err(invalid(
+            "buckets",
+            "need at least one bucket name, without '/'",
+        ));
+    }
+    let mut access_keys = file.access_keys;
+    match (over.access_key, over.secret_key) {
+        (Some(id), Some(secret)) => access_keys.insert(
+            0,
+            AccessKey {
+                id,
+                secret,
+                bucket: None,
+                prefix: None,
+            },
+        ),
+        (None, None) => {}
+        _ => {
+            return Err(invalid(
+                "access_keys",
+                "--access-key and --secret-key must be given together",
+            ));
+        }
+    }
+    if access_keys.is_empty() {
+        return Err(invalid(
+            "access_keys",
+            "no access keys: add [[access_keys]] or pass --access-key/--secret-key",
+        ));
+    }
+    for k in &access_keys {
+        if k.id.is_empty() || k.secret.is_empty() {
+            return Err(invalid("access_keys", "id and secret must not be empty"));
+        }
+        if let Some(b) = &k.bucket {
+            if !buckets.contains(b) {
+                return Err(invalid(
+                    "access_keys.bucket",
+                    format!("{b:?} is not in `buckets`"),
+                ));
+            }
+        }
+    }
+    let sf = file.store.unwrap_or_default();
+    let store = if let Some(dir) = over.store_dir {
+        StoreChoice::Disk(dir)
+    } else {
+        match sf.kind.as_deref().unwrap_or("disk") {
+            "disk" => StoreChoice::Disk(sf.path.clone().ok_or_else(|| {
+                invalid(
+                    "store.path",
+                    "the disk store needs a directory (or pass --store DIR)",
+                )
+            })?),
+            kind @ ("s3" | "gcs") => {
+                let gcs = kind == "gcs";
+                let endpoint = sf
+                    .endpoint
+                    .clone()
+                    .or_else(|| gcs.then(|| "https://storage.googleapis.com".into()));
+                let endpoint = endpoint
+                    .ok_or_else(|| invalid("store.endpoint", "required for kind = \"s3\""))?;
+                let access_key_id = sf
+                    .access_key_id
+                    .clone()
+                    .or_else(|| env("AWS_ACCESS_KEY_ID"));
+                let secret_access_key = sf
+                    .secret_access_key
+                    .clone()
+                    .or_else(|| env("AWS_SECRET_ACCESS_KEY"));
+                StoreChoice::S3(S3Settings {
+                    endpoint,
+                    region: sf.region.clone().unwrap_or_else(|| {
+                        if gcs {
+                            "auto".into()
+                        } else {
+                            "us-east-1".into()
+                        }
+                    }),
+                    bucket: sf
+                        .bucket
+                        .clone()
+                        .ok_or_else(|| invalid("store.bucket", "required for S3/GCS stores"))?,
+                    prefix: sf.prefix.clone().unwrap_or_default(),
+                    // GCS interop wants path style (reference/cache.md §3).
+                    path_style: gcs || sf.path_style.unwrap_or(true),
+                    access_key_id: access_key_id.ok_or_else(|| {
+                        invalid(
+                            "store.access_key_id",
+                            "not set and AWS_ACCESS_KEY_ID is empty",
+                        )
+                    })?,
+                    secret_access_key: secret_access_key.ok_or_else(|| {
+                        invalid(
+                            "store.secret_access_key",
+                            "not set and AWS_SECRET_ACCESS_KEY is empty",
+                        )
+                    })?,
+                    max_concurrency: sf.max_concurrency.unwrap_or(32),
+                })
+            }
+            other => {
+                return Err(invalid(
+                    "store.kind",
+                    format!("{other:?}: expected \"disk\", \"s3\" or \"gcs\""),
+                ));
+            }
+        }
+    };
+    let spool_dir = over
+        .spool_dir
+        .or(file.spool_dir)
+        .unwrap_or_else(|| match &store {
+            StoreChoice::Disk(d) => d.join(".spool"),
+            StoreChoice::S3(_) => std::env::temp_dir().join("spotrun-cache-spool"),
+        });
+    let gc = file.gc;
+    if gc.grace_secs < 60 {
+        return Err(invalid(
+            "gc.grace_secs",
+            "must be at least 60 (in-flight uploads and downloads rely on it)",
+        ));
+    }
+    Ok(Settings {
+        listen,
+        region,
+        buckets,
+        access_keys,
+        store,
+        spool_dir,
+        max_object_bytes: file.max_object_bytes,
+        gc_interval: (gc.interval_secs > 0).then(|| Duration::from_secs(gc.interval_secs)),
+        gc_grace: Duration::from_secs(gc.grace_secs),
+        expire_unread: (gc.expire_unread_days > 0)
+            .then(|| Duration::from_secs(gc.expire_unread_days * 86_400)),
+        max_logical_bytes: (gc.max_logical_bytes > 0).then_some(gc.max_logical_bytes),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn example_file_parses_and_resolves() {
+        let text = include_str!("../../config/cache-proxy.example.toml");
+        let file = parse_file(text).unwrap();
+        let s = resolve(file, Overrides::default(), &no_env).unwrap();
+        assert_eq!(s.buckets, vec!["runner-cache".to_string()]);
+        assert_eq!(s.access_keys.len(), 2);
+        assert!(matches!(s.store, StoreChoice::Disk(_)));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse_file("listen = \"127.0.0.1:1\"\nlisen = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lisen"), "{err}");
+        let err = parse_file("[gc]\ngrace = 5\n").unwrap_err().to_string();
+        assert!(err.contains("grace"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_file_and_gcs_preset_fills_endpoint() {
+        let file = parse_file(
+            "listen = \"127.0.0.1:1\"\n[[access_keys]]\nid = \"a\"\nsecret = \"s\"\n[store]\nkind = \"gcs\"\nbucket = \"x\"\n",
+        )
+        .unwrap();
+        let env = |k: &str| match k {
+            "AWS_ACCESS_KEY_ID" => Some("GOOG1".to_string()),
+            "AWS_SECRET_ACCESS_KEY" => Some("sek".to_string()),
+            _ => None,
+        };
+        let over = Overrides {
+            listen: Some("127.0.0.1:2".into()),
+            ..Overrides::default()
+        };
+        let s = resolve(file, over, &env).unwrap();
+        assert_eq!(s.listen.port(), 2);
+        let StoreChoice::S3(s3) = s.store else {
+            panic!("gcs preset")
+        };
+        assert_eq!(s3.endpoint, "https://storage.googleapis.com");
+        assert!(s3.path_style);
+    }
+
+    #[test]
+    fn missing_keys_and_bad_kind_are_named() {
+        let err = resolve(
+            FileConfig::default(),
+            Overrides {
+                store_dir: Some("/x".into()),
+                ..Overrides::default()
+            },
+            &no_env,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("`access_keys`"), "{err}");
+        let file =
+            parse_file("[[access_keys]]\nid = \"a\"\nsecret = \"s\"\n[store]\nkind = \"ftp\"\n")
+                .unwrap();
+        let err = resolve(file, Overrides::default(), &no_env).unwrap_err();
+        assert!(err.to_string().contains("`store.kind`"), "{err}");
+    }
+}

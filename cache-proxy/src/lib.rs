@@ -1,0 +1,94 @@
+//! spotrun cache proxy: an S3-compatible endpoint for gitlab-runner's cache that stores bodies deduplicated.
+
+pub mod auth;
+pub mod chunked;
+pub mod config;
+pub mod dedup;
+pub mod metrics;
+pub mod s3error;
+pub mod server;
+pub mod sigv4;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use config::{Settings, StoreChoice};
+use dedup::{DedupError, DedupStore, GcOptions};
+use metrics::Metrics;
+use store::BlobStore;
+
+/// Failures of the program's phases, for `main` to report.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("opening the store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("loading the dedup index: {0}")]
+    Dedup(#[from] DedupError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Build the configured backend.
+pub fn open_blob_store(choice: &StoreChoice) -> Result<Arc<dyn BlobStore>, store::StoreError> {
+    Ok(match choice {
+        StoreChoice::Disk(dir) => Arc::new(store::disk::DiskStore::open(dir)?),
+        StoreChoice::S3(s) => Arc::new(store::s3::S3Store::new(s)),
+    })
+}
+
+/// Open the dedup store for `settings`.
+pub async fn open_dedup(
+    settings: &Settings,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<DedupStore>, RunError> {
+    let blob = open_blob_store(&settings.store)?;
+    Ok(Arc::new(
+        DedupStore::open(blob, settings.spool_dir.clone(), metrics).await?,
+    ))
+}
+
+#[must_use]
+pub fn gc_options(settings: &Settings) -> GcOptions {
+    GcOptions {
+        grace: settings.gc_grace,
+        expire_unread: settings.expire_unread,
+        max_logical_bytes: settings.max_logical_bytes,
+        now: std::time::SystemTime::now(),
+    }
+}
+
+/// Serve on `listener` until `shutdown` resolves, then finish in-flight requests.
+pub async fn serve(
+    settings: Settings,
+    dedup: Arc<DedupStore>,
+    metrics: Arc<Metrics>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    if let Some(every) = settings.gc_interval {
+        let (d, s) = (dedup.clone(), settings.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await; // the first tick fires immediately; skip it
+            loop {
+                tick.tick().await;
+                match d.gc(&gc_options(&s)).await {
+                    Ok(r) => tracing::info!(?r, "gc finished"),
+                    Err(e) => tracing::warn!(error = %e, "gc failed"),
+                }
+            }
+        });
+    }
+    let app = server::router(server::AppState::new(settings, dedup, metrics));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(RunError::Serve)
+}

@@ -1,0 +1,651 @@
+//! The HTTP front: S3 GET/HEAD/PUT on `/<bucket>/<key>`, plus `/metrics`, `/healthz` and `/readyz`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::StreamExt;
+use md5::Md5;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::auth::{self, PayloadMode, RequestParts};
+use crate::chunked::AwsChunkedDecoder;
+use crate::config::Settings;
+use crate::dedup::manifest::ManifestV1;
+use crate::dedup::{DedupError, DedupStore, NewObject};
+use crate::metrics::Metrics;
+use crate::s3error::S3Error;
+use crate::sigv4::{self, AuthError};
+use crate::store::StoreError;
+
+/// How long a presigned GET URL keeps serving the manifest version it first saw (parallel ranged GETs
+/// of one URL must not mix versions, reference/cache.md §1.4).
+const PIN_TTL: Duration = Duration::from_secs(15 * 60);
+const MAX_KEY_BYTES: usize = 1024;
+
+#[derive(Debug)]
+pub struct AppState {
+    pub settings: Settings,
+    pub dedup: Arc<DedupStore>,
+    pub metrics: Arc<Metrics>,
+    pins: Mutex<HashMap<[u8; 32], (Instant, Arc<ManifestV1>)>>,
+}
+
+impl AppState {
+    #[must_use]
+    pub fn new(settings: Settings, dedup: Arc<DedupStore>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            dedup,
+            metrics,
+            pins: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(s3)
+        .with_state(state)
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+}
+
+async fn readyz(State(st): State<Arc<AppState>>) -> Response {
+    match st.dedup.blob().ping().await {
+        Ok(()) => "ready\n".into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "backend not reachable");
+            (StatusCode::SERVICE_UNAVAILABLE, "backend unavailable\n").into_response()
+        }
+    }
+}
+
+fn request_id() -> String {
+    format!("{:016X}", rand::random::<u64>())
+}
+
+async fn s3(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    let started = Instant::now();
+    let rid = request_id();
+    let head = req.method() == Method::HEAD;
+    let method = req.method().clone();
+    let resource = req.uri().path().to_owned();
+    let (op, result) = handle(&st, req).await;
+    let (resp, access_key) = match result {
+        Ok((resp, ak)) => (resp, ak),
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::warn!(code = e.code, message = %e.message, "request failed");
+            }
+            (e.into_response(&resource, &rid, head), None)
+        }
+    };
+    let mut resp = resp;
+    if let Ok(v) = HeaderValue::from_str(&rid) {
+        resp.headers_mut().insert("x-amz-request-id", v);
+    }
+    let status = resp.status().as_u16();
+    st.metrics.observe(op, status, started.elapsed());
+    // Paths can carry cache keys but never credentials; signatures live in the query, which is not logged.
+    tracing::info!(op, %method, path = %resource, status, access_key = access_key.as_deref().unwrap_or("-"), request_id = %rid, ms = started.elapsed().as_millis() as u64, "s3 request");
+    resp
+}
+
+type Handled = Result<(Response, Option<String>), S3Error>;
+
+fn auth_error(e: &AuthError) -> S3Error {
+    match e {
+        AuthError::Expired => S3Error::access_denied("Request has expired"),
+        AuthError::TooEarly => {
+            S3Error::access_denied("Request is not yet valid (X-Amz-Date is in the future)")
+        }
+        AuthError::ExpiresTooLong => {
+            S3Error::bad_request("AuthorizationQueryParametersError", e.to_string())
+        }
+        AuthError::WrongRegion { .. } => {
+            S3Error::bad_request("AuthorizationQueryParametersError", e.to_string())
+        }
+        AuthError::Malformed(m) => S3Error::bad_request("InvalidArgument", m.clone()),
+        AuthError::UnknownAccessKey(_) => S3Error::new(
+            StatusCode::FORBIDDEN,
+            "InvalidAccessKeyId",
+            "The AWS Access Key Id you provided does not exist in our records.",
+        ),
+        AuthError::MissingSignedHeader(h) => {
+            S3Error::access_denied(format!("signed header {h} is missing from the request"))
+        }
+        AuthError::SignatureMismatch => S3Error::new(
+            StatusCode::FORBIDDEN,
+            "SignatureDoesNotMatch",
+            e.to_string(),
+        ),
+        AuthError::Forbidden => S3Error::access_denied("Access Denied"),
+        AuthError::Anonymous => S3Error::access_denied(e.to_string()),
+    }
+}
+
+fn dedup_error(e: &DedupError) -> S3Error {
+    match e {
+        DedupError::Store(StoreError::Unavailable { .. }) => S3Error::slow_down(),
+        other => {
+            tracing::error!(error = %other, "storage error");
+            S3Error::internal("We encountered an internal error. Please try again.")
+        }
+    }
+}
+
+/// Reject keys that could mean something else on a filesystem or exceed S3 limits.
+fn validate_key(key: &str) -> Result<(), S3Error> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(S3Error::bad_request(
+            "KeyTooLongError",
+            "Your key is too long (over 1024 bytes)",
+        ));
+    }
+    if key.contains('\0') {
+        return Err(S3Error::bad_request(
+            "InvalidArgument",
+            "object key contains a NUL byte",
+        ));
+    }
+    if key.split('/').any(|s| s == ".." || s == ".") {
+        return Err(S3Error::bad_request(
+            "InvalidRequest",
+            "object key contains a '.' or '..' path segment",
+        ));
+    }
+    Ok(())
+}
+
+async fn handle(st: &AppState, req: Request) -> (&'static str, Handled) {
+    let (parts, body) = req.into_parts();
+    let raw_path = parts.uri.path();
+    let Ok(path) = sigv4::percent_decode(raw_path) else {
+        return (
+            "Unknown",
+            Err(S3Error::bad_request(
+                "InvalidURI",
+                "Couldn't parse the specified URI.",
+            )),
+        );
+    };
+    let Ok(path_str) = std::str::from_utf8(&path) else {
+        return (
+            "Unknown",
+            Err(S3Error::bad_request("InvalidURI", "path is not UTF-8")),
+        );
+    };
+    let trimmed = path_str.strip_prefix('/').unwrap_or(path_str);
+    let (bucket, key) = trimmed.split_once('/').unwrap_or((trimmed, ""));
+    let query = match sigv4::parse_query(parts.uri.query().unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => return ("Unknown", Err(auth_error(&e))),
+    };
+    let op = match (&parts.method, key.is_empty()) {
+        (&Method::GET, false) => "GetObject",
+        (&Method::HEAD, false) => "HeadObject",
+        (&Method::PUT, false) => "PutObject",
+        (&Method::GET, true) if query.iter().any(|(k, _)| k == "location") => "GetBucketLocation",
+        (&Method::HEAD, true) => "HeadBucket",
+        _ => "Unsupported",
+    };
+    if bucket.is_empty() {
+        return (op, Err(S3Error::not_implemented("ListBuckets")));
+    }
+    if let Err(e) = validate_key(key) {
+        return (op, Err(e));
+    }
+    let rp = RequestParts {
+        method: parts.method.as_str(),
+        path: &path,
+        query: &query,
+        headers: &parts.headers,
+        bucket,
+        key,
+    };
+    let authd = match auth::authenticate(
+        &st.settings.access_keys,
+        &st.settings.region,
+        &rp,
+        SystemTime::now(),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::info!(error = %e, "authentication failed");
+            return (op, Err(auth_error(&e)));
+        }
+    };
+    if !st.settings.buckets.iter().any(|b| b == bucket) {
+        return (
+            op,
+            Err(S3Error::new(
+                StatusCode::NOT_FOUND,
+                "NoSuchBucket",
+                "The specified bucket does not exist",
+            )),
+        );
+    }
+    // Sub-resources (?acl, ?tagging, ?uploads, ...) are other S3 operations.
+    let sub = query.iter().find(|(k, _)| {
+        !k.to_ascii_lowercase().starts_with("x-amz-") && k != "x-id" && k != "location"
+    });
+    if let Some((k, _)) = sub {
+        return (
+            op,
+            Err(S3Error::not_implemented(&format!("the ?{k} sub-resource"))),
+        );
+    }
+    let ak = Some(authd.access_key.clone());
+    let result = match op {
+        "GetObject" | "HeadObject" => {
+            get_object(
+                st,
+                bucket,
+                key,
+                &parts.headers,
+                op == "HeadObject",
+                authd.presigned_signature.as_deref(),
+            )
+            .await
+        }
+        "PutObject" => put_object(st, bucket, key, &parts.headers, authd.payload, body).await,
+        "GetBucketLocation" => Ok(location(&st.settings.region)),
+        "HeadBucket" => Ok(StatusCode::OK.into_response()),
+        _ => Err(S3Error::not_implemented(&format!(
+            "{} on {}",
+            parts.method,
+            if key.is_empty() {
+                "a bucket"
+            } else {
+                "an object"
+            }
+        ))),
+    };
+    (op, result.map(|r| (r, ak)))
+}
+
+fn location(region: &str) -> Response {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<LocationConstraint xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">{}</LocationConstraint>",
+        if region == "us-east-1" { "" } else { region }
+    );
+    ([(header::CONTENT_TYPE, "application/xml")], body).into_response()
+}
+
+/// Parsed `Range` header: `Ok(None)` = whole object; `Err` = unsatisfiable (416).
+fn parse_range(h: Option<&HeaderValue>, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = h
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("bytes="))
+    else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        // Multiple ranges are not supported by S3 either; serve the whole object.
+        return Ok(None);
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return Ok(None);
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let range = if a.is_empty() {
+        let Ok(n) = b.parse::<u64>() else {
+            return Ok(None);
+        };
+        if n == 0 || size == 0 {
+            return Err(());
+        }
+        (size.saturating_sub(n), size)
+    } else {
+        let Ok(start) = a.parse::<u64>() else {
+            return Ok(None);
+        };
+        let end = if b.is_empty() {
+            size
+        } else {
+            let Ok(last) = b.parse::<u64>() else {
+                return Ok(None);
+            };
+            if last < start {
+                return Ok(None);
+            }
+            last.saturating_add(1).min(size)
+        };
+        if start >= size {
+            return Err(());
+        }
+        (start, end)
+    };
+    Ok(Some(range))
+}
+
+async fn get_object(
+    st: &AppState,
+    bucket: &str,
+    key: &str,
+    headers: &HeaderMap,
+    head: bool,
+    pin: Option<&str>,
+) -> Result<Response, S3Error> {
+    let pin_id: Option<[u8; 32]> = pin
+        .filter(|_| !head)
+        .map(|sig| Sha256::digest(sig.as_bytes()).into());
+    let pinned = pin_id.and_then(|id| {
+        let mut pins = st.pins.lock().expect("pins lock");
+        let now = Instant::now();
+        pins.retain(|_, (t, _)| now.duration_since(*t) < PIN_TTL);
+        pins.get(&id).map(|(_, m)| m.clone())
+    });
+    let m = match pinned {
+        Some(m) => m,
+        None => {
+            let Some(m) = st
+                .dedup
+                .manifest(bucket, key)
+                .await
+                .map_err(|e| dedup_error(&e))?
+            else {
+                return Err(S3Error::new(
+                    StatusCode::NOT_FOUND,
+                    "NoSuchKey",
+                    "The specified key does not exist.",
+                ));
+            };
+            if let Some(id) = pin_id {
+                st.pins
+                    .lock()
+                    .expect("pins lock")
+                    .insert(id, (Instant::now(), m.clone()));
+            }
+            m
+        }
+    };
+    let size = m.header.size;
+    let range = match parse_range(headers.get(header::RANGE), size) {
+        Ok(r) => r,
+        Err(()) => {
+            let mut e = S3Error::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "InvalidRange",
+                "The requested range is not satisfiable",
+            )
+            .into_response(&format!("/{bucket}/{key}"), &request_id(), head);
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                e.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(e);
+        }
+    };
+    let (start, end) = range.unwrap_or((0, size));
+    let mut resp = if head {
+        Response::new(Body::empty())
+    } else {
+        Metrics::add(&st.metrics.logical_bytes_out, end - start);
+        let dedup = st.dedup.clone();
+        let (b, k) = (bucket.to_owned(), key.to_owned());
+        tokio::spawn(async move { dedup.note_read(&b, &k).await });
+        Response::new(Body::from_stream(st.dedup.read(m.clone(), start, end)))
+    };
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    if let Some((a, z)) = range {
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        let v = HeaderValue::from_str(&format!("bytes {a}-{}/{size}", z - 1)).expect("ascii");
+        resp.headers_mut().insert(header::CONTENT_RANGE, v);
+    }
+    object_headers(resp.headers_mut(), &m);
+    Ok(resp)
+}
+
+fn object_headers(h: &mut HeaderMap, m: &ManifestV1) {
+    if let Ok(v) = HeaderValue::from_str(&m.header.etag) {
+        h.insert(header::ETAG, v);
+    }
+    let lm = SystemTime::UNIX_EPOCH + Duration::from_secs(m.header.last_modified);
+    h.insert(
+        header::LAST_MODIFIED,
+        HeaderValue::from_str(&httpdate::fmt_http_date(lm)).expect("ascii date"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let ct = m
+        .header
+        .content_type
+        .as_deref()
+        .unwrap_or("application/octet-stream");
+    if let Ok(v) = HeaderValue::from_str(ct) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    for (k, v) in &m.header.metadata {
+        if let (Ok(name), Ok(value)) = (
+            header::HeaderName::from_bytes(format!("x-amz-meta-{k}").as_bytes()),
+            HeaderValue::from_bytes(v.as_bytes()),
+        ) {
+            h.append(name, value);
+        }
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn crc32_b64(c: u32) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(c.to_be_bytes())
+}
+
+async fn put_object(
+    st: &AppState,
+    bucket: &str,
+    key: &str,
+    headers: &HeaderMap,
+    payload: PayloadMode,
+    body: Body,
+) -> Result<Response, S3Error> {
+    use base64::Engine as _;
+    let decoded_len: Option<u64> =
+        header_str(headers, "x-amz-decoded-content-length").and_then(|v| v.parse().ok());
+    let is_chunked = matches!(payload, PayloadMode::Chunked { .. })
+        || header_str(headers, "content-encoding")
+            .is_some_and(|v| v.split(',').any(|p| p.trim() == "aws-chunked"));
+    let mut decoder = match &payload {
+        PayloadMode::Chunked {
+            signer,
+            signed_trailer,
+        } => Some(AwsChunkedDecoder::new(signer.clone(), *signed_trailer)),
+        _ if is_chunked => Some(AwsChunkedDecoder::new(None, false)),
+        _ => None,
+    };
+    if decoder.is_some() && decoded_len.is_none() {
+        return Err(S3Error::new(
+            StatusCode::LENGTH_REQUIRED,
+            "MissingContentLength",
+            "aws-chunked bodies need x-amz-decoded-content-length",
+        ));
+    }
+    let limit = st.settings.max_object_bytes.unwrap_or(u64::MAX);
+    if decoded_len
+        .or_else(|| header_str(headers, "content-length").and_then(|v| v.parse().ok()))
+        .is_some_and(|n: u64| n > limit)
+    {
+        return Err(S3Error::bad_request(
+            "EntityTooLarge",
+            "Your proposed upload exceeds the maximum allowed object size.",
+        ));
+    }
+
+    let spool = tempfile::NamedTempFile::new_in(st.dedup.spool_dir())
+        .map_err(|e| S3Error::internal(format!("spool: {e}")))?;
+    let std_file = spool
+        .reopen()
+        .map_err(|e| S3Error::internal(format!("spool: {e}")))?;
+    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(std_file));
+    let mut md5 = Md5::new();
+    let mut sha = matches!(payload, PayloadMode::Sha256(_)).then(Sha256::new);
+    let mut crc = crc32fast::Hasher::new();
+    let mut size = 0u64;
+    let mut stream = body.into_data_stream();
+    let mut decoded = Vec::new();
+    while let Some(frame) = stream.next().await {
+        let frame = frame.map_err(|e| {
+            tracing::info!(error = %e, "upload body ended early");
+            S3Error::bad_request("IncompleteBody", "You did not provide the number of bytes specified by the Content-Length HTTP header")
+        })?;
+        let data: &[u8] = if let Some(dec) = decoder.as_mut() {
+            decoded.clear();
+            dec.feed(&frame, &mut |d| decoded.extend_from_slice(d))
+                .map_err(|e| chunked_error(&e))?;
+            &decoded
+        } else {
+            &frame
+        };
+        size += data.len() as u64;
+        if size > limit {
+            return Err(S3Error::bad_request(
+                "EntityTooLarge",
+                "Your proposed upload exceeds the maximum allowed object size.",
+            ));
+        }
+        md5.update(data);
+        crc.update(data);
+        if let Some(s) = sha.as_mut() {
+            s.update(data);
+        }
+        out.write_all(data)
+            .await
+            .map_err(|e| S3Error::internal(format!("spool write: {e}")))?;
+    }
+    let mut checksums: Vec<(String, String)> = Vec::new();
+    if let Some(dec) = decoder {
+        checksums = dec.finish().map_err(|e| chunked_error(&e))?;
+        if decoded_len != Some(size) {
+            return Err(S3Error::bad_request(
+                "IncompleteBody",
+                format!(
+                    "decoded {size} bytes but x-amz-decoded-content-length says {decoded_len:?}"
+                ),
+            ));
+        }
+    }
+    if let (PayloadMode::Sha256(want), Some(s)) = (&payload, sha) {
+        if hex::encode(s.finalize()) != *want {
+            return Err(S3Error::bad_request(
+                "XAmzContentSHA256Mismatch",
+                "The provided 'x-amz-content-sha256' header does not match what was computed.",
+            ));
+        }
+    }
+    if let Some(v) = header_str(headers, "x-amz-checksum-crc32") {
+        checksums.push(("x-amz-checksum-crc32".into(), v.to_owned()));
+    }
+    let crc_value = crc32_b64(crc.finalize());
+    for (name, value) in &checksums {
+        if name == "x-amz-checksum-crc32" && value.trim() != crc_value {
+            return Err(S3Error::bad_request(
+                "BadDigest",
+                "The CRC32 you specified did not match the calculated checksum.",
+            ));
+        }
+    }
+    let md5 = md5.finalize();
+    if let Some(v) = header_str(headers, "content-md5") {
+        if v.trim() != base64::engine::general_purpose::STANDARD.encode(md5) {
+            return Err(S3Error::bad_request(
+                "BadDigest",
+                "The Content-MD5 you specified did not match what we received.",
+            ));
+        }
+    }
+    out.flush()
+        .await
+        .map_err(|e| S3Error::internal(format!("spool flush: {e}")))?;
+    drop(out);
+    Metrics::add(&st.metrics.logical_bytes_in, size);
+
+    let metadata: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(k, v)| {
+            k.as_str().strip_prefix("x-amz-meta-").map(|n| {
+                (
+                    n.to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+        })
+        .collect();
+    let etag = format!("\"{}\"", hex::encode(md5));
+    let obj = NewObject {
+        bucket: bucket.to_owned(),
+        key: key.to_owned(),
+        etag: etag.clone(),
+        content_type: header_str(headers, "content-type").map(str::to_owned),
+        metadata,
+    };
+    st.dedup
+        .ingest(spool.path(), size, obj)
+        .await
+        .map_err(|e| dedup_error(&e))?;
+    let mut resp = StatusCode::OK.into_response();
+    resp.headers_mut()
+        .insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex"));
+    Ok(resp)
+}
+
+fn chunked_error(e: &crate::chunked::ChunkedError) -> S3Error {
+    use crate::chunked::ChunkedError;
+    match e {
+        ChunkedError::Malformed(m) => S3Error::bad_request("IncompleteBody", m.clone()),
+        ChunkedError::ChunkSignature | ChunkedError::TrailerSignature => S3Error::new(
+            StatusCode::FORBIDDEN,
+            "SignatureDoesNotMatch",
+            e.to_string(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        let h = |s: &str| HeaderValue::from_str(s).unwrap();
+        assert_eq!(parse_range(Some(&h("bytes=0-0")), 10), Ok(Some((0, 1))));
+        assert_eq!(parse_range(Some(&h("bytes=2-")), 10), Ok(Some((2, 10))));
+        assert_eq!(parse_range(Some(&h("bytes=-3")), 10), Ok(Some((7, 10))));
+        assert_eq!(parse_range(Some(&h("bytes=5-100")), 10), Ok(Some((5, 10))));
+        assert_eq!(parse_range(Some(&h("bytes=10-")), 10), Err(()));
+        assert_eq!(parse_range(Some(&h("bytes=-0")), 10), Err(()));
+        assert_eq!(parse_range(Some(&h("bytes=5-2")), 10), Ok(None));
+        assert_eq!(parse_range(Some(&h("items=0-1")), 10), Ok(None));
+        assert_eq!(parse_range(None, 10), Ok(None));
+    }
+
+    #[test]
+    fn bad_keys() {
+        assert!(validate_key("project/1/main-protected").is_ok());
+        assert_eq!(validate_key("a/../b").unwrap_err().code, "InvalidRequest");
+        assert_eq!(validate_key("a/./b").unwrap_err().code, "InvalidRequest");
+        assert_eq!(validate_key("a\0b").unwrap_err().code, "InvalidArgument");
+        assert_eq!(
+            validate_key(&"k".repeat(1025)).unwrap_err().code,
+            "KeyTooLongError"
+        );
+    }
+}

@@ -1,0 +1,288 @@
+//! S3-compatible `BlobStore` through aws-sdk-s3 (MinIO, AWS S3, GCS XML interop, s3s-fs in tests).
+//!
+//! Checksums are pinned to `WhenRequired`: since aws-sdk-rust 1.69 the default adds CRC32 aws-chunked
+//! trailers that GCS rejects (reference/cache.md §3).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::SdkError;
+use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+
+use super::{BlobStore, ObjectInfo, StoreError};
+
+/// Settings for one S3-compatible bucket.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    /// Key prefix inside the bucket, e.g. `spotrun-cache/`.
+    pub prefix: String,
+    pub path_style: bool,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub max_concurrency: usize,
+}
+
+#[derive(Clone)]
+pub struct S3Store {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    prefix: String,
+    /// Bounds in-flight backend requests; callers wait (queue) when it is exhausted.
+    permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Store")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Store {
+    #[must_use]
+    pub fn new(s: &S3Settings) -> Self {
+        let creds = Credentials::new(
+            &s.access_key_id,
+            &s.secret_access_key,
+            None,
+            None,
+            "spotrun-cache-proxy",
+        );
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(s.region.clone()))
+            .endpoint_url(&s.endpoint)
+            .force_path_style(s.path_style)
+            .credentials_provider(creds)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            // One quick retry inside the SDK; the runner retries 5xx itself (reference/cache.md §1.4).
+            .retry_config(RetryConfig::standard().with_max_attempts(2))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(3))
+                    .operation_attempt_timeout(Duration::from_secs(300))
+                    .build(),
+            )
+            .build();
+        Self {
+            client: aws_sdk_s3::Client::from_conf(conf),
+            bucket: s.bucket.clone(),
+            prefix: s.prefix.clone(),
+            permits: Arc::new(Semaphore::new(s.max_concurrency.max(1))),
+        }
+    }
+
+    fn full(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.permits
+            .acquire()
+            .await
+            .expect("semaphore is never closed")
+    }
+}
+
+/// 404 → NotFound; transport trouble, throttling and 5xx → Unavailable (retryable); other 4xx → Rejected.
+fn classify<E>(op: &'static str, key: &str, err: SdkError<E, HttpResponse>) -> StoreError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    match status {
+        Some(404) => StoreError::NotFound(key.to_owned()),
+        // 408/429 are the backend asking us to slow down: retryable like 5xx.
+        Some(s) if (400..500).contains(&s) && s != 429 && s != 408 => StoreError::Rejected {
+            op,
+            key: key.to_owned(),
+            message: format!("HTTP {s}: {}", aws_sdk_s3::error::DisplayErrorContext(&err)),
+        },
+        _ => StoreError::unavailable(op, key, err),
+    }
+}
+
+#[async_trait::async_trait]
+impl BlobStore for S3Store {
+    async fn put_file(&self, key: &str, path: &Path) -> Result<(), StoreError> {
+        let _p = self.permit().await;
+        let body = ByteStream::from_path(path)
+            .await
+            .map_err(|e| StoreError::unavailable("put", key, e))?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| classify("put", key, e))?;
+        Ok(())
+    }
+
+    async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        let _p = self.permit().await;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| classify("put", key, e))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        let _p = self.permit().await;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .send()
+            .await
+            .map_err(|e| classify("get", key, e))?;
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::unavailable("get", key, e))?;
+        Ok(data.into_bytes())
+    }
+
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let _p = self.permit().await;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .range(format!("bytes={offset}-{}", offset + len - 1))
+            .send()
+            .await
+            .map_err(|e| classify("get_range", key, e))?;
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::unavailable("get_range", key, e))?
+            .into_bytes();
+        if data.len() as u64 != len {
+            return Err(StoreError::Rejected {
+                op: "get_range",
+                key: key.to_owned(),
+                message: "object shorter than requested range".into(),
+            });
+        }
+        Ok(data)
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
+        let _p = self.permit().await;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(ObjectInfo {
+                key: key.to_owned(),
+                size: out
+                    .content_length()
+                    .and_then(|l| u64::try_from(l).ok())
+                    .unwrap_or(0),
+                modified: out
+                    .last_modified()
+                    .and_then(|d| SystemTime::try_from(*d).ok())
+                    .unwrap_or(SystemTime::UNIX_EPOCH),
+            })),
+            Err(e) => match classify("head", key, e) {
+                StoreError::NotFound(_) => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let _p = self.permit().await;
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(self.full(prefix))
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| classify("list", prefix, e))?;
+            for obj in page.contents() {
+                let Some(k) = obj.key() else { continue };
+                out.push(ObjectInfo {
+                    key: k.strip_prefix(&self.prefix).unwrap_or(k).to_owned(),
+                    size: obj.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                    modified: obj
+                        .last_modified()
+                        .and_then(|d| SystemTime::try_from(*d).ok())
+                        .unwrap_or(SystemTime::UNIX_EPOCH),
+                });
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let _p = self.permit().await;
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match classify("delete", key, e) {
+                StoreError::NotFound(_) => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let _p = self.permit().await;
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|e| classify("ping", &self.bucket, e))?;
+        Ok(())
+    }
+}
