@@ -1,4 +1,4 @@
-//! Request authentication: picks presigned-query or header SigV4, checks time, signature and key scope.
+//! Request authentication: picks presigned-query or header `SigV4`, checks time, signature and key scope.
 
 use std::time::SystemTime;
 
@@ -157,7 +157,7 @@ fn presigned(
     sigv4::check_time(sigv4::parse_amz_date(amz_date)?, Some(expires), now)?;
     let key = find_key(keys, &cred.access_key)?;
     let payload_hash = q(req.query, "X-Amz-Content-Sha256").unwrap_or(sigv4::UNSIGNED_PAYLOAD);
-    let creq = sigv4::canonical_request(&CanonicalInput {
+    let canonical = sigv4::canonical_request(&CanonicalInput {
         method: req.method,
         path: req.path,
         query: req.query,
@@ -171,7 +171,7 @@ fn presigned(
             "AWS4-HMAC-SHA256",
             amz_date,
             &cred.scope(),
-            &sigv4::sha256_hex(creq.as_bytes()),
+            &sigv4::sha256_hex(canonical.as_bytes()),
         ),
     );
     if !sigv4::signatures_equal(signature, &want) {
@@ -211,7 +211,7 @@ fn header_signed(
         .iter()
         .map(|s| s.to_ascii_lowercase())
         .collect();
-    let creq = sigv4::canonical_request(&CanonicalInput {
+    let canonical = sigv4::canonical_request(&CanonicalInput {
         method: req.method,
         path: req.path,
         query: req.query,
@@ -225,7 +225,7 @@ fn header_signed(
             "AWS4-HMAC-SHA256",
             amz_date,
             &cred.scope(),
-            &sigv4::sha256_hex(creq.as_bytes()),
+            &sigv4::sha256_hex(canonical.as_bytes()),
         ),
     );
     if !sigv4::signatures_equal(&parsed.signature, &want) {

@@ -172,22 +172,22 @@ impl AwsChunkedDecoder {
                 "body ended before the final chunk".into(),
             ));
         }
-        if let Some(signer) = &self.signer {
-            if self.expect_signed_trailer || self.trailer_sig.is_some() {
-                let got = self
-                    .trailer_sig
-                    .as_deref()
-                    .ok_or(ChunkedError::TrailerSignature)?;
-                let want = sigv4::trailer_signature(
-                    &signer.key,
-                    &signer.amz_date,
-                    &signer.scope,
-                    &self.prev_signature,
-                    &self.trailers,
-                );
-                if !sigv4::signatures_equal(got, &want) {
-                    return Err(ChunkedError::TrailerSignature);
-                }
+        if let Some(signer) = &self.signer
+            && (self.expect_signed_trailer || self.trailer_sig.is_some())
+        {
+            let got = self
+                .trailer_sig
+                .as_deref()
+                .ok_or(ChunkedError::TrailerSignature)?;
+            let want = sigv4::trailer_signature(
+                &signer.key,
+                &signer.amz_date,
+                &signer.scope,
+                &self.prev_signature,
+                &self.trailers,
+            );
+            if !sigv4::signatures_equal(got, &want) {
+                return Err(ChunkedError::TrailerSignature);
             }
         }
         Ok(self.trailers)

@@ -171,6 +171,7 @@ pub fn parse_file(text: &str) -> Result<FileConfig, toml::de::Error> {
 }
 
 /// Merge file < overrides and validate; `env` reads backend credentials from the environment.
+#[allow(clippy::too_many_lines)] // every setting's precedence and validation in one place
 pub fn resolve(
     file: FileConfig,
     over: Overrides,
@@ -226,13 +227,13 @@ pub fn resolve(
         if k.id.is_empty() || k.secret.is_empty() {
             return Err(invalid("access_keys", "id and secret must not be empty"));
         }
-        if let Some(b) = &k.bucket {
-            if !buckets.contains(b) {
-                return Err(invalid(
-                    "access_keys.bucket",
-                    format!("{b:?} is not in `buckets`"),
-                ));
-            }
+        if let Some(b) = &k.bucket
+            && !buckets.contains(b)
+        {
+            return Err(invalid(
+                "access_keys.bucket",
+                format!("{b:?} is not in `buckets`"),
+            ));
         }
     }
     let sf = file.store.unwrap_or_default();

@@ -25,7 +25,7 @@ struct Cli {
     /// Use a local-disk store in DIR (overrides [store]).
     #[arg(long, env = "SPOTRUN_CACHE_STORE", global = true, value_name = "DIR")]
     store: Option<PathBuf>,
-    /// SigV4 region the runner signs for (its BucketLocation).
+    /// `SigV4` region the runner signs for (its `BucketLocation`).
     #[arg(long, env = "SPOTRUN_CACHE_REGION", global = true)]
     region: Option<String>,
     /// Accepted bucket names (comma separated).
@@ -36,7 +36,7 @@ struct Cli {
         value_delimiter = ','
     )]
     buckets: Vec<String>,
-    /// Access key id the runner signs with (with --secret-key; added to [[access_keys]]).
+    /// Access key id the runner signs with (with --secret-key; added to [[`access_keys`]]).
     #[arg(long, env = "SPOTRUN_CACHE_ACCESS_KEY", global = true)]
     access_key: Option<String>,
     /// Secret key for --access-key.

@@ -14,6 +14,7 @@ const BUCKETS: [f64; 12] = [
 #[derive(Debug, Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
+    #[allow(clippy::type_complexity)] // (bucket counts, count, sum) per op
     latency: Mutex<BTreeMap<String, ([u64; BUCKETS.len()], u64, f64)>>,
     pub logical_bytes_in: AtomicU64,
     pub logical_bytes_out: AtomicU64,

@@ -9,7 +9,7 @@ pub struct S3Error {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
-    /// Seconds, for 503 SlowDown.
+    /// Seconds, for 503 `SlowDown`.
     pub retry_after: Option<u32>,
 }
 
@@ -28,6 +28,7 @@ impl S3Error {
     pub fn access_denied(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "AccessDenied", message)
     }
+    #[must_use]
     pub fn not_implemented(what: &str) -> Self {
         Self::new(
             StatusCode::NOT_IMPLEMENTED,
@@ -36,6 +37,7 @@ impl S3Error {
         )
     }
     /// The backend is down or throttling: retryable, and the runner retries 5xx (reference/cache.md §1.4).
+    #[must_use]
     pub fn slow_down() -> Self {
         Self {
             retry_after: Some(2),

@@ -27,7 +27,7 @@ use crate::store::StoreError;
 
 /// How long a presigned GET URL keeps serving the manifest version it first saw (parallel ranged GETs
 /// of one URL must not mix versions, reference/cache.md §1.4).
-const PIN_TTL: Duration = Duration::from_secs(15 * 60);
+const PIN_TTL: Duration = Duration::from_mins(15);
 const MAX_KEY_BYTES: usize = 1024;
 
 #[derive(Debug)]
@@ -35,6 +35,7 @@ pub struct AppState {
     pub settings: Settings,
     pub dedup: Arc<DedupStore>,
     pub metrics: Arc<Metrics>,
+    #[allow(clippy::type_complexity)] // signature digest → (pinned at, manifest)
     pins: Mutex<HashMap<[u8; 32], (Instant, Arc<ManifestV1>)>>,
 }
 
@@ -103,12 +104,13 @@ async fn s3(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let status = resp.status().as_u16();
     st.metrics.observe(op, status, started.elapsed());
     // Paths can carry cache keys but never credentials; signatures live in the query, which is not logged.
-    tracing::info!(op, %method, path = %resource, status, access_key = access_key.as_deref().unwrap_or("-"), request_id = %rid, ms = started.elapsed().as_millis() as u64, "s3 request");
+    tracing::info!(op, %method, path = %resource, status, access_key = access_key.as_deref().unwrap_or("-"), request_id = %rid, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "s3 request");
     resp
 }
 
 type Handled = Result<(Response, Option<String>), S3Error>;
 
+#[allow(clippy::match_same_arms)] // one arm per error keeps the mapping auditable
 fn auth_error(e: &AuthError) -> S3Error {
     match e {
         AuthError::Expired => S3Error::access_denied("Request has expired"),
@@ -173,6 +175,7 @@ fn validate_key(key: &str) -> Result<(), S3Error> {
     Ok(())
 }
 
+#[allow(clippy::too_many_lines)] // request parsing and dispatch in one readable sequence
 async fn handle(st: &AppState, req: Request) -> (&'static str, Handled) {
     let (parts, body) = req.into_parts();
     let raw_path = parts.uri.path();
@@ -352,45 +355,41 @@ async fn get_object(
         pins.retain(|_, (t, _)| now.duration_since(*t) < PIN_TTL);
         pins.get(&id).map(|(_, m)| m.clone())
     });
-    let m = match pinned {
-        Some(m) => m,
-        None => {
-            let Some(m) = st
-                .dedup
-                .manifest(bucket, key)
-                .await
-                .map_err(|e| dedup_error(&e))?
-            else {
-                return Err(S3Error::new(
-                    StatusCode::NOT_FOUND,
-                    "NoSuchKey",
-                    "The specified key does not exist.",
-                ));
-            };
-            if let Some(id) = pin_id {
-                st.pins
-                    .lock()
-                    .expect("pins lock")
-                    .insert(id, (Instant::now(), m.clone()));
-            }
-            m
+    let m = if let Some(m) = pinned {
+        m
+    } else {
+        let Some(m) = st
+            .dedup
+            .manifest(bucket, key)
+            .await
+            .map_err(|e| dedup_error(&e))?
+        else {
+            return Err(S3Error::new(
+                StatusCode::NOT_FOUND,
+                "NoSuchKey",
+                "The specified key does not exist.",
+            ));
+        };
+        if let Some(id) = pin_id {
+            st.pins
+                .lock()
+                .expect("pins lock")
+                .insert(id, (Instant::now(), m.clone()));
         }
+        m
     };
     let size = m.header.size;
-    let range = match parse_range(headers.get(header::RANGE), size) {
-        Ok(r) => r,
-        Err(()) => {
-            let mut e = S3Error::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "InvalidRange",
-                "The requested range is not satisfiable",
-            )
-            .into_response(&format!("/{bucket}/{key}"), &request_id(), head);
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                e.headers_mut().insert(header::CONTENT_RANGE, v);
-            }
-            return Ok(e);
+    let Ok(range) = parse_range(headers.get(header::RANGE), size) else {
+        let mut e = S3Error::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "InvalidRange",
+            "The requested range is not satisfiable",
+        )
+        .into_response(&format!("/{bucket}/{key}"), &request_id(), head);
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+            e.headers_mut().insert(header::CONTENT_RANGE, v);
         }
+        return Ok(e);
     };
     let (start, end) = range.unwrap_or((0, size));
     let mut resp = if head {
@@ -450,6 +449,7 @@ fn crc32_b64(c: u32) -> String {
     base64::engine::general_purpose::STANDARD.encode(c.to_be_bytes())
 }
 
+#[allow(clippy::too_many_lines, clippy::similar_names)] // one linear pipeline: frame, verify, spool, ingest
 async fn put_object(
     st: &AppState,
     bucket: &str,
@@ -543,13 +543,13 @@ async fn put_object(
             ));
         }
     }
-    if let (PayloadMode::Sha256(want), Some(s)) = (&payload, sha) {
-        if hex::encode(s.finalize()) != *want {
-            return Err(S3Error::bad_request(
-                "XAmzContentSHA256Mismatch",
-                "The provided 'x-amz-content-sha256' header does not match what was computed.",
-            ));
-        }
+    if let (PayloadMode::Sha256(want), Some(s)) = (&payload, sha)
+        && hex::encode(s.finalize()) != *want
+    {
+        return Err(S3Error::bad_request(
+            "XAmzContentSHA256Mismatch",
+            "The provided 'x-amz-content-sha256' header does not match what was computed.",
+        ));
     }
     if let Some(v) = header_str(headers, "x-amz-checksum-crc32") {
         checksums.push(("x-amz-checksum-crc32".into(), v.to_owned()));
@@ -564,13 +564,13 @@ async fn put_object(
         }
     }
     let md5 = md5.finalize();
-    if let Some(v) = header_str(headers, "content-md5") {
-        if v.trim() != base64::engine::general_purpose::STANDARD.encode(md5) {
-            return Err(S3Error::bad_request(
-                "BadDigest",
-                "The Content-MD5 you specified did not match what we received.",
-            ));
-        }
+    if let Some(v) = header_str(headers, "content-md5")
+        && v.trim() != base64::engine::general_purpose::STANDARD.encode(md5)
+    {
+        return Err(S3Error::bad_request(
+            "BadDigest",
+            "The Content-MD5 you specified did not match what we received.",
+        ));
     }
     out.flush()
         .await

@@ -18,7 +18,7 @@ pub const UNSIGNED_PAYLOAD: &str = "UNSIGNED-PAYLOAD";
 /// The longest validity a presigned URL may claim (7 days, the AWS maximum).
 pub const MAX_EXPIRES_SECS: u64 = 604_800;
 /// Allowed clock skew between signer and proxy.
-pub const MAX_SKEW: Duration = Duration::from_secs(15 * 60);
+pub const MAX_SKEW: Duration = Duration::from_mins(15);
 /// SHA-256 of the empty string, used in chunk signatures.
 pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
@@ -79,7 +79,7 @@ impl Credential {
     }
 }
 
-/// URI-encode per SigV4: everything except unreserved characters, optionally keeping `/`.
+/// URI-encode per `SigV4`: everything except unreserved characters, optionally keeping `/`.
 #[must_use]
 pub fn uri_encode(input: &[u8], keep_slash: bool) -> String {
     let mut out = String::with_capacity(input.len());
@@ -96,7 +96,7 @@ pub fn uri_encode(input: &[u8], keep_slash: bool) -> String {
     out
 }
 
-/// Percent-decode (no `+` → space: S3 paths and SigV4 queries treat `+` literally only when encoded).
+/// Percent-decode (no `+` → space: S3 paths and `SigV4` queries treat `+` literally only when encoded).
 pub fn percent_decode(input: &str) -> Result<Vec<u8>, AuthError> {
     let bytes = input.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -372,7 +372,7 @@ impl AuthHeader {
 mod tests {
     use super::*;
 
-    /// The GET example from the S3 SigV4 documentation ("Example: GET Object").
+    /// The GET example from the S3 `SigV4` documentation ("Example: GET Object").
     #[test]
     fn aws_documented_get_object_example() {
         let cred =
@@ -389,16 +389,16 @@ mod tests {
             ],
             payload_hash: EMPTY_SHA256,
         };
-        let creq = canonical_request(&input);
+        let canonical = canonical_request(&input);
         assert_eq!(
-            creq,
+            canonical,
             "GET\n/test.txt\n\nhost:examplebucket.s3.amazonaws.com\nrange:bytes=0-9\nx-amz-content-sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\nx-amz-date:20130524T000000Z\n\nhost;range;x-amz-content-sha256;x-amz-date\ne3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
         let sts = string_to_sign(
             "AWS4-HMAC-SHA256",
             "20130524T000000Z",
             &cred.scope(),
-            &sha256_hex(creq.as_bytes()),
+            &sha256_hex(canonical.as_bytes()),
         );
         let key = signing_key("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", &cred);
         assert_eq!(
@@ -421,14 +421,14 @@ mod tests {
             headers: vec![("host".into(), "examplebucket.s3.amazonaws.com".into())],
             payload_hash: UNSIGNED_PAYLOAD,
         };
-        let creq = canonical_request(&input);
+        let canonical = canonical_request(&input);
         let cred =
             Credential::parse("AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request").unwrap();
         let sts = string_to_sign(
             "AWS4-HMAC-SHA256",
             "20130524T000000Z",
             &cred.scope(),
-            &sha256_hex(creq.as_bytes()),
+            &sha256_hex(canonical.as_bytes()),
         );
         let key = signing_key("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", &cred);
         assert_eq!(

@@ -49,7 +49,7 @@ pub struct ObjectHeader {
     pub bucket: String,
     pub key: String,
     pub size: u64,
-    /// Quoted MD5 of the body, like a single-PUT S3 ETag.
+    /// Quoted MD5 of the body, like a single-PUT S3 `ETag`.
     pub etag: String,
     /// Unix seconds of the PUT.
     pub last_modified: u64,

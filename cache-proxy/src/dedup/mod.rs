@@ -1,4 +1,4 @@
-//! The dedup store: spooled bodies → zip-aware FastCDC chunks packed into large objects + one manifest
+//! The dedup store: spooled bodies → zip-aware `FastCDC` chunks packed into large objects + one manifest
 //! per key; reads verify every chunk's SHA-256 before any byte of it is sent.
 
 pub mod manifest;
@@ -20,7 +20,7 @@ use crate::store::{BlobStore, StoreError};
 use manifest::{ChunkRef, ManifestError, ManifestV1, ObjectHeader, Segment};
 use zip::SpanKind;
 
-/// FastCDC (min, avg, max) for entry data and plain bodies.
+/// `FastCDC` (min, avg, max) for entry data and plain bodies.
 pub const DATA_CDC: (u32, u32, u32) = (16 << 10, 64 << 10, 256 << 10);
 /// Smaller chunks for large zip structure (central directory), which changes with every mtime.
 pub const META_CDC: (u32, u32, u32) = (1 << 10, 4 << 10, 16 << 10);
@@ -34,7 +34,7 @@ const READ_SPAN_MAX: u64 = 8 << 20;
 /// Unneeded bytes we accept reading between two wanted chunks of the same pack to save a request.
 const READ_GAP_MAX: u64 = 256 << 10;
 /// Read markers (for expiry of unread keys) are rewritten at most this often per key.
-const READ_MARK_EVERY: Duration = Duration::from_secs(3600);
+const READ_MARK_EVERY: Duration = Duration::from_hours(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DedupError {
@@ -416,6 +416,7 @@ impl DedupStore {
         Ok(manifest)
     }
 
+    #[allow(clippy::type_complexity)] // a one-off closure type
     fn index_reader(&self) -> Box<dyn Fn(&[u8; 32]) -> Option<Loc> + Send> {
         // A snapshot keeps the blocking chunker off the lock; chunks added meanwhile are only a missed
         // dedup opportunity, never an error.
@@ -444,6 +445,7 @@ impl DedupStore {
         })
     }
 
+    #[allow(clippy::many_single_char_names, clippy::too_many_lines)] // offsets a/z/i/j read like the maths they are
     async fn pump(
         &self,
         m: &ManifestV1,
@@ -582,7 +584,7 @@ impl DedupStore {
             live.push((info.key, m, last_used));
         }
         // Most recently used first; expire and cap from the tail.
-        live.sort_by(|a, b| b.2.cmp(&a.2));
+        live.sort_by_key(|e| std::cmp::Reverse(e.2));
         let mut logical = 0u64;
         let mut keep = Vec::new();
         for (mkey, m, last_used) in live {
@@ -676,8 +678,7 @@ fn window(pos: u64, len: u64, start: u64, end: u64) -> (usize, usize) {
 #[must_use]
 pub fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -781,7 +782,7 @@ mod tests {
         put(&s, dir.path(), "k", &noise(1 << 20, 4)).await; // overwrite: first pack now unreferenced
         let now = SystemTime::now();
         let opts = GcOptions {
-            grace: Duration::from_secs(3600),
+            grace: Duration::from_hours(1),
             expire_unread: None,
             max_logical_bytes: None,
             now,
@@ -792,15 +793,15 @@ mod tests {
             "grace protects young packs"
         );
         let later = GcOptions {
-            grace: Duration::from_secs(60),
-            now: now + Duration::from_secs(120),
+            grace: Duration::from_mins(1),
+            now: now + Duration::from_mins(2),
             ..opts.clone()
         };
         let r = s.gc(&later).await.unwrap();
         assert_eq!((r.packs_deleted, r.packs_kept, r.manifests_live), (1, 1, 1));
         assert_eq!(get(&s, "k", 0, 1 << 20).await.unwrap(), noise(1 << 20, 4));
         let expire = GcOptions {
-            expire_unread: Some(Duration::from_secs(60)),
+            expire_unread: Some(Duration::from_mins(1)),
             ..later
         };
         let r = s.gc(&expire).await.unwrap();

@@ -21,7 +21,7 @@ pub struct ObjectInfo {
 pub enum StoreError {
     #[error("object {0:?} not found")]
     NotFound(String),
-    /// Retryable: the backend is down, slow or throttling (the client gets 503 SlowDown).
+    /// Retryable: the backend is down, slow or throttling (the client gets 503 `SlowDown`).
     #[error("backend unavailable during {op} of {key:?}: {source}")]
     Unavailable {
         op: &'static str,

@@ -1,4 +1,4 @@
-//! S3-compatible `BlobStore` through aws-sdk-s3 (MinIO, AWS S3, GCS XML interop, s3s-fs in tests).
+//! S3-compatible `BlobStore` through aws-sdk-s3 (`MinIO`, AWS S3, GCS XML interop, s3s-fs in tests).
 //!
 //! Checksums are pinned to `WhenRequired`: since aws-sdk-rust 1.69 the default adds CRC32 aws-chunked
 //! trailers that GCS rejects (reference/cache.md §3).
@@ -75,7 +75,7 @@ impl S3Store {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(3))
-                    .operation_attempt_timeout(Duration::from_secs(300))
+                    .operation_attempt_timeout(Duration::from_mins(5))
                     .build(),
             )
             .build();
@@ -99,7 +99,7 @@ impl S3Store {
     }
 }
 
-/// 404 → NotFound; transport trouble, throttling and 5xx → Unavailable (retryable); other 4xx → Rejected.
+/// 404 → `NotFound`; transport trouble, throttling and 5xx → Unavailable (retryable); other 4xx → Rejected.
 fn classify<E>(op: &'static str, key: &str, err: SdkError<E, HttpResponse>) -> StoreError
 where
     E: std::error::Error + Send + Sync + 'static,

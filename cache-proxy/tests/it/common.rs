@@ -78,7 +78,7 @@ impl Proxy {
             spool_dir: dir.path().join("spool"),
             max_object_bytes: None,
             gc_interval: None,
-            gc_grace: Duration::from_secs(3600),
+            gc_grace: Duration::from_hours(1),
             expire_unread: None,
             max_logical_bytes: None,
         };
@@ -205,7 +205,7 @@ pub async fn raw(
     s.write_all(req.as_bytes()).await.unwrap();
     s.write_all(body).await.unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut buf))
+    tokio::time::timeout(Duration::from_mins(1), s.read_to_end(&mut buf))
         .await
         .expect("response in time")
         .ok();

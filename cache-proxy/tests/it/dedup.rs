@@ -69,7 +69,7 @@ fn rng(seed: u64) -> impl FnMut() -> u64 {
 fn source_file(seed: u64) -> Vec<u8> {
     let mut r = rng(seed);
     // Mostly small files with a long tail, like node_modules or a vendored crate tree.
-    let lines = 20 + (r() % 120) + if r() % 10 == 0 { r() % 800 } else { 0 };
+    let lines = 20 + (r() % 120) + if r().is_multiple_of(10) { r() % 800 } else { 0 };
     let mut out = Vec::new();
     for _ in 0..lines {
         let n = 3 + r() % 9;

@@ -1,4 +1,4 @@
-//! boto3 as an independent SigV4 signer: its presigned URLs work, and every tampered variant fails.
+//! boto3 as an independent `SigV4` signer: its presigned URLs work, and every tampered variant fails.
 
 use std::process::Command;
 use std::time::Duration;
