@@ -24,7 +24,8 @@
 //!   `/emulator/cut-exec` `{bytes, sessions?}`, `/emulator/preempt-node` `{name}`,
 //!   `/emulator/delay-scheduling` `{seconds}`, `/emulator/delay-pulls` `{seconds}`,
 //!   `/emulator/add-node` `{name, spot?, labels?, taints?}`; `GET /emulator/audit`.
-//! - JSON only (no protobuf); server-side apply answers 415; no server-side Table printing.
+//! - JSON only (no protobuf); server-side apply answers 415. `kubectl get` tables are printed
+//!   server-side for every resource (pods show READY/STATUS/RESTARTS/AGE, `-o wide` IP/NODE).
 
 mod api;
 mod clock;
@@ -37,6 +38,7 @@ mod select;
 mod server;
 mod status;
 mod store;
+mod table;
 mod validate;
 
 use std::collections::{BTreeMap, HashMap};
