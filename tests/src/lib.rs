@@ -3,6 +3,6 @@
 //! and a TCP fault proxy.
 
 pub mod emulator;
+pub mod faultproxy;
 pub mod harness;
 pub mod s3peer;
-pub mod faultproxy;

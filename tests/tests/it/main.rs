@@ -7,3 +7,5 @@ mod emulator_kube;
 mod emulator_kubectl;
 mod emulator_sched;
 mod emulator_support;
+mod harness;
+mod helm;
