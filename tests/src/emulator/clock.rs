@@ -20,6 +20,66 @@ pub fn format_system_time(t: SystemTime) -> String {
     format_time(t, false)
 }
 
+/// kubectl's age of an RFC 3339 timestamp (`42s`, `3m12s`, `5h`, `2d3h`), `<unknown>` if unparsable.
+pub fn age(ts: &str) -> String {
+    let Some(then) = parse_rfc3339(ts) else {
+        return "<unknown>".into();
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    let s = now.saturating_sub(then);
+    let (m, h, d) = (s / 60, s / 3600, s / 86_400);
+    if s < 120 {
+        format!("{s}s")
+    } else if m < 10 {
+        if s % 60 == 0 {
+            format!("{m}m")
+        } else {
+            format!("{m}m{}s", s % 60)
+        }
+    } else if h < 3 {
+        format!("{m}m")
+    } else if h < 8 {
+        if m % 60 == 0 {
+            format!("{h}h")
+        } else {
+            format!("{h}h{}m", m % 60)
+        }
+    } else if h < 48 {
+        format!("{h}h")
+    } else if d < 8 {
+        if h % 24 == 0 {
+            format!("{d}d")
+        } else {
+            format!("{d}d{}h", h % 24)
+        }
+    } else {
+        format!("{d}d")
+    }
+}
+
+/// Seconds since the epoch of `YYYY-MM-DDTHH:MM:SS[.frac]Z`.
+fn parse_rfc3339(ts: &str) -> Option<u64> {
+    let bytes = ts.as_bytes();
+    if bytes.len() < 20 || bytes[4] != b'-' || bytes[10] != b'T' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| ts.get(r)?.parse::<i64>().ok();
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    // Inverse of civil_from_days (Howard Hinnant).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + hour * 3600 + minute * 60 + second).ok()
+}
+
 fn format_time(t: SystemTime, micros: bool) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
     let secs = d.as_secs();
@@ -62,5 +122,7 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_secs(1_764_180_650);
         assert_eq!(format_time(t, false), "2025-11-26T18:10:50Z");
         assert_eq!(format_time(UNIX_EPOCH, true), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(parse_rfc3339("2025-11-26T18:10:50Z"), Some(1_764_180_650));
+        assert_eq!(age("garbage"), "<unknown>");
     }
 }

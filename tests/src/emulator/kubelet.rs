@@ -21,6 +21,8 @@ use super::{PullOutcome, Shared, clock};
 #[derive(Debug, Clone)]
 pub(crate) struct ProcInfo {
     pub init_pid: Option<u32>,
+    /// The bwrap monitor process; a SIGKILL to it kills the sandbox (`--die-with-parent`).
+    pub bwrap_pid: Option<u32>,
     pub env: Vec<(String, String)>,
     pub working_dir: String,
     pub running: bool,
@@ -39,6 +41,8 @@ enum PodCmd {
     BackOff(usize),
     Start(usize),
     Exited(usize, u64, i32),
+    /// The sandbox of container `.0` (generation `.1`) has exec'd its command; `.2` is its pid-1.
+    Sandboxed(usize, u64, Option<u32>),
     Delete(Duration, bool),
     Preempt,
     Deadline,
@@ -80,7 +84,7 @@ impl PodHandle {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for p in procs.values().filter(|p| p.running) {
-            if let Some(pid) = p.init_pid {
+            if let Some(pid) = p.init_pid.or(p.bwrap_pid) {
                 signal(pid, "KILL");
             }
         }
@@ -171,6 +175,8 @@ struct Ctr {
     bwrap_pid: Option<u32>,
     /// An init container: runs to completion, in order, before the app containers start.
     init: bool,
+    /// Its processes exist (from spawn until the sandbox exits).
+    alive: bool,
 }
 
 struct Worker {
@@ -250,6 +256,7 @@ async fn run(
             pulled: false,
             bwrap_pid: None,
             init,
+            alive: false,
         })
         .collect();
     let mut w = Worker {
@@ -276,6 +283,7 @@ async fn run(
                 c.name.clone(),
                 ProcInfo {
                     init_pid: None,
+                    bwrap_pid: None,
                     env: Vec::new(),
                     working_dir: String::new(),
                     running: false,
@@ -506,6 +514,7 @@ impl Worker {
                 }
             }
             PodCmd::Exited(i, generation, code) => self.exited(i, generation, code),
+            PodCmd::Sandboxed(i, generation, pid) => self.sandboxed(i, generation, pid),
             PodCmd::Delete(grace, cascade) => {
                 self.deleting = Some(cascade);
                 self.stop_all(grace);
@@ -536,10 +545,8 @@ impl Worker {
             }
             PodCmd::Kill(generation) => {
                 if generation == self.kill_gen {
-                    for c in &self.ctrs {
-                        if matches!(c.state, CState::Running(_))
-                            && let Some(p) = self.init_pid(&c.name)
-                        {
+                    for c in self.ctrs.iter().filter(|c| c.alive) {
+                        if let Some(p) = self.init_pid(&c.name).or(c.bwrap_pid) {
                             signal(p, "KILL");
                         }
                     }
@@ -559,22 +566,23 @@ impl Worker {
 
     fn stop_all(&mut self, grace: Duration) {
         self.kill_gen += 1;
-        for c in &self.ctrs {
-            if matches!(c.state, CState::Running(_)) {
-                self.event(
-                    "Normal",
-                    "Killing",
-                    &format!("Stopping container {}", c.name),
-                    Some(&c.name),
-                );
-                if let Some(p) = self.init_pid(&c.name) {
-                    signal(p, if grace.is_zero() { "KILL" } else { "TERM" });
-                }
+        for c in self.ctrs.iter().filter(|c| c.alive) {
+            self.event(
+                "Normal",
+                "Killing",
+                &format!("Stopping container {}", c.name),
+                Some(&c.name),
+            );
+            match self.init_pid(&c.name) {
+                Some(p) => signal(p, if grace.is_zero() { "KILL" } else { "TERM" }),
+                // Still being created: no pid-1 to ask yet, so stop the sandbox outright.
+                None => c.bwrap_pid.into_iter().for_each(|p| signal(p, "KILL")),
             }
         }
         // Containers that never started will not start now.
         for c in &mut self.ctrs {
             if let CState::Waiting(..) = c.state
+                && !c.alive
                 && self.deleting.is_none()
             {
                 c.state = CState::Terminated {
@@ -594,9 +602,7 @@ impl Worker {
     }
 
     fn all_stopped(&self) -> bool {
-        self.ctrs
-            .iter()
-            .all(|c| !matches!(c.state, CState::Running(_)))
+        self.ctrs.iter().all(|c| !c.alive)
     }
 
     async fn wait_all_stopped(&mut self, rx: &mut mpsc::UnboundedReceiver<PodCmd>) {
@@ -809,7 +815,6 @@ impl Worker {
         .stdout(out)
         .stderr(err)
         .kill_on_drop(true);
-        let now = clock::now_rfc3339();
         self.ctrs[i].generation += 1;
         let generation = self.ctrs[i].generation;
         self.ctrs[i].id = format!(
@@ -828,8 +833,8 @@ impl Worker {
             Ok(mut child) => {
                 let bwrap_pid = child.id().unwrap_or(0);
                 self.ctrs[i].bwrap_pid = Some(bwrap_pid);
-                self.ctrs[i].state = CState::Running(now);
-                let init_pid = find_child(bwrap_pid, Duration::from_secs(2));
+                self.ctrs[i].alive = true;
+                self.ctrs[i].state = CState::Waiting("ContainerCreating".into(), None);
                 self.h
                     .procs
                     .lock()
@@ -837,18 +842,18 @@ impl Worker {
                     .insert(
                         name.clone(),
                         ProcInfo {
-                            init_pid,
+                            init_pid: None,
+                            bwrap_pid: Some(bwrap_pid),
                             env,
                             working_dir: wd,
                             running: true,
                         },
                     );
-                self.event(
-                    "Normal",
-                    "Started",
-                    &format!("Started container {name}"),
-                    Some(&name),
-                );
+                let tx = self.h.tx.clone();
+                tokio::spawn(async move {
+                    let pid = find_child(bwrap_pid, Duration::from_secs(5)).await;
+                    let _ = tx.send(PodCmd::Sandboxed(i, generation, pid));
+                });
                 let tx = self.h.tx.clone();
                 tokio::spawn(async move {
                     let stdin = child.stdin.take();
@@ -871,16 +876,48 @@ impl Worker {
                     code: 128,
                     reason: "StartError".into(),
                     started: String::new(),
-                    finished: now,
+                    finished: clock::now_rfc3339(),
                 };
             }
         }
+    }
+
+    fn sandboxed(&mut self, i: usize, generation: u64, pid: Option<u32>) {
+        let c = &self.ctrs[i];
+        if c.generation != generation || !c.alive {
+            return;
+        }
+        let name = c.name.clone();
+        if let Some(p) = self
+            .h
+            .procs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(&name)
+        {
+            p.init_pid = pid;
+        }
+        if self.deleting.is_some() || self.forced.is_some() {
+            // Stopped while it was being created.
+            if let Some(pid) = pid {
+                signal(pid, "KILL");
+            }
+            return;
+        }
+        self.ctrs[i].state = CState::Running(clock::now_rfc3339());
+        self.event(
+            "Normal",
+            "Started",
+            &format!("Started container {name}"),
+            Some(&name),
+        );
     }
 
     fn exited(&mut self, i: usize, generation: u64, code: i32) {
         if self.ctrs[i].generation != generation {
             return;
         }
+        self.ctrs[i].alive = false;
         let started = match &self.ctrs[i].state {
             CState::Running(s) => s.clone(),
             _ => String::new(),
@@ -1255,7 +1292,7 @@ fn data_of(obj: &Value, secret: bool) -> Vec<(String, Vec<u8>)> {
 /// The first child of `parent` (bwrap's sandboxed pid-1), found through /proc, once it has
 /// exec'd the container command: before that its mounts are still being set up, and an exec
 /// entering it too early would see a half-built sandbox.
-fn find_child(parent: u32, timeout: Duration) -> Option<u32> {
+async fn find_child(parent: u32, timeout: Duration) -> Option<u32> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(pid) = scan_children(parent) {
@@ -1267,7 +1304,7 @@ fn find_child(parent: u32, timeout: Duration) -> Option<u32> {
         if Instant::now() > deadline || !Path::new(&format!("/proc/{parent}")).exists() {
             return None;
         }
-        std::thread::sleep(Duration::from_millis(2));
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

@@ -1,6 +1,31 @@
 //! Kubernetes API emulator: a loopback apiserver (pods, secrets, configmaps, events, nodes,
 //! namespaces, watch, pods/exec over websocket) with a scheduler and a kubelet that runs each
 //! container for real as local processes in a `bwrap` sandbox.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use spotrun_testkit::emulator::{Emulator, EmulatorConfig};
+//! let emu = Emulator::start(EmulatorConfig::gke()).await?;
+//! let client = emu.client().await; // or KUBECONFIG=emu.kubeconfig_path() for kubectl / Config::infer()
+//! emu.faults().preempt_node("gke-spot-1");
+//! emu.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Semantics worth knowing:
+//! - Containers see the host filesystem plus their volume mounts, a private `/tmp`, the pod's
+//!   `/etc/hosts` (with `hostAliases`), their own pid namespace (the command is pid 1, so a
+//!   shell ignores SIGTERM as in a real container) and the host network (pod IP 127.0.0.1).
+//! - Exec runs through `nsenter` into the container's mount and pid namespaces; processes it
+//!   leaves behind survive the session and die with the container.
+//! - HTTP control endpoint (for the `kube-emulator` binary; JSON bodies): `POST /emulator/fail-next`
+//!   `{count, verb?, resource?, status, retryAfter?}`, `/emulator/fail-ratio` `{percent, statuses}`,
+//!   `/emulator/clear`, `/emulator/close-watches`, `/emulator/close-watches-every` `{seconds}`,
+//!   `/emulator/cut-exec` `{bytes, sessions?}`, `/emulator/preempt-node` `{name}`,
+//!   `/emulator/delay-scheduling` `{seconds}`, `/emulator/delay-pulls` `{seconds}`,
+//!   `/emulator/add-node` `{name, spot?, labels?, taints?}`; `GET /emulator/audit`.
+//! - JSON only (no protobuf); server-side apply answers 415. `kubectl get` tables are printed
+//!   server-side for every resource (pods show READY/STATUS/RESTARTS/AGE, `-o wide` IP/NODE).
 
 mod api;
 mod clock;
@@ -13,6 +38,7 @@ mod select;
 mod server;
 mod status;
 mod store;
+mod table;
 mod validate;
 
 use std::collections::{BTreeMap, HashMap};

@@ -20,7 +20,7 @@ use super::api::{self, DeleteOpts};
 use super::select::{FieldSelector, LabelSelector, labels_of};
 use super::status::ApiError;
 use super::store::{Change, EventType, Res};
-use super::{AuditEntry, NodeSpec, Shared, Taint, exec};
+use super::{AuditEntry, NodeSpec, Shared, Taint, exec, table};
 
 pub(crate) type Body = BoxBody<Bytes, Infallible>;
 
@@ -90,6 +90,8 @@ struct Target {
     ns: Option<String>,
     name: Option<String>,
     sub: Option<String>,
+    /// `Some(full_object)` when the client asked for server-side printing (kubectl get).
+    table: Option<bool>,
 }
 
 fn parse_target(path: &str) -> Result<Option<Target>, ApiError> {
@@ -122,7 +124,13 @@ fn parse_target(path: &str) -> Result<Option<Target>, ApiError> {
             return Err(ApiError::page_not_found());
         }
     }
-    Ok(Some(Target { res, ns, name, sub }))
+    Ok(Some(Target {
+        res,
+        ns,
+        name,
+        sub,
+        table: None,
+    }))
 }
 
 fn query_pairs(req: &Request<Incoming>) -> Vec<(String, String)> {
@@ -171,12 +179,20 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         .headers()
         .get(header::AUTHORIZATION)
         .is_some_and(|v| v.as_bytes().starts_with(b"Bearer "));
-    let target = match parse_target(&path) {
+    let mut target = match parse_target(&path) {
         Ok(Some(t)) => t,
         Ok(None) => return error_response(&ApiError::page_not_found()),
         Err(e) => return error_response(&e),
     };
     let verb = verb_of(req.method(), &target, &q);
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if table::wants_table(accept) && target.sub.is_none() {
+        target.table = Some(qget(&q, "includeObject") == Some("Object"));
+    }
     let mut entry = AuditEntry {
         verb: verb.to_string(),
         resource: target.res.plural().to_string(),
@@ -238,7 +254,14 @@ async fn dispatch(
         ("list", None) => list(shared, t, q),
         ("watch", None) => watch(shared, t, q),
         ("get", None | Some("status")) => {
-            Ok(json_response(200, &*api::get(shared, t.res, &ns, &name)?))
+            let obj = api::get(shared, t.res, &ns, &name)?;
+            match t.table {
+                Some(full) => Ok(json_response(
+                    200,
+                    &table::table(t.res, &[&*obj], shared.store().current_rv(), full),
+                )),
+                None => Ok(json_response(200, &obj)),
+            }
         }
         ("create", None) if t.name.is_none() => {
             if t.res.namespaced() && t.ns.is_none() {
@@ -401,6 +424,12 @@ fn selected(
 }
 
 fn list(shared: &Shared, t: &Target, q: &[(String, String)]) -> Result<Response<Body>, ApiError> {
+    if let Some(full) = t.table {
+        let objs = selected(shared, t, q)?;
+        let refs: Vec<&Value> = objs.iter().map(|o| &**o).collect();
+        let rv = shared.store().current_rv();
+        return Ok(json_response(200, &table::table(t.res, &refs, rv, full)));
+    }
     let items: Vec<Value> = selected(shared, t, q)?
         .iter()
         .map(|o| strip_type(o))
@@ -433,7 +462,15 @@ fn filtered(change: &Change, t: &Target, sel: &Selectors) -> Option<Bytes> {
         | (EventType::Deleted, false, true) => "DELETED",
         _ => return None,
     };
-    Some(event_line(kind, &change.object))
+    Some(object_line(kind, &change.object, t))
+}
+
+/// A watch event line; the object becomes a one-row Table when the client asked for tables.
+fn object_line(kind: &str, obj: &Value, t: &Target) -> Bytes {
+    match t.table {
+        Some(full) => event_line(kind, &table::table(t.res, &[obj], 0, full)),
+        None => event_line(kind, obj),
+    }
 }
 
 fn bookmark(res: Res, rv: u64, initial_end: bool) -> Bytes {
@@ -511,7 +548,7 @@ fn watch(
                     .iter()
                     .filter(|o| sel.matches(o))
                 {
-                    initial.push(event_line("ADDED", o));
+                    initial.push(object_line("ADDED", o, t));
                 }
                 if initial_events {
                     initial.push(bookmark(t.res, current, true));

@@ -75,9 +75,17 @@ async fn kubectl_apply_get_exec_logs_delete_watch() {
     .await;
     assert!(o.status.success(), "{}", text(&o));
 
-    let o = kubectl(&emu, &["get", "pods"]).await;
+    let o = kubectl(&emu, &["get", "pods", "-o", "wide"]).await;
     let out = text(&o);
-    assert!(o.status.success() && out.contains("web"), "{out}");
+    assert!(o.status.success(), "{out}");
+    let row: Vec<&str> = out
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[..3], ["web", "1/1", "Running"], "{out}");
+    assert_eq!(row[5..], ["127.0.0.1", "gke-ondemand-1"], "{out}");
 
     let o = kubectl(
         &emu,
