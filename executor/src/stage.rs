@@ -387,18 +387,30 @@ async fn check_pod(
     name: &str,
     container: &str,
 ) -> Result<(), FollowError> {
-    match kube.call("get pod", || pods.get_opt(name)).await {
-        Ok(None) => Err(FollowError::Lost(PodEnd::Preempted {
-            node: String::new(),
-            reason: "the pod was deleted".into(),
-        })),
-        Ok(Some(pod)) => match podstate::pod_end(&pod, &[container]) {
-            Some(end) => Err(FollowError::Lost(end)),
-            None => Ok(()),
-        },
-        Err(e) => Err(FollowError::Failure(e.into())),
+    let grace_until = Instant::now() + TERMINATION_GRACE;
+    loop {
+        match kube.call("get pod", || pods.get_opt(name)).await {
+            Ok(None) => {
+                return Err(FollowError::Lost(PodEnd::Preempted {
+                    node: String::new(),
+                    reason: "the pod was deleted".into(),
+                }));
+            }
+            Ok(Some(pod)) => match podstate::pod_end(&pod, &[container]) {
+                // The kubelet stops containers before it marks the pod (node shutdown): give the
+                // pod a moment to show whether this is a preemption.
+                Some(PodEnd::ContainerTerminated { .. }) if Instant::now() < grace_until => {}
+                Some(end) => return Err(FollowError::Lost(end)),
+                None => return Ok(()),
+            },
+            Err(e) => return Err(FollowError::Failure(e.into())),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// How long a stopped container may wait for the pod to show a preemption verdict.
+const TERMINATION_GRACE: Duration = Duration::from_secs(5);
 
 /// Attempts without progress before a stage gives up on a stream that keeps breaking.
 const MAX_DROPS_WITHOUT_PROGRESS: u32 = 12;
@@ -553,8 +565,12 @@ async fn monitor_pod(
     let mut node_errors = 0u32;
     let mut node_seen = false;
     let containers = [container.as_str()];
+    // A stopped container is reported only if no stronger verdict follows within the grace.
+    let mut pending: Option<(PodEnd, tokio::time::Instant)> = None;
     loop {
+        let pending_at = pending.as_ref().map(|(_, t)| *t);
         let end = tokio::select! {
+            () = async { if let Some(t) = pending_at { tokio::time::sleep_until(t).await } }, if pending_at.is_some() => pending.take().map(|(e, _)| e),
             item = pod_stream.next() => match item {
                 Some(Ok(WEvent::Apply(p) | WEvent::InitApply(p))) => podstate::pod_end(&p, &containers),
                 Some(Ok(WEvent::Delete(p))) => Some(PodEnd::Preempted { node: podstate::node_name(&p), reason: "the pod was deleted".into() }),
@@ -581,9 +597,17 @@ async fn monitor_pod(
                 None => { node_ok = false; None }
             },
         };
-        if let Some(end) = end {
-            let _ = tx.send(end).await;
-            return;
+        match end {
+            Some(end @ PodEnd::ContainerTerminated { .. })
+                if pending.is_none() && pending_at.is_none() =>
+            {
+                pending = Some((end, tokio::time::Instant::now() + TERMINATION_GRACE));
+            }
+            Some(PodEnd::ContainerTerminated { .. }) | None => {}
+            Some(end) => {
+                let _ = tx.send(end).await;
+                return;
+            }
         }
     }
 }

@@ -1,8 +1,10 @@
 //! Whole jobs through the runner harness: success, build failure, routing, placement, bad input.
 
+use std::time::Duration;
+
 use spotrun_testkit::harness::{JobBuilder, JobResult, Service};
 
-use crate::support::{node_of, Env};
+use crate::support::{Env, node_of};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_passes_and_stages_run_in_the_right_containers() {
@@ -25,21 +27,50 @@ async fn job_passes_and_stages_run_in_the_right_containers() {
         .events()
         .iter()
         .filter(|e| e["event"] == "stage_end")
-        .map(|e| format!("{}@{}", e["stage"].as_str().unwrap(), e["container"].as_str().unwrap()))
+        .map(|e| {
+            format!(
+                "{}@{}",
+                e["stage"].as_str().unwrap(),
+                e["container"].as_str().unwrap()
+            )
+        })
         .collect();
-    assert!(starts.contains(&"prepare_script@helper".to_string()), "{starts:?}");
-    assert!(starts.contains(&"get_sources@helper".to_string()), "{starts:?}");
-    assert!(starts.contains(&"build_script@build".to_string()), "{starts:?}");
-    assert!(starts.contains(&"after_script@build".to_string()), "{starts:?}");
-    assert!(env.pods().await.is_empty(), "cleanup left a pod");
+    assert!(
+        starts.contains(&"prepare_script@helper".to_string()),
+        "{starts:?}"
+    );
+    assert!(
+        starts.contains(&"get_sources@helper".to_string()),
+        "{starts:?}"
+    );
+    assert!(
+        starts.contains(&"build_script@build".to_string()),
+        "{starts:?}"
+    );
+    assert!(
+        starts.contains(&"after_script@build".to_string()),
+        "{starts:?}"
+    );
+    assert!(
+        env.no_pods_within(Duration::from_secs(20)).await,
+        "cleanup left a pod"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_42_is_a_build_failure_with_code_42_and_after_script_runs() {
     let env = Env::start("").await;
-    let job = JobBuilder::new(5002).script(&["echo before", "exit 42", "echo unreachable"]).after_script(&["echo after-ran"]).build();
+    let job = JobBuilder::new(5002)
+        .script(&["echo before", "exit 42", "echo unreachable"])
+        .after_script(&["echo after-ran"])
+        .build();
     let out = env.runner().run(&job).await;
-    assert_eq!(out.result, JobResult::BuildFailure { exit_code: 42 }, "{}", out.log);
+    assert_eq!(
+        out.result,
+        JobResult::BuildFailure { exit_code: 42 },
+        "{}",
+        out.log
+    );
     assert!(out.log.contains("after-ran"), "{}", out.log);
     assert!(!out.log.contains("unreachable"));
 }
@@ -48,17 +79,31 @@ async fn exit_42_is_a_build_failure_with_code_42_and_after_script_runs() {
 async fn spot_policies_place_pods() {
     for (policy, want_spot) in [("require", true), ("prefer", true), ("never", false)] {
         let env = Env::start(&format!("[spot]\npolicy = \"{policy}\"\n")).await;
-        let out = env.runner().run(&JobBuilder::new(5003).script(&["echo placed"]).build()).await;
+        let out = env
+            .runner()
+            .run(&JobBuilder::new(5003).script(&["echo placed"]).build())
+            .await;
         assert_eq!(out.result, JobResult::Success, "{policy}: {}", out.log);
         let node = node_of(&out.log);
-        assert_eq!(node.starts_with("gke-spot-"), want_spot, "{policy} → {node}");
+        assert_eq!(
+            node.starts_with("gke-spot-"),
+            want_spot,
+            "{policy} → {node}"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_is_reachable_by_alias() {
     let env = Env::start("").await;
-    let svc = Service::new("python:3.13", "web").command(&["python3", "-m", "http.server", "18087", "--bind", "127.0.0.1"]);
+    let svc = Service::new("python:3.13", "web").command(&[
+        "python3",
+        "-m",
+        "http.server",
+        "18087",
+        "--bind",
+        "127.0.0.1",
+    ]);
     let job = JobBuilder::new(5004)
         .service(svc)
         .script(&["for i in $(seq 1 50); do python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://web:18087/\").status)' 2>/dev/null && break; sleep 0.2; done"])
@@ -70,14 +115,43 @@ async fn service_is_reachable_by_alias() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_cap_cpu_and_disallowed_image_fail_with_one_line_and_no_pod() {
-    let env = Env::start("[resources.job_max]\ncpu = \"2\"\n[images]\nallowed_images = [\"alpine:*\"]\n").await;
-    let out = env.runner().run(&JobBuilder::new(5005).variable("SPOTRUN_CPU_LIMIT", "3").build()).await;
-    assert!(matches!(out.result, JobResult::BuildFailure { exit_code: 1 }), "{:?}\n{}", out.result, out.log);
-    assert!(out.log.contains("SPOTRUN_CPU_LIMIT") && out.log.contains("maximum 2"), "{}", out.log);
-    let out = env.runner().run(&JobBuilder::new(5006).image("evil/miner:1").build()).await;
-    assert!(matches!(out.result, JobResult::BuildFailure { exit_code: 1 }), "{:?}\n{}", out.result, out.log);
+    let env =
+        Env::start("[resources.job_max]\ncpu = \"2\"\n[images]\nallowed_images = [\"alpine:*\"]\n")
+            .await;
+    let out = env
+        .runner()
+        .run(
+            &JobBuilder::new(5005)
+                .variable("SPOTRUN_CPU_LIMIT", "3")
+                .build(),
+        )
+        .await;
+    assert!(
+        matches!(out.result, JobResult::BuildFailure { exit_code: 1 }),
+        "{:?}\n{}",
+        out.result,
+        out.log
+    );
+    assert!(
+        out.log.contains("SPOTRUN_CPU_LIMIT") && out.log.contains("maximum 2"),
+        "{}",
+        out.log
+    );
+    let out = env
+        .runner()
+        .run(&JobBuilder::new(5006).image("evil/miner:1").build())
+        .await;
+    assert!(
+        matches!(out.result, JobResult::BuildFailure { exit_code: 1 }),
+        "{:?}\n{}",
+        out.result,
+        out.log
+    );
     assert!(out.log.contains("evil/miner:1"), "{}", out.log);
-    assert!(env.pods().await.is_empty());
+    assert!(
+        env.no_pods_within(Duration::from_secs(20)).await,
+        "a pod was left"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,16 +162,28 @@ async fn bad_stage_name_and_missing_payload_are_refused() {
     let code_file = env.dir.path().join("code");
     let out = env.exec(
         &["run", script.to_str().unwrap(), "../etc"],
-        &[("CUSTOM_ENV_CI_JOB_ID", "7"), ("BUILD_EXIT_CODE_FILE", code_file.to_str().unwrap())],
+        &[
+            ("CUSTOM_ENV_CI_JOB_ID", "7"),
+            ("BUILD_EXIT_CODE_FILE", code_file.to_str().unwrap()),
+        ],
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("stage name \"../etc\" is not allowed"));
-    let out = env.exec(&["prepare"], &[("CUSTOM_ENV_CI_JOB_ID", "7"), ("JOB_RESPONSE_FILE", "/nonexistent/response.json")]);
+    let out = env.exec(
+        &["prepare"],
+        &[
+            ("CUSTOM_ENV_CI_JOB_ID", "7"),
+            ("JOB_RESPONSE_FILE", "/nonexistent/response.json"),
+        ],
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stdout).contains("/nonexistent/response.json"));
     let bad = env.dir.path().join("bad.toml");
     std::fs::write(&bad, "namespace = \"ci-jobs\"\nunknown_knob = 1\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spotrun-executor")).args(["--config", bad.to_str().unwrap(), "config"]).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spotrun-executor"))
+        .args(["--config", bad.to_str().unwrap(), "config"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown_knob"));
     assert!(out.stdout.is_empty());

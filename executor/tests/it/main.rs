@@ -2,5 +2,6 @@
 //! the Kubernetes API emulator (containers run for real in bwrap).
 
 mod jobs;
+mod rbac;
 mod resilience;
 mod support;

@@ -5,13 +5,19 @@ use std::time::{Duration, Instant};
 
 use spotrun_testkit::harness::{Cancel, CancelMode, JobBuilder, JobResult};
 
-use crate::support::{between, node_of, Env};
+use crate::support::{Env, between, node_of};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preemption_mid_build_falls_back_to_on_demand_on_retry() {
     for fallback in [true, false] {
-        let env = Env::start(&format!("[spot]\npolicy = \"require\"\nfallback_on_preemption = {fallback}\n")).await;
-        let job = JobBuilder::new(6001).name("integration").script(&["echo started", "sleep 30"]).build();
+        let env = Env::start(&format!(
+            "[spot]\npolicy = \"require\"\nfallback_on_preemption = {fallback}\n"
+        ))
+        .await;
+        let job = JobBuilder::new(6001)
+            .name("integration")
+            .script(&["echo started", "sleep 30"])
+            .build();
         let runner = env.runner();
         let faults = env.emu.faults();
         let log_events = env.events.clone();
@@ -22,7 +28,10 @@ async fn preemption_mid_build_falls_back_to_on_demand_on_retry() {
             let text = std::fs::read_to_string(&log_events).unwrap_or_default();
             if text.contains("\"stage\":\"build_script\"") && text.contains("stage_start") {
                 let pods = env.pods().await;
-                if let Some(n) = pods.first().and_then(|p| p.spec.as_ref()?.node_name.clone()) {
+                if let Some(n) = pods
+                    .first()
+                    .and_then(|p| p.spec.as_ref()?.node_name.clone())
+                {
                     break n;
                 }
             }
@@ -34,37 +43,79 @@ async fn preemption_mid_build_falls_back_to_on_demand_on_retry() {
         faults.preempt_node(&node);
         let out = handle.await.unwrap();
         let took = preempted_at.elapsed();
-        assert!(matches!(out.result, JobResult::SystemFailure { .. }), "{:?}\n{}", out.result, out.log);
-        assert!(out.log.contains(&format!("preempted on node {node}")), "{}", out.log);
+        assert!(
+            matches!(out.result, JobResult::SystemFailure { .. }),
+            "{:?}\n{}",
+            out.result,
+            out.log
+        );
+        assert!(
+            out.log.contains(&format!("preempted on node {node}")),
+            "{}",
+            out.log
+        );
         let stage = out.stage("build_script").expect("build_script ran");
         assert_eq!(stage.exit_code, Some(2));
         assert!(took < Duration::from_secs(10), "took {took:?}");
         // The retry: a new job id, same project, pipeline and job name.
-        let retry = JobBuilder::new(6002).name("integration").script(&["echo retried"]).build();
+        let retry = JobBuilder::new(6002)
+            .name("integration")
+            .script(&["echo retried"])
+            .build();
         let out = env.runner().run(&retry).await;
         assert_eq!(out.result, JobResult::Success, "{}", out.log);
         let retry_node = node_of(&out.log);
-        assert_eq!(retry_node.starts_with("gke-spot-"), !fallback, "fallback={fallback}: {retry_node}\n{}", out.log);
+        assert_eq!(
+            retry_node.starts_with("gke-spot-"),
+            !fallback,
+            "fallback={fallback}: {retry_node}\n{}",
+            out.log
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_stream_cut_mid_stage_gives_identical_log_and_exit_code() {
-    let script = ["for i in $(seq 1 200); do echo line-$i-abcdefghijklmnopqrstuvwxyz; done", "sleep 0.5", "for i in $(seq 201 400); do echo line-$i; done", "exit 3"];
+    let script = [
+        "for i in $(seq 1 200); do echo line-$i-abcdefghijklmnopqrstuvwxyz; done",
+        "sleep 0.5",
+        "for i in $(seq 201 400); do echo line-$i; done",
+        "exit 3",
+    ];
     let env = Env::start("").await;
-    let clean = env.runner().run(&JobBuilder::new(6101).script(&script).build()).await;
-    assert_eq!(clean.result, JobResult::BuildFailure { exit_code: 3 }, "{}", clean.log);
+    let clean = env
+        .runner()
+        .run(&JobBuilder::new(6101).script(&script).build())
+        .await;
+    assert_eq!(
+        clean.result,
+        JobResult::BuildFailure { exit_code: 3 },
+        "{}",
+        clean.log
+    );
     let env2 = Env::start("").await;
     // Every exec session is cut after 1500 output bytes: only the build stage's follower gets that
     // far, about 6 times in this stage.
     env2.emu.faults().cut_execs_after(1500, 1000);
-    let cut = env2.runner().run(&JobBuilder::new(6101).script(&script).build()).await;
-    assert_eq!(cut.result, JobResult::BuildFailure { exit_code: 3 }, "{}", cut.log);
+    let cut = env2
+        .runner()
+        .run(&JobBuilder::new(6101).script(&script).build())
+        .await;
+    assert_eq!(
+        cut.result,
+        JobResult::BuildFailure { exit_code: 3 },
+        "{}",
+        cut.log
+    );
     let a = between(&clean.log, "line-1-", "line-400\n");
     let b = between(&cut.log, "line-1-", "line-400\n");
     assert!(a.len() > 8000);
     assert_eq!(a, b, "stage output differs after exec cuts");
-    let reconnects = env2.events().iter().filter(|e| e["event"] == "exec_reconnect").count();
+    let reconnects = env2
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "exec_reconnect")
+        .count();
     assert!(reconnects >= 5, "only {reconnects} reconnects");
 }
 
@@ -72,11 +123,21 @@ async fn exec_stream_cut_mid_stage_gives_identical_log_and_exit_code() {
 async fn api_errors_on_20_percent_of_requests_do_not_change_the_job() {
     let env = Env::start("").await;
     env.emu.faults().fail_ratio(20, &[500, 429]);
-    let out = env.runner().run(&JobBuilder::new(6201).script(&["echo resilient-output"]).build()).await;
+    let out = env
+        .runner()
+        .run(
+            &JobBuilder::new(6201)
+                .script(&["echo resilient-output"])
+                .build(),
+        )
+        .await;
     env.emu.faults().clear();
     assert_eq!(out.result, JobResult::Success, "{}", out.log);
     assert!(out.log.contains("resilient-output"));
-    assert!(env.events().iter().any(|e| e["event"] == "api_retry"), "no retry was needed?");
+    assert!(
+        env.events().iter().any(|e| e["event"] == "api_retry"),
+        "no retry was needed?"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +147,11 @@ async fn sigterm_during_run_kills_remote_processes_and_cleanup_leaves_nothing() 
     let job = JobBuilder::new(6301)
         .script(&[&format!("sleep 3; touch {}", marker.display())])
         .build();
-    let cancel = Cancel { stage: "build_script".into(), after: Duration::from_millis(1500), mode: CancelMode::Abort };
+    let cancel = Cancel {
+        stage: "build_script".into(),
+        after: Duration::from_millis(1500),
+        mode: CancelMode::Abort,
+    };
     let out = env.runner().run_with(&job, Some(cancel)).await;
     let stage = out.stage("build_script").expect("ran");
     let exit_after = stage.exit_after_sigterm.expect("was signalled");
@@ -94,11 +159,20 @@ async fn sigterm_during_run_kills_remote_processes_and_cleanup_leaves_nothing() 
     assert!(!stage.killed);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!marker.exists(), "the stage kept running in the pod");
-    assert!(env.pods().await.is_empty());
+    assert!(
+        env.no_pods_within(Duration::from_secs(20)).await,
+        "a pod was left"
+    );
     assert!(env.secrets().await.is_empty());
     // cleanup twice → both succeed.
     for _ in 0..2 {
-        let o = env.exec(&["cleanup"], &[("CUSTOM_ENV_CI_JOB_ID", "6301"), ("CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN", "t1_AbCdEf")]);
+        let o = env.exec(
+            &["cleanup"],
+            &[
+                ("CUSTOM_ENV_CI_JOB_ID", "6301"),
+                ("CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN", "t1_AbCdEf"),
+            ],
+        );
         assert!(o.status.success(), "{o:?}");
         assert!(o.stdout.is_empty());
     }
@@ -108,20 +182,44 @@ async fn sigterm_during_run_kills_remote_processes_and_cleanup_leaves_nothing() 
 async fn gc_dry_run_lists_exactly_the_orphans_of_a_crashed_runner() {
     let env = Env::start("[timeouts]\n").await;
     // Pod never finishes prepare: stale after 0 s for this gc run.
-    std::fs::write(&env.settings, crate::support::settings_toml(&env.events, "").replace("[timeouts]\n", "[timeouts]\nstale_prepare_seconds = 0\n")).unwrap();
+    std::fs::write(
+        &env.settings,
+        crate::support::settings_toml(&env.events, "")
+            .replace("[timeouts]\n", "[timeouts]\nstale_prepare_seconds = 0\n"),
+    )
+    .unwrap();
     let job = JobBuilder::new(6401).script(&["sleep 30"]).build();
-    let cancel = Cancel { stage: "prepare".into(), after: Duration::from_millis(200), mode: CancelMode::RunnerCrash };
+    let cancel = Cancel {
+        stage: "prepare".into(),
+        after: Duration::from_millis(200),
+        mode: CancelMode::RunnerCrash,
+    };
     let _ = env.runner().run_with(&job, Some(cancel)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let pods: Vec<String> = env.pods().await.into_iter().filter_map(|p| p.metadata.name).collect();
+    let pods: Vec<String> = env
+        .pods()
+        .await
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
     let out = env.exec(&["gc", "--dry-run"], &[]);
     assert!(out.status.success(), "{out:?}");
     let listed = String::from_utf8_lossy(&out.stdout).to_string();
     for p in &pods {
-        assert!(listed.contains(&format!("pod/{p}")), "{p} not listed: {listed}");
+        assert!(
+            listed.contains(&format!("pod/{p}")),
+            "{p} not listed: {listed}"
+        );
     }
-    assert_eq!(listed.lines().filter(|l| l.contains("pod/")).count(), pods.len(), "{listed}");
+    assert_eq!(
+        listed.lines().filter(|l| l.contains("pod/")).count(),
+        pods.len(),
+        "{listed}"
+    );
     let out = env.exec(&["gc"], &[]);
     assert!(out.status.success());
-    assert!(env.pods().await.is_empty());
+    assert!(
+        env.no_pods_within(Duration::from_secs(20)).await,
+        "a pod was left"
+    );
 }

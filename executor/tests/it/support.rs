@@ -43,7 +43,12 @@ impl Env {
         let events = dir.path().join("events.jsonl");
         let settings = dir.path().join("executor.toml");
         std::fs::write(&settings, settings_toml(&events, extra_settings)).unwrap();
-        Self { emu, dir, settings, events }
+        Self {
+            emu,
+            dir,
+            settings,
+            events,
+        }
     }
 
     pub fn runner(&self) -> Runner {
@@ -74,13 +79,38 @@ impl Env {
     }
 
     pub async fn pods(&self) -> Vec<k8s_openapi::api::core::v1::Pod> {
-        let api: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(self.emu.client().await, "ci-jobs");
-        api.list(&Default::default()).await.unwrap().items
+        let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(self.emu.client().await, "ci-jobs");
+        api.list(&kube::api::ListParams::default())
+            .await
+            .unwrap()
+            .items
+    }
+
+    /// Waits (bounded) for graceful pod deletion to finish; true when no pod is left.
+    pub async fn no_pods_within(&self, d: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + d;
+        loop {
+            if self.pods().await.is_empty() {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
 
     pub async fn secrets(&self) -> Vec<String> {
-        let api: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(self.emu.client().await, "ci-jobs");
-        api.list(&Default::default()).await.unwrap().items.into_iter().filter_map(|s| s.metadata.name).collect()
+        let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+            kube::Api::namespaced(self.emu.client().await, "ci-jobs");
+        api.list(&kube::api::ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|s| s.metadata.name)
+            .collect()
     }
 }
 
