@@ -139,7 +139,11 @@ fn new_entry_bytes(
     let mut total = 0;
     for i in 0..a.len() {
         let f = a.by_index_raw(i).unwrap();
-        if seen.insert((f.name().expect("entry name").to_string(), f.crc32(), f.compressed_size())) {
+        if seen.insert((
+            f.name().expect("entry name").to_string(),
+            f.crc32(),
+            f.compressed_size(),
+        )) {
             total += f.compressed_size();
         }
     }

@@ -212,11 +212,19 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             }
         };
     entry.code = resp.status().as_u16();
-    shared
+    let mut audit = shared
         .audit
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push(entry);
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Since Kubernetes 1.31 (AuthorizePodWebsocketUpgradeCreatePermission, on by default) a
+    // websocket exec is authorised as `create` on pods/exec as well as `get`.
+    if entry.subresource.as_deref() == Some("exec") && entry.verb == "get" {
+        let mut create = entry.clone();
+        create.verb = "create".into();
+        audit.push(create);
+    }
+    audit.push(entry);
+    drop(audit);
     resp
 }
 
