@@ -84,6 +84,9 @@ pub struct Ctx {
 }
 
 fn main() -> ExitCode {
+    // aws-lc-rs and ring can both be compiled into a workspace build; pick one explicitly so
+    // rustls never has to guess (it panics when two providers are available).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let getenv = |k: &str| std::env::var(k).ok();
     let codes = ExitCodes::from_env(&getenv);

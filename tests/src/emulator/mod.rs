@@ -253,6 +253,8 @@ pub struct Emulator {
 impl Emulator {
     /// Binds 127.0.0.1 on a free port and starts serving.
     pub async fn start(cfg: EmulatorConfig) -> anyhow::Result<Emulator> {
+        // The clients built by tests share the process: make rustls's provider choice explicit.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Self::start_on(cfg, 0).await
     }
 
