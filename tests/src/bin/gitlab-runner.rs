@@ -234,9 +234,15 @@ async fn archive(client: &HttpClient, a: ArchiverArgs) -> anyhow::Result<()> {
         let (k, v) = h
             .split_once(':')
             .ok_or_else(|| anyhow::anyhow!("bad --header {h:?}"))?;
-        // Go's net/http takes Host from the URL, never from a header.
-        if !k.trim().eq_ignore_ascii_case("host") {
-            req = req.header(k.trim(), v.trim());
+        // Go's net/http takes Host from the URL, never from a header; `Header.Set` canonicalises
+        // names, so `x-amz-meta-cachekey` and `X-Amz-Meta-Cachekey` end up as one header.
+        if !k.trim().eq_ignore_ascii_case("host")
+            && let Some(headers) = req.headers_mut()
+        {
+            headers.insert(
+                http::HeaderName::from_bytes(k.trim().as_bytes())?,
+                http::HeaderValue::from_str(v.trim())?,
+            );
         }
     }
     let resp = tokio::time::timeout(

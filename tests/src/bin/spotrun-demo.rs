@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use spotrun_testkit::emulator::{Emulator, EmulatorConfig};
-use spotrun_testkit::harness::{JobBuilder, JobResult, Runner, Service};
+use spotrun_testkit::emulator::{Emulator, EmulatorConfig, ImageRule, PullOutcome};
+use spotrun_testkit::harness::{CacheConfig, JobBuilder, JobResult, Runner, Service};
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -38,8 +38,46 @@ async fn main() -> anyhow::Result<()> {
     let executor = sibling("spotrun-executor")?;
     let work = tempfile::tempdir()?;
 
+    let bin_dir = executor.parent().context("bin dir")?.to_path_buf();
+    banner("starting the cache proxy on its embedded disk store");
+    let store = work.path().join("cache-store");
+    let proxy_port = free_port()?;
+    let proxy_log = std::fs::File::create(work.path().join("cache-proxy.log"))?;
+    let mut proxy = std::process::Command::new(sibling("spotrun-cache-proxy")?)
+        .args(["--store", store.to_str().context("utf-8 path")?])
+        .args(["--listen", &format!("127.0.0.1:{proxy_port}")])
+        .args([
+            "--access-key",
+            "DEMOACCESSKEY",
+            "--secret-key",
+            "demo-secret-key",
+        ])
+        .args(["--bucket", "runner-cache"])
+        .stderr(proxy_log)
+        .spawn()
+        .context("start spotrun-cache-proxy")?;
+    let mut up = false;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", proxy_port)).is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::ensure!(up, "cache proxy did not start (see its log)");
+    println!("spotrun-cache-proxy at http://127.0.0.1:{proxy_port} (bucket runner-cache)");
+
     banner("starting the Kubernetes API emulator");
-    let emu = Emulator::start(EmulatorConfig::gke()).await?;
+    let mut cfg = EmulatorConfig::gke();
+    // The helper image carries `gitlab-runner` (here: the test kit's cache stand-in).
+    cfg.images.push(ImageRule {
+        pattern: "*gitlab-runner-helper*".into(),
+        outcome: PullOutcome::Ok,
+        default_command: None,
+        env: Vec::new(),
+        bin_dirs: vec![bin_dir.clone()],
+    });
+    let emu = Emulator::start(cfg).await?;
     println!(
         "kube-apiserver emulator at {} — nodes gke-spot-1, gke-spot-2 (spot, tainted), gke-ondemand-1",
         emu.url()
@@ -67,6 +105,17 @@ default_image = "alpine:3.22"
         .args(["--config", settings.to_str().context("utf-8 path")?])
         .env("KUBECONFIG", emu.kubeconfig_path().to_string_lossy())
         .graceful_kill_timeout(Duration::from_secs(10))
+        .cache(
+            CacheConfig {
+                server_address: format!("127.0.0.1:{proxy_port}"),
+                bucket: "runner-cache".into(),
+                access_key: "DEMOACCESSKEY".into(),
+                secret_key: "demo-secret-key".into(),
+                region: "us-east-1".into(),
+                expires: Duration::from_secs(3600),
+            }
+            .presigner(),
+        )
         .echo(true);
 
     let port = free_port()?.to_string();
@@ -85,12 +134,43 @@ default_image = "alpine:3.22"
             "for i in $(seq 1 100); do curl -sf \"http://web:$WEB_PORT/\" -o /dev/null && break; sleep 0.1; done",
             "curl -sf \"http://web:$WEB_PORT/\" -o /dev/null && echo \"service 'web' answered on port $WEB_PORT\"",
             "mkdir -p target && date -u > target/built-at.txt && ls target",
+            "if [ -d vendor ]; then echo \"cache restored: $(ls vendor | wc -l) vendored files\"; else echo 'cold cache: vendoring'; fi",
+            "mkdir -p vendor && for i in $(seq 1 400); do [ -f vendor/dep$i.txt ] || seq 1 $((i * 20)) > vendor/dep$i.txt; done",
+            "for i in $(seq 1 20); do echo \"job $CI_JOB_ID\" >> vendor/dep$i.txt; done",
         ])
+        .cache("deps-main-protected", &["vendor/"])
         .after_script(&["echo \"job finished with status $CI_JOB_STATUS\""])
         .build();
 
-    banner("running job 1001 through the gitlab-runner harness (job log follows)");
-    let outcome = runner.run(&job).await;
+    let mut outcomes = Vec::new();
+    for (id, note) in [
+        (1001, "cold cache"),
+        (1002, "warm cache, 5 % of the files changed"),
+    ] {
+        let mut job = job.clone();
+        job.id = id;
+        banner(&format!(
+            "running job {id} ({note}) through the gitlab-runner harness — job log follows"
+        ));
+        outcomes.push(runner.run(&job).await);
+    }
+    let outcome = outcomes.pop().context("two jobs ran")?;
+    let first = outcomes.pop().context("two jobs ran")?;
+
+    banner("cache proxy: logical vs stored bytes");
+    let stats = std::process::Command::new(sibling("spotrun-cache-proxy")?)
+        .args(["--store", store.to_str().context("utf-8 path")?])
+        .args([
+            "--access-key",
+            "DEMOACCESSKEY",
+            "--secret-key",
+            "demo-secret-key",
+        ])
+        .arg("stats")
+        .output()?;
+    println!("{}", String::from_utf8_lossy(&stats.stdout).trim());
+    let _ = proxy.kill();
+    let _ = proxy.wait();
 
     banner("summary");
     for s in &outcome.stages {
@@ -105,11 +185,11 @@ default_image = "alpine:3.22"
     let pods = emu.audit().len();
     println!("kube API requests made: {pods}");
     emu.shutdown().await;
-    match outcome.result {
-        JobResult::Success => {
-            println!("\x1b[1;32mdemo job succeeded\x1b[0m");
+    match (&first.result, &outcome.result) {
+        (JobResult::Success, JobResult::Success) => {
+            println!("\x1b[1;32mdemo jobs succeeded\x1b[0m");
             Ok(())
         }
-        other => anyhow::bail!("demo job did not succeed: {other:?}"),
+        other => anyhow::bail!("demo jobs did not succeed: {other:?}"),
     }
 }

@@ -625,6 +625,20 @@ impl Worker {
             ("HOME".into(), "/root".into()),
             ("HOSTNAME".into(), self.h.name.clone()),
         ];
+        // The image's own ENV (e.g. a PATH with `gitlab-runner` for the helper image) comes
+        // before the container's env, as with a real runtime.
+        let image = c["image"].as_str().unwrap_or_default();
+        if let Some(rule) = self
+            .shared
+            .cfg
+            .images
+            .iter()
+            .find(|r| glob_match(&r.pattern, image))
+        {
+            for (k, v) in &rule.env {
+                set_env(&mut env, k.clone(), v.clone());
+            }
+        }
         let st = self.shared.store();
         let ns = &self.h.ns;
         for from in c["envFrom"]
@@ -707,6 +721,27 @@ impl Worker {
             set_env(&mut env, name, expanded);
         }
         drop(st);
+        // Programs the image carries in its system directories stay reachable whatever PATH
+        // the pod sets, as `/usr/bin` would be in a real image.
+        if let Some(rule) = self
+            .shared
+            .cfg
+            .images
+            .iter()
+            .find(|r| glob_match(&r.pattern, image))
+            && !rule.bin_dirs.is_empty()
+        {
+            let mut path = env
+                .iter()
+                .find(|(k, _)| k == "PATH")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            for dir in &rule.bin_dirs {
+                path.push(':');
+                path.push_str(&dir.to_string_lossy());
+            }
+            set_env(&mut env, "PATH".into(), path);
+        }
         env
     }
 

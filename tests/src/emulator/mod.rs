@@ -91,6 +91,11 @@ pub struct ImageRule {
     pub outcome: PullOutcome,
     /// The image's ENTRYPOINT+CMD, used when the container sets no command.
     pub default_command: Option<Vec<String>>,
+    /// The image's ENV, applied before the container's own env.
+    pub env: Vec<(String, String)>,
+    /// Host directories standing for the programs the image carries in its system directories
+    /// (e.g. `gitlab-runner` in the helper image): appended to the container's final PATH.
+    pub bin_dirs: Vec<std::path::PathBuf>,
 }
 
 /// Everything the emulator starts with.

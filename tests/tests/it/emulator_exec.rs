@@ -224,6 +224,8 @@ async fn exec_into_pods_that_are_not_running_fails_cleanly() {
         pattern: "slow/*".into(),
         outcome: spotrun_testkit::emulator::PullOutcome::Delay(Duration::from_secs(30)),
         default_command: None,
+        env: Vec::new(),
+        bin_dirs: Vec::new(),
     });
     let emu = spotrun_testkit::emulator::Emulator::start(cfg)
         .await

@@ -207,6 +207,8 @@ async fn image_pull_failure_backs_off_while_other_containers_run() {
         pattern: "registry.example.com/missing:*".into(),
         outcome: PullOutcome::NotFound,
         default_command: None,
+        env: Vec::new(),
+        bin_dirs: Vec::new(),
     });
     cfg.images.push(ImageRule {
         pattern: "registry.example.com/tool:*".into(),
@@ -214,8 +216,10 @@ async fn image_pull_failure_backs_off_while_other_containers_run() {
         default_command: Some(vec![
             "sh".into(),
             "-c".into(),
-            "echo default-cmd; sleep 3600".into(),
+            "echo default-cmd $TOOL_HOME; sleep 3600".into(),
         ]),
+        env: vec![("TOOL_HOME".into(), "/opt/tool".into())],
+        bin_dirs: Vec::new(),
     });
     let emu = Emulator::start(cfg).await.unwrap();
     let client = emu.client().await;
@@ -320,7 +324,10 @@ async fn image_pull_failure_backs_off_while_other_containers_run() {
         )
         .await
         .unwrap();
-    assert_eq!(log, "default-cmd\n");
+    assert_eq!(
+        log, "default-cmd /opt/tool\n",
+        "image ENV reaches the container"
+    );
     emu.shutdown().await;
 }
 
