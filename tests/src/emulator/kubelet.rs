@@ -796,6 +796,19 @@ impl Worker {
         cmd.args(["--dev-bind", "/", "/", "--proc", "/proc"]);
         cmd.arg("--bind").arg(&tmp).arg("/tmp");
         cmd.arg("--bind").arg(dir.join("hosts")).arg("/etc/hosts");
+        // An image's programs stay visible at their host paths, even under the private /tmp.
+        let image = spec["image"].as_str().unwrap_or_default();
+        if let Some(rule) = self
+            .shared
+            .cfg
+            .images
+            .iter()
+            .find(|r| glob_match(&r.pattern, image))
+        {
+            for d in &rule.bin_dirs {
+                cmd.arg("--ro-bind").arg(d).arg(d);
+            }
+        }
         let volumes = self.pod["spec"]["volumes"]
             .as_array()
             .cloned()
