@@ -169,6 +169,10 @@ default_image = "alpine:3.22"
         .arg("stats")
         .output()?;
     println!("{}", String::from_utf8_lossy(&stats.stdout).trim());
+    let stored_keys = serde_json::from_slice::<serde_json::Value>(&stats.stdout)
+        .ok()
+        .and_then(|v| v["keys"].as_u64())
+        .unwrap_or(0);
     let _ = proxy.kill();
     let _ = proxy.wait();
 
@@ -186,6 +190,9 @@ default_image = "alpine:3.22"
     println!("kube API requests made: {pods}");
     emu.shutdown().await;
     match (&first.result, &outcome.result) {
+        (JobResult::Success, JobResult::Success) if stored_keys == 0 => {
+            anyhow::bail!("the jobs succeeded but the cache proxy stored no cache")
+        }
         (JobResult::Success, JobResult::Success) => {
             println!("\x1b[1;32mdemo jobs succeeded\x1b[0m");
             Ok(())
