@@ -425,13 +425,7 @@ impl Worker {
             &format!("Pulling image {:?}", c.image),
             Some(&c.name),
         );
-        let rule = self
-            .shared
-            .cfg
-            .images
-            .iter()
-            .find(|r| glob_match(&r.pattern, &c.image))
-            .cloned();
+        let rule = self.shared.cfg.image_rule(&c.image).cloned();
         let delay = self.shared.faults.pull_delay()
             + match rule.as_ref().map(|r| &r.outcome) {
                 Some(PullOutcome::Delay(d)) => *d,
@@ -628,13 +622,7 @@ impl Worker {
         // The image's own ENV (e.g. a PATH with `gitlab-runner` for the helper image) comes
         // before the container's env, as with a real runtime.
         let image = c["image"].as_str().unwrap_or_default();
-        if let Some(rule) = self
-            .shared
-            .cfg
-            .images
-            .iter()
-            .find(|r| glob_match(&r.pattern, image))
-        {
+        if let Some(rule) = self.shared.cfg.image_rule(image) {
             for (k, v) in &rule.env {
                 set_env(&mut env, k.clone(), v.clone());
             }
@@ -723,12 +711,7 @@ impl Worker {
         drop(st);
         // Programs the image carries in its system directories stay reachable whatever PATH
         // the pod sets, as `/usr/bin` would be in a real image.
-        if let Some(rule) = self
-            .shared
-            .cfg
-            .images
-            .iter()
-            .find(|r| glob_match(&r.pattern, image))
+        if let Some(rule) = self.shared.cfg.image_rule(image)
             && !rule.bin_dirs.is_empty()
         {
             let mut path = env
@@ -752,12 +735,7 @@ impl Worker {
     fn start(&mut self, i: usize) {
         let spec = self.ctrs[i].spec.clone();
         let name = self.ctrs[i].name.clone();
-        let rule = self
-            .shared
-            .cfg
-            .images
-            .iter()
-            .find(|r| glob_match(&r.pattern, &self.ctrs[i].image));
+        let rule = self.shared.cfg.image_rule(&self.ctrs[i].image);
         let mut argv: Vec<String> = spec["command"]
             .as_array()
             .map(|a| {
@@ -798,13 +776,7 @@ impl Worker {
         cmd.arg("--bind").arg(dir.join("hosts")).arg("/etc/hosts");
         // An image's programs stay visible at their host paths, even under the private /tmp.
         let image = spec["image"].as_str().unwrap_or_default();
-        if let Some(rule) = self
-            .shared
-            .cfg
-            .images
-            .iter()
-            .find(|r| glob_match(&r.pattern, image))
-        {
+        if let Some(rule) = self.shared.cfg.image_rule(image) {
             for d in &rule.bin_dirs {
                 cmd.arg("--ro-bind").arg(d).arg(d);
             }

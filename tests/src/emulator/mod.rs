@@ -113,6 +113,15 @@ pub struct EmulatorConfig {
     pub pull_backoff: Duration,
 }
 
+impl EmulatorConfig {
+    /// The first image rule matching `image`, if any.
+    pub(crate) fn image_rule(&self, image: &str) -> Option<&ImageRule> {
+        self.images
+            .iter()
+            .find(|r| kubelet::glob_match(&r.pattern, image))
+    }
+}
+
 impl Default for EmulatorConfig {
     fn default() -> Self {
         Self {
