@@ -134,9 +134,17 @@ async fn api_errors_on_20_percent_of_requests_do_not_change_the_job() {
     env.emu.faults().clear();
     assert_eq!(out.result, JobResult::Success, "{}", out.log);
     assert!(out.log.contains("resilient-output"));
+    // Failed requests may hit plain calls (api_retry), watches (watch_error) or execs
+    // (exec_reconnect); at least one recovery must have happened.
+    let recovered = env.events().iter().any(|e| {
+        matches!(
+            e["event"].as_str(),
+            Some("api_retry" | "watch_error" | "exec_reconnect")
+        )
+    });
     assert!(
-        env.events().iter().any(|e| e["event"] == "api_retry"),
-        "no retry was needed?"
+        recovered,
+        "no failed request was injected or recovered from"
     );
 }
 
