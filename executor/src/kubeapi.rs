@@ -121,7 +121,13 @@ pub struct Kube {
 
 impl Kube {
     pub async fn connect(settings: &Settings, events: Events) -> Result<Self, KubeError> {
-        let client = Client::try_default().await.map_err(KubeError::Connect)?;
+        let config = kube::Config::infer()
+            .await
+            .map_err(|e| KubeError::Connect(kube::Error::InferConfig(e)))?;
+        let client = kube::client::ClientBuilder::try_from(config)
+            .map_err(KubeError::Connect)?
+            .with_layer(&crate::retry_after::RetryAfterLayer)
+            .build();
         Ok(Self {
             client,
             namespace: settings.namespace.clone(),

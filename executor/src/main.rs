@@ -16,7 +16,9 @@ mod podstate;
 mod preemption;
 mod prepare;
 mod quantity;
+mod retry_after;
 mod settings;
+mod smp;
 mod stage;
 mod sweep;
 

@@ -659,6 +659,9 @@ fn apply_patch(settings: &Settings, pod: Pod) -> Result<Pod, PlanError> {
         serde_json::from_str(&p.patch).map_err(|e| PlanError::Patch(e.to_string()))?;
     match p.patch_type {
         PatchType::Merge => json_patch::merge(&mut doc, &patch),
+        PatchType::Strategic => {
+            crate::smp::apply(&mut doc, &patch).map_err(|e| PlanError::Patch(e.to_string()))?;
+        }
         PatchType::Json => {
             let ops: json_patch::Patch =
                 serde_json::from_value(patch).map_err(|e| PlanError::Patch(e.to_string()))?;

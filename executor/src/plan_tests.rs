@@ -420,3 +420,54 @@ fn service_host_names_follow_the_runner_convention() {
         vec!["redis"]
     );
 }
+
+#[test]
+fn strategic_patch_merges_into_generated_containers() {
+    let mut case = cases().remove(0);
+    case.settings.pod.patch = Some(crate::settings::PodSpecPatch {
+        patch_type: PatchType::Strategic,
+        patch: r#"{"spec": {"containers": [
+            {"name": "helper", "env": [{"name": "GOMAXPROCS", "value": "2"}]},
+            {"name": "proxy-sidecar", "image": "envoyproxy/envoy:v1.31"}
+        ]}}"#
+            .into(),
+    });
+    let pod = plan(&case).pod;
+    let containers = pod.spec.unwrap().containers;
+    let helper = containers.iter().find(|c| c.name == "helper").unwrap();
+    let env = helper.env.as_ref().unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e.name == "GOMAXPROCS" && e.value.as_deref() == Some("2")),
+        "the patch's variable is merged in"
+    );
+    assert!(
+        env.iter().any(|e| e.name == "PATH"),
+        "the generated variables are kept (merged by name, not replaced)"
+    );
+    assert!(helper.image.is_some(), "unpatched fields stay");
+    assert!(containers.iter().any(|c| c.name == "build"));
+    assert_eq!(containers.last().unwrap().name, "proxy-sidecar");
+
+    case.settings.pod.patch = Some(crate::settings::PodSpecPatch {
+        patch_type: PatchType::Strategic,
+        patch: r#"{"spec": {"containers": [{"image": "no-name"}]}}"#.into(),
+    });
+    let identity = JobIdentity::from_env(&case.env).unwrap();
+    let knobs = job_knobs(&case.settings, &case.env).unwrap();
+    let err = plan_pod(
+        &case.settings,
+        &PlanInput {
+            job: &case.job,
+            identity: &identity,
+            env: &case.env,
+            knobs: &knobs,
+            spot: SpotPolicy::Never,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("spec.containers[]") && err.to_string().contains("\"name\""),
+        "{err}"
+    );
+}

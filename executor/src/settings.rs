@@ -145,6 +145,8 @@ pub enum PatchType {
     Merge,
     /// RFC 6902 JSON patch.
     Json,
+    /// Kubernetes strategic merge patch: keyed lists (containers, env, volumes, ...) merge by key.
+    Strategic,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -484,6 +486,11 @@ impl Settings {
                 serde_json::from_value::<json_patch::Patch>(doc).map_err(|e| {
                     invalid("pod.patch.patch", format!("not an RFC 6902 patch: {e}"))
                 })?;
+            } else if !doc.is_object() {
+                return Err(invalid(
+                    "pod.patch.patch",
+                    "a merge or strategic patch must be a JSON object".into(),
+                ));
             }
         }
         for t in &self.pod.tolerations {

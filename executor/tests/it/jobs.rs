@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use spotrun_testkit::emulator::{EmulatorConfig, ImageRule, PullOutcome};
 use spotrun_testkit::harness::{JobBuilder, JobResult, Service};
 
 use crate::support::{Env, node_of};
@@ -187,4 +188,86 @@ async fn bad_stage_name_and_missing_payload_are_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown_knob"));
     assert!(out.stdout.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_pull_failure_is_a_build_failure_naming_the_image() {
+    let mut cfg = EmulatorConfig::gke();
+    cfg.images.insert(
+        0,
+        ImageRule {
+            pattern: "registry.example.com/team/missing:*".into(),
+            outcome: PullOutcome::NotFound,
+            default_command: None,
+            env: Vec::new(),
+            bin_dirs: Vec::new(),
+        },
+    );
+    let env = Env::start_with(cfg, "").await;
+    let out = env
+        .runner()
+        .run(
+            &JobBuilder::new(5101)
+                .image("registry.example.com/team/missing:1.0")
+                .build(),
+        )
+        .await;
+    assert!(
+        matches!(out.result, JobResult::BuildFailure { exit_code: 1 }),
+        "{:?}\n{}",
+        out.result,
+        out.log
+    );
+    assert!(
+        out.log.contains("registry.example.com/team/missing:1.0"),
+        "{}",
+        out.log
+    );
+    // Fail fast: the emulator reports ErrImagePull as soon as the pod is scheduled; a generous
+    // liveness bound (not a benchmark) proves prepare did not sit out a timeout.
+    let prepare = out.stage("prepare").expect("prepare ran");
+    assert!(
+        prepare.duration < Duration::from_secs(15),
+        "prepare took {:?}",
+        prepare.duration
+    );
+    assert!(
+        out.stage("build_script").is_none(),
+        "no stage may run after a failed prepare"
+    );
+    assert!(
+        env.no_pods_within(Duration::from_secs(20)).await,
+        "a pod was left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unschedulable_pod_is_a_system_failure_with_the_scheduler_message() {
+    // Nodes have 4 cores; the job asks for 32, within the operator's cap of 64.
+    let env = Env::start("[resources.job_max]\ncpu = \"64\"\n").await;
+    let out = env
+        .runner()
+        .run(
+            &JobBuilder::new(5102)
+                .variable("SPOTRUN_CPU_REQUEST", "32")
+                .variable("SPOTRUN_CPU_LIMIT", "32")
+                .build(),
+        )
+        .await;
+    assert!(
+        matches!(out.result, JobResult::SystemFailure { .. }),
+        "{:?}\n{}",
+        out.result,
+        out.log
+    );
+    assert!(
+        out.log.contains("Insufficient cpu"),
+        "the scheduler's message must reach the job log:\n{}",
+        out.log
+    );
+    assert!(out.log.contains("unschedulable"), "{}", out.log);
+    assert!(
+        env.no_pods_within(Duration::from_secs(20)).await,
+        "a pod was left"
+    );
 }

@@ -231,3 +231,184 @@ async fn gc_dry_run_lists_exactly_the_orphans_of_a_crashed_runner() {
         "a pod was left"
     );
 }
+
+/// The stage output used by the stream-fault tests: ~5 KB in bursts, then a failing exit.
+const BURSTY: [&str; 4] = [
+    "for i in $(seq 1 100); do echo line-$i-abcdefghijklmnopqrstuvwxyz; done",
+    "sleep 0.5",
+    "for i in $(seq 101 200); do echo line-$i-abcdefghijklmnopqrstuvwxyz; done",
+    "exit 7",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_exec_stream_without_frames_or_pongs_is_detected_and_resumed() {
+    let env = Env::start("").await;
+    let clean = env
+        .runner()
+        .run(&JobBuilder::new(6401).script(&BURSTY).build())
+        .await;
+    assert_eq!(
+        clean.result,
+        JobResult::BuildFailure { exit_code: 7 },
+        "{}",
+        clean.log
+    );
+    // Every exec session goes dead (socket open, no frame, no pong) after 2,000 output bytes: only
+    // the build stage's follower gets that far, twice for this ~5 KB stage.
+    let env2 = Env::start("").await;
+    env2.emu.faults().stall_execs_after(2000, 1000);
+    let stalled = env2
+        .runner()
+        .run(&JobBuilder::new(6401).script(&BURSTY).build())
+        .await;
+    assert_eq!(
+        stalled.result,
+        JobResult::BuildFailure { exit_code: 7 },
+        "{}",
+        stalled.log
+    );
+    let a = between(
+        &clean.log,
+        "line-1-",
+        "line-200-abcdefghijklmnopqrstuvwxyz\n",
+    );
+    let b = between(
+        &stalled.log,
+        "line-1-",
+        "line-200-abcdefghijklmnopqrstuvwxyz\n",
+    );
+    assert!(a.len() > 5000, "{a}");
+    assert_eq!(a, b, "stage output differs after dead streams");
+    let silent = env2
+        .events()
+        .iter()
+        .filter(|e| {
+            e["event"] == "exec_reconnect"
+                && e["error"].as_str().is_some_and(|s| s.contains("silent"))
+        })
+        .count();
+    assert!(silent >= 2, "dead streams were not detected: {silent}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_closed_every_200ms_miss_no_transition() {
+    let env = Env::start("[spot]\npolicy = \"require\"\n").await;
+    env.emu
+        .faults()
+        .close_watches_every(Duration::from_millis(200));
+    // Pending → Running during prepare.
+    let out = env
+        .runner()
+        .run(&JobBuilder::new(6501).script(&["echo watched"]).build())
+        .await;
+    assert_eq!(out.result, JobResult::Success, "{}", out.log);
+    assert!(out.log.contains("watched"));
+    // Running → Failed (preempted) → DELETED during a stage.
+    let job = JobBuilder::new(6502)
+        .script(&["echo started", "sleep 30"])
+        .build();
+    let runner = env.runner();
+    let handle = tokio::spawn(async move { runner.run(&job).await });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let node = loop {
+        let started = env.events().iter().any(|e| {
+            e["event"] == "stage_start" && e["stage"] == "build_script" && e["job_id"] == "6502"
+        });
+        let node = env.pods().await.iter().find_map(|p| {
+            p.metadata
+                .name
+                .as_deref()?
+                .ends_with("-6502")
+                .then_some(())?;
+            p.spec.as_ref()?.node_name.clone()
+        });
+        if let (true, Some(n)) = (started, node) {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "build_script never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.emu.faults().preempt_node(&node);
+    let out = tokio::time::timeout(Duration::from_secs(60), handle)
+        .await
+        .expect("the preemption was noticed")
+        .unwrap();
+    env.emu.faults().close_watches_every(Duration::ZERO);
+    assert!(
+        matches!(out.result, JobResult::SystemFailure { .. }),
+        "{:?}\n{}",
+        out.result,
+        out.log
+    );
+    assert!(
+        out.log.contains(&format!("preempted on node {node}")),
+        "{}",
+        out.log
+    );
+    assert!(
+        env.events()
+            .iter()
+            .any(|e| e["event"] == "preemption_recorded"),
+        "no preemption event"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_at_ten_random_points_then_cleanup_leaves_no_pod_or_secret() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("SPOTRUN_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    println!("seed {seed} (rerun with SPOTRUN_TEST_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let env = Env::start("").await;
+    // Image pulls take a second, so prepare lasts long enough to be hit anywhere.
+    env.emu.faults().delay_pulls(Duration::from_secs(1));
+    // (stage, latest signal time): every point lands while its stage still runs; stages the
+    // runner generates are short, so they are hit early (an exec takes > 50 ms to even start).
+    let points = [
+        ("prepare", 800),
+        ("prepare_script", 40),
+        ("get_sources", 40),
+        ("build_script", 1500),
+        ("after_script", 800),
+    ];
+    for i in 0..10u64 {
+        let (stage, max_ms) = points[rng.random_range(0..points.len())];
+        let after = Duration::from_millis(rng.random_range(0..max_ms));
+        let job_id = 6600 + i;
+        let job = JobBuilder::new(job_id)
+            .script(&["echo one", "sleep 2", "echo two"])
+            .after_script(&["echo after", "sleep 2"])
+            .build();
+        let cancel = Cancel {
+            stage: stage.into(),
+            after,
+            mode: CancelMode::Abort,
+        };
+        let out = env.runner().run_with(&job, Some(cancel)).await;
+        println!("point {i}: {stage} + {after:?} → {:?}", out.result);
+        let hit = out
+            .stage(stage)
+            .is_some_and(|s| s.exit_after_sigterm.is_some());
+        assert!(
+            hit,
+            "point {i}: SIGTERM did not land in {stage}\n{}",
+            out.log
+        );
+        if let Some(s) = out.stages.iter().find(|s| s.exit_after_sigterm.is_some()) {
+            assert!(!s.killed, "{} needed SIGKILL after SIGTERM", s.stage);
+        }
+        assert!(
+            env.no_pods_within(Duration::from_secs(20)).await,
+            "point {i} ({stage} + {after:?}): a pod was left\n{}",
+            out.log
+        );
+        assert!(
+            env.secrets().await.is_empty(),
+            "point {i} ({stage} + {after:?}): a secret was left"
+        );
+    }
+}

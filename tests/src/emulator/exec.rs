@@ -16,11 +16,15 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, frame::coding::CloseCode};
 
+use super::faults::ExecFault;
 use super::kubelet::{ExecTargetError, ProcInfo};
 use super::server::{Body, empty_body};
 use super::status::ApiError;
 use super::store::Res;
 use super::{Shared, api};
+
+/// How long a stalled exec session keeps its dead connection open.
+const STALL_HOLD: Duration = Duration::from_secs(120);
 
 const STDIN: u8 = 0;
 const STDOUT: u8 = 1;
@@ -278,7 +282,7 @@ async fn session(
     proto: Proto,
     er: ExecRequest,
     target: ProcInfo,
-    cut: Option<u64>,
+    cut: Option<ExecFault>,
 ) {
     let (mut sink, mut stream) = ws.split();
     let first = if er.stdout {
@@ -375,7 +379,8 @@ async fn session(
         tokio::select! {
             item = rx.recv(), if outputs_open => match item {
                 Some((ch, data)) => {
-                    if let Some(limit) = cut {
+                    if let Some(fault) = cut {
+                        let (ExecFault::Cut(limit) | ExecFault::Stall(limit)) = fault;
                         let room = limit.saturating_sub(sent);
                         if (data.len() as u64) >= room {
                             let part = data.slice(..usize::try_from(room).unwrap_or(usize::MAX).min(data.len()));
@@ -384,6 +389,12 @@ async fn session(
                             }
                             // Abrupt cut: no status frame, no close frame.
                             reader.abort();
+                            if matches!(fault, ExecFault::Stall(_)) {
+                                // A dead peer: hold the socket open without a frame or a pong
+                                // (bounded, so a forgotten session cannot outlive a test run).
+                                tokio::time::sleep(STALL_HOLD).await;
+                                drop(sink);
+                            }
                             return;
                         }
                     }

@@ -22,9 +22,18 @@ struct FailRule {
 pub(crate) struct FaultState {
     fail_next: Vec<FailRule>,
     fail_ratio: Option<(u32, Vec<u16>)>,
-    exec_cuts: Vec<u64>,
+    exec_cuts: Vec<ExecFault>,
     pub(crate) scheduling_delay: Duration,
     pub(crate) pull_delay: Duration,
+}
+
+/// What happens to one exec session after `bytes` bytes of output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExecFault {
+    /// The connection ends abruptly: no status frame, no close frame.
+    Cut(u64),
+    /// The connection stays open but goes dead: no more frames, no pong, nothing read.
+    Stall(u64),
 }
 
 /// Requests from the fault handle to the emulator's tasks (node changes need the store).
@@ -118,8 +127,20 @@ impl Faults {
     /// The next `sessions` exec sessions are each cut after `bytes` bytes of output.
     pub fn cut_execs_after(&self, bytes: u64, sessions: u32) {
         let mut s = self.lock();
-        s.exec_cuts
-            .extend(std::iter::repeat_n(bytes, sessions as usize));
+        s.exec_cuts.extend(std::iter::repeat_n(
+            ExecFault::Cut(bytes),
+            sessions as usize,
+        ));
+    }
+
+    /// The next `sessions` exec sessions each go dead after `bytes` bytes of output: the TCP
+    /// connection stays open but no frame (data, status, pong or close) is ever sent again.
+    pub fn stall_execs_after(&self, bytes: u64, sessions: u32) {
+        let mut s = self.lock();
+        s.exec_cuts.extend(std::iter::repeat_n(
+            ExecFault::Stall(bytes),
+            sessions as usize,
+        ));
     }
 
     /// Reclaims a node like a spot preemption: its pods are terminated (phase Failed, reason
@@ -151,7 +172,7 @@ impl Faults {
         self.lock().pull_delay
     }
 
-    pub(crate) fn take_exec_cut(&self) -> Option<u64> {
+    pub(crate) fn take_exec_cut(&self) -> Option<ExecFault> {
         let mut s = self.lock();
         if s.exec_cuts.is_empty() {
             None
