@@ -122,12 +122,14 @@ app.kubernetes.io/part-of: spotrun
 {{- end }}
 
 {{/*
-A TOML scalar or array of scalars. Helm reads YAML numbers as float64; whole numbers are
-printed as integers because our programs' settings are integers (toToml would print 3600.0).
+A TOML scalar or array of scalars. Helm 4 reads YAML numbers as float64 (whole numbers are
+printed as integers because our programs' settings are integers; toToml would print 3600.0);
+Helm 3 reads values files into json.Number, a string kind holding the number's literal text.
 */}}
 {{- define "spotrun.toml.value" -}}
 {{- $v := . }}
-{{- if kindIs "string" $v }}{{ include "spotrun.toml.string" $v }}
+{{- if typeIs "json.Number" $v }}{{ toString $v }}
+{{- else if kindIs "string" $v }}{{ include "spotrun.toml.string" $v }}
 {{- else if kindIs "bool" $v }}{{ ternary "true" "false" $v }}
 {{- else if or (kindIs "float64" $v) (kindIs "float32" $v) }}
 {{- if eq (float64 (int64 $v)) (float64 $v) }}{{ int64 $v }}{{ else }}{{ $v }}{{ end }}

@@ -1,7 +1,7 @@
 //! The Helm chart (helm/spotrun): lint, render and schema-validate every CI values file, check the
 //! executor Role against the committed verb list, and parse the rendered TOML configs.
 //!
-//! Needs `helm` (v3.18+ or v4) and `kubernetes-validate` on PATH (`.ci/install` prints the PATH);
+//! Needs `helm` (v4), `helm3` (v3.18) and `kubernetes-validate` on PATH (`.ci/install` prints the PATH);
 //! a missing tool fails the tests with a message saying so.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -54,8 +54,13 @@ fn helm_home() -> &'static Path {
 }
 
 fn helm(args: &[&str]) -> Output {
+    helm_bin("helm", args)
+}
+
+/// Runs `helm` (v4) or `helm3` (v3.18) with isolated homes.
+fn helm_bin(bin: &str, args: &[&str]) -> Output {
     let home = helm_home();
-    Command::new(tool("helm"))
+    Command::new(tool(bin))
         .args(args)
         .env("HELM_CACHE_HOME", home.join("cache"))
         .env("HELM_CONFIG_HOME", home.join("config"))
@@ -1169,4 +1174,105 @@ fn terraform_example_follows_fmt_layout() {
         "terraform fmt layout:\n{}",
         problems.join("\n")
     );
+}
+
+type LintAndRender = Box<dyn FnOnce() -> (PathBuf, Output, Output) + Send>;
+
+/// The chart supports Helm 3 and 4: Helm 3.18 lints every CI values file as strictly, renders the
+/// same manifests as Helm 4 and enforces the same schema (draft 2020-12).
+#[test]
+fn helm3_lints_renders_the_same_manifests_and_enforces_the_schema() {
+    let v = helm_bin("helm3", &["version", "--short"]);
+    assert!(
+        text(&v.stdout).starts_with("v3."),
+        "helm3 is not Helm 3: {}",
+        text(&v.stdout)
+    );
+    let jobs: Vec<LintAndRender> = ci_values_files()
+        .into_iter()
+        .map(|f| {
+            Box::new(move || {
+                let chart = chart_dir();
+                let (chart, file) = (chart.to_str().unwrap(), f.to_str().unwrap());
+                let lint = helm_bin("helm3", &["lint", "--strict", chart, "-f", file]);
+                let template = helm_bin(
+                    "helm3",
+                    &[
+                        "template",
+                        RELEASE,
+                        chart,
+                        "--namespace",
+                        NAMESPACE,
+                        "-f",
+                        file,
+                        "--api-versions",
+                        CRD_API_VERSIONS,
+                    ],
+                );
+                (f, lint, template)
+            }) as Box<dyn FnOnce() -> _ + Send>
+        })
+        .collect();
+    for (file, lint, template) in parallel(jobs) {
+        let stdout = text(&lint.stdout);
+        assert!(
+            lint.status.success()
+                && stdout.contains("0 chart(s) failed")
+                && !stdout.contains("[WARNING]")
+                && !stdout.contains("[ERROR]"),
+            "helm3 lint --strict -f {}:\n{stdout}\n{}",
+            file.display(),
+            text(&lint.stderr)
+        );
+        assert!(
+            template.status.success(),
+            "helm3 template -f {}:\n{}",
+            file.display(),
+            text(&template.stderr)
+        );
+        let v3 = without_generated_keys(documents(&text(&template.stdout)));
+        let v4 = without_generated_keys(documents(&render_file(&file)));
+        assert!(!v3.is_empty());
+        assert_eq!(
+            v3,
+            v4,
+            "Helm 3 and Helm 4 render {} differently",
+            file.display()
+        );
+    }
+    let chart = chart_dir();
+    let bad = helm_bin(
+        "helm3",
+        &[
+            "template",
+            RELEASE,
+            chart.to_str().unwrap(),
+            "--set",
+            "executor.config.spot.policy=sometimes",
+        ],
+    );
+    assert!(!bad.status.success());
+    // Helm 3 names the value with dots, Helm 4 with a JSON pointer.
+    assert!(
+        text(&bad.stderr).contains("executor.config.spot.policy")
+            && text(&bad.stderr).contains("must be one of"),
+        "{}",
+        text(&bad.stderr)
+    );
+}
+
+/// The chart generates the proxy's key pair when none is given (random on every render): blank it
+/// so two renders compare equal.
+fn without_generated_keys(mut docs: Vec<Value>) -> Vec<Value> {
+    for d in &mut docs {
+        if kind(d) == "Secret"
+            && name(d).ends_with("-cache-credentials")
+            && let Some(data) = d.get_mut("data").and_then(Value::as_mapping_mut)
+        {
+            for (_, v) in data.iter_mut() {
+                *v = Value::String("<generated>".into());
+            }
+        }
+    }
+    docs
 }
