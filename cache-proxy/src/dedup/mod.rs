@@ -33,6 +33,9 @@ pub const PACK_TARGET: u64 = 32 << 20;
 const READ_SPAN_MAX: u64 = 8 << 20;
 /// Unneeded bytes we accept reading between two wanted chunks of the same pack to save a request.
 const READ_GAP_MAX: u64 = 256 << 10;
+/// How often an ingest re-reads the list of condemned packs (written by any process's GC). Safety
+/// needs `grace` > longest upload + this interval: see `DedupStore::gc`.
+const CONDEMNED_REFRESH: Duration = Duration::from_secs(30);
 /// Read markers (for expiry of unread keys) are rewritten at most this often per key.
 const READ_MARK_EVERY: Duration = Duration::from_hours(1);
 
@@ -88,6 +91,10 @@ pub struct GcReport {
     pub manifests_live: usize,
     pub manifests_expired: usize,
     pub packs_kept: usize,
+    /// Unreferenced packs past grace marked for deletion by a later run (tombstones written).
+    pub packs_condemned: usize,
+    /// Condemned packs found referenced again (their tombstones removed).
+    pub packs_rescued: usize,
     pub packs_deleted: usize,
     pub bytes_deleted: u64,
 }
@@ -114,12 +121,21 @@ pub struct DedupStore {
     /// chunk found in the index cannot be swept before the manifest referencing it exists.
     gc_lock: tokio::sync::RwLock<()>,
     recent_reads: Mutex<HashMap<String, Instant>>,
+    /// Packs some GC (this process or another) has condemned, and when the list was read; chunks in
+    /// them are never reused.
+    condemned: tokio::sync::Mutex<(Option<Instant>, Arc<HashSet<String>>)>,
+    /// Reused packs seen in the backend recently (saves a HEAD per pack per upload).
+    verified: Mutex<HashMap<Arc<str>, Instant>>,
 }
 
 #[must_use]
 pub fn manifest_key(bucket: &str, key: &str) -> String {
     let h = hex::encode(Sha256::digest(key.as_bytes()));
     format!("manifests/{bucket}/{}/{h}", &h[..2])
+}
+
+fn tombstone_key(pack: &str) -> String {
+    format!("condemned/{}", pack.trim_start_matches("packs/"))
 }
 
 fn read_marker_key(manifest_key: &str) -> String {
@@ -269,6 +285,8 @@ impl DedupStore {
             metrics,
             gc_lock: tokio::sync::RwLock::new(()),
             recent_reads: Mutex::new(HashMap::new()),
+            condemned: tokio::sync::Mutex::new((None, Arc::new(HashSet::new()))),
+            verified: Mutex::new(HashMap::new()),
         };
         this.reload_index().await?;
         Ok(this)
@@ -351,14 +369,30 @@ impl DedupStore {
         obj: NewObject,
     ) -> Result<ManifestV1, DedupError> {
         let _gc_guard = self.gc_lock.read().await;
-        let spool = spool.to_owned();
-        let spool_dir = self.spool_dir.clone();
-        let index_snapshot = self.index_reader();
-        let plan = tokio::task::spawn_blocking(move || {
-            plan_chunks(&spool, size, &spool_dir, &*index_snapshot)
-        })
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let plan = loop {
+            let (spool, spool_dir) = (spool.to_owned(), self.spool_dir.clone());
+            let condemned = self.condemned_packs().await?;
+            let index_snapshot = self.index_reader(condemned);
+            let plan = tokio::task::spawn_blocking(move || {
+                plan_chunks(&spool, size, &spool_dir, &*index_snapshot)
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+            // Another process's GC may have deleted packs this index still points at: never publish
+            // a manifest over a missing pack. Forgetting them makes the second plan store afresh.
+            let missing = self.missing_reused_packs(&plan).await?;
+            if missing.is_empty() {
+                break plan;
+            }
+            tracing::warn!(
+                packs = missing.len(),
+                "reused packs are gone from the backend (deleted by another process's gc); re-chunking"
+            );
+            self.index
+                .write()
+                .expect("index lock")
+                .retain(|_, loc| !missing.contains(&loc.pack));
+        };
         for (name, file) in &plan.packs {
             self.blob
                 .put_file(name, file.path())
@@ -417,11 +451,72 @@ impl DedupStore {
     }
 
     #[allow(clippy::type_complexity)] // a one-off closure type
-    fn index_reader(&self) -> Box<dyn Fn(&[u8; 32]) -> Option<Loc> + Send> {
+    fn index_reader(
+        &self,
+        condemned: Arc<HashSet<String>>,
+    ) -> Box<dyn Fn(&[u8; 32]) -> Option<Loc> + Send> {
         // A snapshot keeps the blocking chunker off the lock; chunks added meanwhile are only a missed
         // dedup opportunity, never an error.
         let snapshot: HashMap<[u8; 32], Loc> = self.index.read().expect("index lock").clone();
-        Box::new(move |sha| snapshot.get(sha).cloned())
+        Box::new(move |sha| {
+            snapshot
+                .get(sha)
+                .filter(|loc| !condemned.contains(&*loc.pack))
+                .cloned()
+        })
+    }
+
+    /// Packs an ingest plan reuses that are not (recently verified to be) in the backend.
+    async fn missing_reused_packs(&self, plan: &Plan) -> Result<HashSet<Arc<str>>, DedupError> {
+        let new: HashSet<&Arc<str>> = plan.packs.iter().map(|(n, _)| n).collect();
+        let reused: HashSet<Arc<str>> = plan
+            .segments
+            .iter()
+            .filter_map(|s| match s {
+                PlannedSegment::Chunk(loc, _) if !new.contains(&loc.pack) => Some(loc.pack.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut missing = HashSet::new();
+        for pack in reused {
+            let fresh = self
+                .verified
+                .lock()
+                .expect("verified lock")
+                .get(&pack)
+                .is_some_and(|t| t.elapsed() < CONDEMNED_REFRESH);
+            if fresh {
+                continue;
+            }
+            if self.blob.head(&pack).await?.is_some() {
+                let mut verified = self.verified.lock().expect("verified lock");
+                if verified.len() > 100_000 {
+                    verified.retain(|_, t| t.elapsed() < CONDEMNED_REFRESH);
+                }
+                verified.insert(pack, Instant::now());
+            } else {
+                missing.insert(pack);
+            }
+        }
+        Ok(missing)
+    }
+
+    /// The packs condemned by any GC, re-listed when the cached list is older than
+    /// `CONDEMNED_REFRESH`.
+    async fn condemned_packs(&self) -> Result<Arc<HashSet<String>>, DedupError> {
+        let mut slot = self.condemned.lock().await;
+        if slot.0.is_some_and(|at| at.elapsed() < CONDEMNED_REFRESH) {
+            return Ok(slot.1.clone());
+        }
+        let set: HashSet<String> = self
+            .blob
+            .list("condemned/")
+            .await?
+            .into_iter()
+            .map(|o| format!("packs/{}", o.key.trim_start_matches("condemned/")))
+            .collect();
+        *slot = (Some(Instant::now()), Arc::new(set));
+        Ok(slot.1.clone())
     }
 
     /// Stream bytes `start..end` of a manifest's object. A corrupt chunk ends the stream with an error
@@ -609,18 +704,61 @@ impl DedupStore {
             .iter()
             .flat_map(|m| m.header.packs.iter().map(String::as_str))
             .collect();
-        let mut deleted: HashSet<String> = HashSet::new();
+        // Two phases, so that several processes (replicas, the CLI) can share a backend: an
+        // unreferenced pack past grace is first condemned (a tombstone object), and deleted by a later
+        // run only if it is still unreferenced once the tombstone is older than grace. Ingests stop
+        // reusing chunks of condemned packs within CONDEMNED_REFRESH, so a manifest written after the
+        // mark phase of the deleting run can only reference the pack if its upload took longer than
+        // grace - CONDEMNED_REFRESH; such manifests written earlier are seen and rescue the pack.
+        let tombstones: HashMap<String, SystemTime> = self
+            .blob
+            .list("condemned/")
+            .await?
+            .into_iter()
+            .map(|o| {
+                (
+                    format!("packs/{}", o.key.trim_start_matches("condemned/")),
+                    o.modified,
+                )
+            })
+            .collect();
+        let mut seen: HashSet<String> = HashSet::new();
         for pack in self.blob.list("packs/").await? {
-            let age = opts.now.duration_since(pack.modified).unwrap_or_default();
-            if referenced.contains(pack.key.as_str()) || age < opts.grace {
+            seen.insert(pack.key.clone());
+            let tombstone = tombstones.get(&pack.key);
+            if referenced.contains(pack.key.as_str()) {
+                if tombstone.is_some() {
+                    self.blob.delete(&tombstone_key(&pack.key)).await?;
+                    report.packs_rescued += 1;
+                }
                 report.packs_kept += 1;
                 continue;
             }
-            self.blob.delete(&pack.key).await?;
-            report.packs_deleted += 1;
-            report.bytes_deleted += pack.size;
-            deleted.insert(pack.key);
+            let age = opts.now.duration_since(pack.modified).unwrap_or_default();
+            match tombstone {
+                _ if age < opts.grace => report.packs_kept += 1,
+                None => {
+                    self.blob
+                        .put_bytes(&tombstone_key(&pack.key), Bytes::new())
+                        .await?;
+                    report.packs_condemned += 1;
+                    report.packs_kept += 1;
+                }
+                Some(at) if opts.now.duration_since(*at).unwrap_or_default() >= opts.grace => {
+                    self.blob.delete(&pack.key).await?;
+                    self.blob.delete(&tombstone_key(&pack.key)).await?;
+                    report.packs_deleted += 1;
+                    report.bytes_deleted += pack.size;
+                }
+                Some(_) => report.packs_kept += 1,
+            }
         }
+        // Tombstones of packs that are gone (deleted by a run that crashed before this cleanup).
+        for pack in tombstones.keys().filter(|p| !seen.contains(*p)) {
+            self.blob.delete(&tombstone_key(pack)).await?;
+        }
+        // This process stops reusing what it just condemned at once.
+        *self.condemned.lock().await = (None, Arc::new(HashSet::new()));
         // Forget chunks of expired keys too: they may be swept by a later run.
         let mut fresh = HashMap::new();
         for m in &keep {
@@ -797,6 +935,17 @@ mod tests {
             now: now + Duration::from_mins(2),
             ..opts.clone()
         };
+        // First run condemns the unreferenced pack, a run after grace deletes it.
+        let r = s.gc(&later).await.unwrap();
+        assert_eq!(
+            (
+                r.packs_condemned,
+                r.packs_deleted,
+                r.packs_kept,
+                r.manifests_live
+            ),
+            (1, 0, 2, 1)
+        );
         let r = s.gc(&later).await.unwrap();
         assert_eq!((r.packs_deleted, r.packs_kept, r.manifests_live), (1, 1, 1));
         assert_eq!(get(&s, "k", 0, 1 << 20).await.unwrap(), noise(1 << 20, 4));
@@ -805,7 +954,56 @@ mod tests {
             ..later
         };
         let r = s.gc(&expire).await.unwrap();
-        assert_eq!((r.manifests_expired, r.packs_deleted), (1, 1));
+        assert_eq!((r.manifests_expired, r.packs_condemned), (1, 1));
+        let r = s.gc(&expire).await.unwrap();
+        assert_eq!(r.packs_deleted, 1);
+        assert!(s.blob().list("condemned/").await.unwrap().is_empty());
         assert!(s.manifest("b", "k").await.unwrap().is_none());
+    }
+
+    /// Two processes on one backend (replicas, or the server and the `gc` CronJob): one's GC never
+    /// leaves the other publishing manifests over deleted or condemned packs.
+    #[tokio::test]
+    async fn gc_in_another_process_never_breaks_this_ones_manifests() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |spool: &str| {
+            let blob = Arc::new(DiskStore::open(dir.path().join("data")).unwrap());
+            DedupStore::open(blob, dir.path().join(spool), Arc::new(Metrics::default()))
+        };
+        let a = Arc::new(open("spool-a").await.unwrap());
+        let b = open("spool-b").await.unwrap();
+        let (old, new) = (noise(1 << 20, 5), noise(1 << 20, 6));
+        put(&a, dir.path(), "k", &old).await;
+        put(&a, dir.path(), "k", &new).await; // `old`'s pack is unreferenced, still in a's index
+        let gc = GcOptions {
+            grace: Duration::from_mins(1),
+            expire_unread: None,
+            max_logical_bytes: None,
+            now: SystemTime::now() + Duration::from_mins(2),
+        };
+        assert_eq!(b.gc(&gc).await.unwrap().packs_condemned, 1);
+        // Once its list of condemned packs is stale (30 s; forced here), a re-lists it and stores
+        // `old` afresh instead of reusing the condemned pack.
+        a.condemned.lock().await.0 = None;
+        let packs_before = a.blob().list("packs/").await.unwrap().len();
+        put(&a, dir.path(), "k2", &old).await;
+        assert_eq!(
+            a.blob().list("packs/").await.unwrap().len(),
+            packs_before + 1
+        );
+        assert_eq!(b.gc(&gc).await.unwrap().packs_deleted, 1);
+        assert_eq!(get(&a, "k2", 0, 1 << 20).await.unwrap(), old);
+
+        // A pack deleted while a process did not look (its tombstone gone too): caught by the
+        // existence check before the manifest is published.
+        let (gone, other) = (noise(1 << 20, 7), noise(1 << 20, 8));
+        put(&a, dir.path(), "k3", &gone).await;
+        put(&a, dir.path(), "k3", &other).await;
+        b.gc(&gc).await.unwrap();
+        assert_eq!(b.gc(&gc).await.unwrap().packs_deleted, 1);
+        a.condemned.lock().await.1 = Arc::new(HashSet::new()); // as if listed before the condemning
+        a.verified.lock().unwrap().clear();
+        put(&a, dir.path(), "k4", &gone).await;
+        assert_eq!(get(&a, "k4", 0, 1 << 20).await.unwrap(), gone);
     }
 }
