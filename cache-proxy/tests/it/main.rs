@@ -11,9 +11,13 @@
     clippy::cast_possible_wrap
 )]
 
+mod backend_faults;
 mod common;
+mod concurrency;
 mod conformance;
+mod crash;
 mod dedup;
 mod faults;
+mod hostile;
 mod presign_boto3;
 mod runner_sequence;
