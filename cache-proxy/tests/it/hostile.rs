@@ -234,6 +234,15 @@ async fn bad_utf8_and_percent_encoding_get_s3_xml_400() {
         );
         assert_eq!(r.header("content-type"), Some("application/xml"));
     }
+    // Regression (found by fuzzing): a non-ASCII presigned X-Amz-Date panicked the date parser.
+    let target = format!(
+        "/{BUCKET}/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=runner-key%2F20250101%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20250101%C3%A900000Z&X-Amz-Expires=60&X-Amz-SignedHeaders=host&X-Amz-Signature=00"
+    );
+    let r = raw(proxy.addr, "GET", &target, &[], b"").await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "InvalidArgument")
+    );
     // Raw bytes that are not valid in a request target never reach the router.
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(b"GET /runner-cache/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n")
