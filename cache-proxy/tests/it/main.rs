@@ -18,6 +18,7 @@ mod conformance;
 mod crash;
 mod dedup;
 mod faults;
+mod fuzz_regressions;
 mod hostile;
 mod presign_boto3;
 mod runner_sequence;
