@@ -5,4 +5,10 @@ cd "$(dirname "$0")"
 eval "$(bash .ci/install)"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# Every proxy and executor log the tests produce is captured here, then scanned for secrets.
+SPOTRUN_LOG_CAPTURE_DIR="$(mktemp -d -t spotrun-logs.XXXXXX)"
+export SPOTRUN_LOG_CAPTURE_DIR
 cargo test --workspace --locked
+cargo run -q --locked -p spotrun-testkit --bin spotrun-log-scan -- "$SPOTRUN_LOG_CAPTURE_DIR"
+# Each fuzz target for 60 s (SPOTRUN_FUZZ_SECS); SPOTRUN_SKIP_FUZZ=1 skips it locally.
+[ "${SPOTRUN_SKIP_FUZZ:-0}" = 1 ] || bash .ci/fuzz

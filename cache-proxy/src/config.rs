@@ -43,6 +43,8 @@ pub struct FileConfig {
     pub spool_dir: Option<PathBuf>,
     pub max_object_bytes: Option<u64>,
     #[serde(default)]
+    pub http: HttpFile,
+    #[serde(default)]
     pub access_keys: Vec<AccessKey>,
     pub store: Option<StoreFile>,
     #[serde(default)]
@@ -84,6 +86,8 @@ pub struct StoreFile {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub max_concurrency: Option<usize>,
+    /// Seconds one backend request may take, body included, before it counts as unavailable.
+    pub request_timeout_secs: Option<u64>,
 }
 
 impl std::fmt::Debug for StoreFile {
@@ -121,6 +125,58 @@ impl Default for GcFile {
     }
 }
 
+/// Limits on client connections: what a slow, oversized or flooding client can cost us.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpFile {
+    /// Seconds a client has to send a request's complete header block.
+    pub header_read_timeout_secs: u64,
+    /// Seconds an upload body (or a download's reader) may make no progress before the request is cut.
+    pub body_idle_timeout_secs: u64,
+    /// Connections served at once; more wait in the kernel's accept backlog.
+    pub max_connections: usize,
+    /// Largest request head (request line + headers) in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+}
+
+impl Default for HttpFile {
+    fn default() -> Self {
+        let d = HttpLimits::default();
+        Self {
+            header_read_timeout_secs: d.header_read_timeout.as_secs(),
+            body_idle_timeout_secs: d.body_idle_timeout.as_secs(),
+            max_connections: d.max_connections,
+            max_header_bytes: d.max_header_bytes,
+        }
+    }
+}
+
+/// Resolved connection limits (see [`HttpFile`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub header_read_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+            body_idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            max_header_bytes: 64 << 10,
+        }
+    }
+}
+
+/// S3's own limit for one PUT: the runner uploads a cache archive in one presigned PUT, so nothing
+/// larger can come from it.
+pub const DEFAULT_MAX_OBJECT_BYTES: u64 = 5 << 30;
+/// hyper's smallest read buffer.
+const MIN_HEADER_BYTES: usize = 8 << 10;
+
 /// Values from env vars and flags (clap fills both); `None` = not given.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -148,7 +204,9 @@ pub struct Settings {
     pub access_keys: Vec<AccessKey>,
     pub store: StoreChoice,
     pub spool_dir: PathBuf,
-    pub max_object_bytes: Option<u64>,
+    /// Largest accepted object; bigger declared or received bodies get 400 `EntityTooLarge`.
+    pub max_object_bytes: u64,
+    pub http: HttpLimits,
     pub gc_interval: Option<Duration>,
     pub gc_grace: Duration,
     pub expire_unread: Option<Duration>,
@@ -292,6 +350,9 @@ pub fn resolve(
                         )
                     })?,
                     max_concurrency: sf.max_concurrency.unwrap_or(32),
+                    request_timeout: Duration::from_secs(
+                        sf.request_timeout_secs.unwrap_or(120).max(1),
+                    ),
                 })
             }
             other => {
@@ -316,6 +377,26 @@ pub fn resolve(
             "must be at least 60 (in-flight uploads and downloads rely on it)",
         ));
     }
+    let h = file.http;
+    if h.header_read_timeout_secs == 0 || h.body_idle_timeout_secs == 0 {
+        return Err(invalid(
+            "http.*_timeout_secs",
+            "timeouts must be at least 1 second",
+        ));
+    }
+    if h.max_connections == 0 {
+        return Err(invalid("http.max_connections", "must be at least 1"));
+    }
+    if h.max_header_bytes < MIN_HEADER_BYTES {
+        return Err(invalid(
+            "http.max_header_bytes",
+            format!("must be at least {MIN_HEADER_BYTES}"),
+        ));
+    }
+    let max_object_bytes = file.max_object_bytes.unwrap_or(DEFAULT_MAX_OBJECT_BYTES);
+    if max_object_bytes == 0 {
+        return Err(invalid("max_object_bytes", "must be positive"));
+    }
     Ok(Settings {
         listen,
         region,
@@ -323,7 +404,13 @@ pub fn resolve(
         access_keys,
         store,
         spool_dir,
-        max_object_bytes: file.max_object_bytes,
+        max_object_bytes,
+        http: HttpLimits {
+            header_read_timeout: Duration::from_secs(h.header_read_timeout_secs),
+            body_idle_timeout: Duration::from_secs(h.body_idle_timeout_secs),
+            max_connections: h.max_connections,
+            max_header_bytes: h.max_header_bytes,
+        },
         gc_interval: (gc.interval_secs > 0).then(|| Duration::from_secs(gc.interval_secs)),
         gc_grace: Duration::from_secs(gc.grace_secs),
         expire_unread: (gc.expire_unread_days > 0)
@@ -348,6 +435,30 @@ mod tests {
         assert_eq!(s.buckets, vec!["runner-cache".to_string()]);
         assert_eq!(s.access_keys.len(), 2);
         assert!(matches!(s.store, StoreChoice::Disk(_)));
+        assert_eq!(s.max_object_bytes, 20 << 30);
+        assert_eq!(
+            s.http,
+            HttpLimits {
+                header_read_timeout: Duration::from_secs(30),
+                body_idle_timeout: Duration::from_secs(60),
+                max_connections: 1024,
+                max_header_bytes: 65536,
+            }
+        );
+    }
+
+    #[test]
+    fn http_limits_are_validated() {
+        let base = "[[access_keys]]\nid = \"a\"\nsecret = \"s\"\n[store]\npath = \"/x\"\n";
+        let file = parse_file(&format!("{base}[http]\nmax_header_bytes = 100\n")).unwrap();
+        let err = resolve(file, Overrides::default(), &no_env).unwrap_err();
+        assert!(err.to_string().contains("`http.max_header_bytes`"), "{err}");
+        let file = parse_file(&format!("{base}[http]\nmax_connections = 0\n")).unwrap();
+        let err = resolve(file, Overrides::default(), &no_env).unwrap_err();
+        assert!(err.to_string().contains("`http.max_connections`"), "{err}");
+        let s = resolve(parse_file(base).unwrap(), Overrides::default(), &no_env).unwrap();
+        assert_eq!(s.max_object_bytes, DEFAULT_MAX_OBJECT_BYTES);
+        assert_eq!(s.http, HttpLimits::default());
     }
 
     #[test]

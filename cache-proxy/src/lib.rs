@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod chunked;
 pub mod config;
+pub mod conn;
 pub mod dedup;
 pub mod metrics;
 pub mod s3error;
@@ -86,9 +87,9 @@ pub async fn serve(
             }
         });
     }
+    let limits = settings.http.clone();
     let app = server::router(server::AppState::new(settings, dedup, metrics));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+    conn::serve_connections(listener, app, &limits, shutdown)
         .await
         .map_err(RunError::Serve)
 }

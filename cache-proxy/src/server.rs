@@ -104,11 +104,70 @@ async fn s3(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let status = resp.status().as_u16();
     st.metrics.observe(op, status, started.elapsed());
     // Paths can carry cache keys but never credentials; signatures live in the query, which is not logged.
-    tracing::info!(op, %method, path = %resource, status, access_key = access_key.as_deref().unwrap_or("-"), request_id = %rid, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "s3 request");
+    // Access key ids are shown only by their last characters, like the AWS console does.
+    let key_hint = access_key
+        .as_deref()
+        .map_or_else(|| "-".to_owned(), access_key_hint);
+    tracing::info!(op, %method, path = %resource, status, access_key = %key_hint, request_id = %rid, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "s3 request");
     resp
 }
 
 type Handled = Result<(Response, Option<String>), S3Error>;
+
+/// `…` plus the last four characters of an access key id: enough to tell configured keys apart in
+/// logs without writing the id itself there.
+#[must_use]
+pub fn access_key_hint(id: &str) -> String {
+    let tail: String = id
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    if id.chars().count() <= 4 {
+        "…".to_owned()
+    } else {
+        format!("…{tail}")
+    }
+}
+
+/// Headers that must appear at most once: with two, the signed value and the used value could differ.
+const SINGLETON_HEADERS: &[&str] = &[
+    "authorization",
+    "x-amz-date",
+    "x-amz-content-sha256",
+    "x-amz-decoded-content-length",
+    "x-amz-checksum-crc32",
+    "content-md5",
+    "content-encoding",
+    "range",
+    "host",
+];
+
+/// Reject repeated query parameter names (compared case-insensitively) and repeated singleton
+/// headers, so that no two parts of the proxy can read different values of one parameter.
+fn reject_duplicates(query: &[(String, String)], headers: &HeaderMap) -> Result<(), S3Error> {
+    let mut names: Vec<String> = query.iter().map(|(k, _)| k.to_ascii_lowercase()).collect();
+    names.sort_unstable();
+    if let Some([name, _]) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(S3Error::bad_request(
+            "InvalidArgument",
+            format!("query parameter {name:?} is given more than once"),
+        ));
+    }
+    if let Some(h) = SINGLETON_HEADERS
+        .iter()
+        .find(|h| headers.get_all(**h).iter().nth(1).is_some())
+    {
+        return Err(S3Error::bad_request(
+            "InvalidArgument",
+            format!("header {h} is given more than once"),
+        ));
+    }
+    Ok(())
+}
 
 #[allow(clippy::match_same_arms)] // one arm per error keeps the mapping auditable
 fn auth_error(e: &AuthError) -> S3Error {
@@ -196,10 +255,18 @@ async fn handle(st: &AppState, req: Request) -> (&'static str, Handled) {
     };
     let trimmed = path_str.strip_prefix('/').unwrap_or(path_str);
     let (bucket, key) = trimmed.split_once('/').unwrap_or((trimmed, ""));
-    let query = match sigv4::parse_query(parts.uri.query().unwrap_or("")) {
-        Ok(q) => q,
-        Err(e) => return ("Unknown", Err(auth_error(&e))),
+    let Ok(query) = sigv4::parse_query(parts.uri.query().unwrap_or("")) else {
+        return (
+            "Unknown",
+            Err(S3Error::bad_request(
+                "InvalidURI",
+                "Couldn't parse the specified URI.",
+            )),
+        );
     };
+    if let Err(e) = reject_duplicates(&query, &parts.headers) {
+        return ("Unknown", Err(e));
+    }
     let op = match (&parts.method, key.is_empty()) {
         (&Method::GET, false) => "GetObject",
         (&Method::HEAD, false) => "HeadObject",
@@ -479,10 +546,17 @@ async fn put_object(
             "aws-chunked bodies need x-amz-decoded-content-length",
         ));
     }
-    let limit = st.settings.max_object_bytes.unwrap_or(u64::MAX);
-    if decoded_len
-        .or_else(|| header_str(headers, "content-length").and_then(|v| v.parse().ok()))
-        .is_some_and(|n: u64| n > limit)
+    let limit = st.settings.max_object_bytes;
+    let declared = |name| header_str(headers, name).and_then(|v| v.trim().parse::<u64>().ok());
+    // Checked before anything is spooled. Content-Length bounds aws-chunked bodies too, allowing for
+    // the framing (chunk headers and signatures add well under 1/8).
+    let framing_slack = if decoder.is_some() {
+        limit / 8 + (1 << 20)
+    } else {
+        0
+    };
+    if decoded_len.is_some_and(|n| n > limit)
+        || declared("content-length").is_some_and(|n| n > limit.saturating_add(framing_slack))
     {
         return Err(S3Error::bad_request(
             "EntityTooLarge",
@@ -502,7 +576,18 @@ async fn put_object(
     let mut size = 0u64;
     let mut stream = body.into_data_stream();
     let mut decoded = Vec::new();
-    while let Some(frame) = stream.next().await {
+    let idle = st.settings.http.body_idle_timeout;
+    // A body that stops arriving is cut after `idle`, so a slow client holds a connection for bounded time.
+    while let Some(frame) = tokio::time::timeout(idle, stream.next())
+        .await
+        .map_err(|_| {
+            tracing::info!(idle_secs = idle.as_secs(), "upload body stalled");
+            S3Error::bad_request(
+                "RequestTimeout",
+                "Your socket connection to the server was not read from or written to within the timeout period.",
+            )
+        })?
+    {
         let frame = frame.map_err(|e| {
             tracing::info!(error = %e, "upload body ended early");
             S3Error::bad_request("IncompleteBody", "You did not provide the number of bytes specified by the Content-Length HTTP header")
@@ -635,6 +720,35 @@ mod tests {
         assert_eq!(parse_range(Some(&h("bytes=5-2")), 10), Ok(None));
         assert_eq!(parse_range(Some(&h("items=0-1")), 10), Ok(None));
         assert_eq!(parse_range(None, 10), Ok(None));
+    }
+
+    #[test]
+    fn key_hints_hide_the_id() {
+        assert_eq!(access_key_hint("runner-key"), "…-key");
+        assert_eq!(access_key_hint("abcd"), "…");
+        assert_eq!(access_key_hint("AKIAIOSFODNN7EXAMPLE"), "…MPLE");
+    }
+
+    #[test]
+    fn duplicates_are_rejected() {
+        let q = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let h = HeaderMap::new();
+        assert!(reject_duplicates(&q(&[("a", "1"), ("b", "2")]), &h).is_ok());
+        let e = reject_duplicates(
+            &q(&[("X-Amz-Signature", "1"), ("x-amz-signature", "2")]),
+            &h,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "InvalidArgument");
+        let mut h = HeaderMap::new();
+        h.append("x-amz-date", HeaderValue::from_static("20250101T000000Z"));
+        h.append("x-amz-date", HeaderValue::from_static("20250102T000000Z"));
+        assert!(reject_duplicates(&[], &h).is_err());
     }
 
     #[test]

@@ -278,7 +278,9 @@ pub fn trailer_signature(
 /// Parse `yyyymmddTHHMMSSZ` into a time.
 pub fn parse_amz_date(s: &str) -> Result<SystemTime, AuthError> {
     let bad = || AuthError::Malformed(format!("X-Amz-Date {s:?} is not yyyymmddTHHMMSSZ"));
-    if s.len() != 16 || &s[8..9] != "T" || !s.ends_with('Z') {
+    // ASCII first: slicing at fixed byte offsets would panic inside a multi-byte character (found by
+    // the sigv4 fuzz target: a percent-decoded presigned X-Amz-Date reaches here unchecked).
+    if s.len() != 16 || !s.is_ascii() || &s[8..9] != "T" || !s.ends_with('Z') {
         return Err(bad());
     }
     let num =
@@ -371,6 +373,14 @@ impl AuthHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amz_date_with_multibyte_characters_is_malformed_not_a_panic() {
+        // Regression: 16 bytes, but byte 8 falls inside a character.
+        let s = "`\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}";
+        assert_eq!(s.len(), 16);
+        assert!(matches!(parse_amz_date(s), Err(AuthError::Malformed(_))));
+    }
 
     /// The GET example from the S3 `SigV4` documentation ("Example: GET Object").
     #[test]

@@ -1,28 +1,69 @@
-//! TCP fault proxy for tests: forwards loopback connections to an upstream and can cut, stall or delay.
+//! TCP fault proxy for tests: forwards loopback connections to an upstream and can delay, throttle,
+//! cut (FIN or RST), stall or refuse them. Faults are atomics, changeable while connections run; each
+//! byte threshold counts per connection and per direction.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
-/// What to do to each proxied connection; changeable while running.
+/// What to do to each proxied connection; changeable while running. Zero means "off" everywhere.
 #[derive(Debug, Default)]
 pub struct Faults {
-    /// Close both directions after this many client→upstream bytes (0 = never).
+    /// Close both directions after this many client→upstream bytes.
     pub cut_after_upload_bytes: AtomicU64,
-    /// Delay before each forwarded read, in milliseconds.
+    /// Close both directions after this many upstream→client bytes.
+    pub cut_after_download_bytes: AtomicU64,
+    /// Cuts send a TCP reset (`SO_LINGER` 0) instead of a clean FIN.
+    pub reset: AtomicBool,
+    /// Delay before each forwarded read, in milliseconds (latency).
     pub delay_ms: AtomicU64,
-    /// Stop forwarding (but keep sockets open) once this many client→upstream bytes passed (0 = never).
+    /// Bandwidth limit per connection and direction, in bytes per second.
+    pub bytes_per_sec: AtomicU64,
+    /// Stop forwarding (but keep sockets open) once this many client→upstream bytes passed.
     pub stall_after_upload_bytes: AtomicU64,
+    /// Stop forwarding (but keep sockets open) once this many upstream→client bytes passed.
+    pub stall_after_download_bytes: AtomicU64,
+    /// Refuse new connections (accept, then reset at once): the backend looks down.
+    pub refuse: AtomicBool,
+}
+
+impl Faults {
+    /// Turn every fault off (the backend "returns"); running stalled connections stay stalled.
+    pub fn clear(&self) {
+        for a in [
+            &self.cut_after_upload_bytes,
+            &self.cut_after_download_bytes,
+            &self.delay_ms,
+            &self.bytes_per_sec,
+            &self.stall_after_upload_bytes,
+            &self.stall_after_download_bytes,
+        ] {
+            a.store(0, Ordering::SeqCst);
+        }
+        self.reset.store(false, Ordering::SeqCst);
+        self.refuse.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Counters for assertions that a fault really happened.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub connections: AtomicU64,
+    pub cuts: AtomicU64,
+    pub stalls: AtomicU64,
+    pub refused: AtomicU64,
 }
 
 #[derive(Debug)]
 pub struct FaultProxy {
     pub addr: SocketAddr,
     pub faults: Arc<Faults>,
+    pub counters: Arc<Counters>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -32,18 +73,39 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let faults = Arc::new(Faults::default());
-        let f = faults.clone();
+        let counters = Arc::new(Counters::default());
+        let (f, c) = (faults.clone(), counters.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let f = f.clone();
+                let (f, c) = (f.clone(), c.clone());
+                c.connections.fetch_add(1, Ordering::Relaxed);
+                if f.refuse.load(Ordering::SeqCst) {
+                    c.refused.fetch_add(1, Ordering::Relaxed);
+                    let _ = client.set_zero_linger();
+                    drop(client);
+                    continue;
+                }
                 tokio::spawn(async move {
-                    if let Ok(up) = TcpStream::connect(upstream).await {
-                        pipe(client, up, f).await;
+                    match TcpStream::connect(upstream).await {
+                        Ok(up) => pipe(client, up, f, c).await,
+                        Err(_) => {
+                            let _ = client.set_zero_linger();
+                        }
                     }
                 });
             }
         });
-        Ok(Self { addr, faults, task })
+        Ok(Self {
+            addr,
+            faults,
+            counters,
+            task,
+        })
+    }
+
+    #[must_use]
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
     }
 }
 
@@ -53,73 +115,259 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn pipe(client: TcpStream, up: TcpStream, f: Arc<Faults>) {
-    let (mut cr, mut cw) = client.into_split();
-    let (mut ur, mut uw) = up.into_split();
-    let f2 = f.clone();
-    // Returns true when the connection was cut on purpose.
-    let upload = async move {
-        let mut sent = 0u64;
-        let mut buf = vec![0u8; 16 << 10];
-        loop {
-            let delay = f.delay_ms.load(Ordering::Relaxed);
-            if delay > 0 {
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-            }
-            let Ok(n) = cr.read(&mut buf).await else {
-                return true;
-            };
-            if n == 0 {
-                let _ = uw.shutdown().await;
-                return false;
-            }
-            let cut = f.cut_after_upload_bytes.load(Ordering::Relaxed);
-            let stall = f.stall_after_upload_bytes.load(Ordering::Relaxed);
-            let mut n_fwd = n as u64;
-            if cut > 0 && sent + n_fwd >= cut {
-                n_fwd = cut - sent;
-                let _ = uw
-                    .write_all(&buf[..usize::try_from(n_fwd).unwrap_or(0)])
-                    .await;
-                return true; // dropping both halves closes the connections
-            }
-            if stall > 0 && sent + n_fwd >= stall {
-                let _ = uw
-                    .write_all(&buf[..usize::try_from(stall - sent).unwrap_or(0)])
-                    .await;
-                std::future::pending::<()>().await;
-            }
-            if uw.write_all(&buf[..n]).await.is_err() {
-                return true;
-            }
-            sent += n_fwd;
-        }
+#[derive(Clone, Copy)]
+enum Dir {
+    Upload,
+    Download,
+}
+
+/// How one direction ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// The source closed cleanly; the other direction may continue.
+    Eof,
+    /// Cut on purpose or broken: close everything.
+    Cut,
+}
+
+/// Forward one direction until EOF, a cut, or `stop` (the other direction was cut). A cut with
+/// `reset` set closes both sockets with RST: linger 0, and the write half is forgotten rather than
+/// shut down, since a shutdown would send a FIN first.
+async fn forward(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    dir: Dir,
+    f: &Faults,
+    c: &Counters,
+    stop: &tokio::sync::Notify,
+) -> End {
+    let end = tokio::select! {
+        e = pump(&mut from, &mut to, dir, f, c) => e,
+        () = stop.notified() => End::Cut,
     };
-    let download = async move {
-        let mut buf = vec![0u8; 16 << 10];
-        loop {
-            let delay = f2.delay_ms.load(Ordering::Relaxed);
-            if delay > 0 {
-                tokio::time::sleep(Duration::from_millis(delay)).await;
+    if end == End::Cut && f.reset.load(Ordering::SeqCst) {
+        let _ = from.as_ref().set_zero_linger();
+        let _ = to.as_ref().set_zero_linger();
+        to.forget();
+    }
+    end
+}
+
+async fn pump(
+    from: &mut OwnedReadHalf,
+    to: &mut OwnedWriteHalf,
+    dir: Dir,
+    f: &Faults,
+    c: &Counters,
+) -> End {
+    let (cut_at, stall_at) = match dir {
+        Dir::Upload => (&f.cut_after_upload_bytes, &f.stall_after_upload_bytes),
+        Dir::Download => (&f.cut_after_download_bytes, &f.stall_after_download_bytes),
+    };
+    let mut passed = 0u64;
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let delay = f.delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        // Read at most one bandwidth tick's worth (1/10 s) so the limit is smooth.
+        let bps = f.bytes_per_sec.load(Ordering::Relaxed);
+        let want = if bps > 0 {
+            usize::try_from((bps / 10).clamp(1, buf.len() as u64)).unwrap_or(1)
+        } else {
+            buf.len()
+        };
+        let n = match from.read(&mut buf[..want]).await {
+            Ok(0) => {
+                let _ = to.shutdown().await;
+                return End::Eof;
             }
-            match ur.read(&mut buf).await {
-                Ok(0) | Err(_) => {
-                    let _ = cw.shutdown().await;
-                    return;
-                }
-                Ok(n) => {
-                    if cw.write_all(&buf[..n]).await.is_err() {
-                        return;
+            Ok(n) => n as u64,
+            Err(_) => return End::Cut,
+        };
+        let cut = cut_at.load(Ordering::Relaxed);
+        let stall = stall_at.load(Ordering::Relaxed);
+        // Thresholds may be set below what a (pooled) connection already passed: act at once then.
+        let mut fwd = n;
+        if cut > 0 && passed + n >= cut {
+            fwd = cut.saturating_sub(passed);
+        }
+        if stall > 0 && passed + n >= stall {
+            fwd = fwd.min(stall.saturating_sub(passed));
+        }
+        let slice = &buf[..usize::try_from(fwd).expect("fits the buffer")];
+        if to.write_all(slice).await.is_err() {
+            return End::Cut;
+        }
+        passed += fwd;
+        if cut > 0 && passed >= cut {
+            c.cuts.fetch_add(1, Ordering::Relaxed);
+            return End::Cut;
+        }
+        if stall > 0 && passed >= stall {
+            c.stalls.fetch_add(1, Ordering::Relaxed);
+            std::future::pending::<()>().await;
+        }
+        if let Some(us) = fwd.saturating_mul(1_000_000).checked_div(bps) {
+            tokio::time::sleep(Duration::from_micros(us)).await;
+        }
+    }
+}
+
+async fn pipe(client: TcpStream, up: TcpStream, f: Arc<Faults>, c: Arc<Counters>) {
+    let _ = client.set_nodelay(true);
+    let _ = up.set_nodelay(true);
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = up.into_split();
+    let stop_up = Arc::new(tokio::sync::Notify::new());
+    let stop_down = Arc::new(tokio::sync::Notify::new());
+    let (f2, c2, s2) = (f.clone(), c.clone(), stop_up.clone());
+    let mut upload = tokio::spawn(async move { forward(cr, uw, Dir::Upload, &f2, &c2, &s2).await });
+    let s3 = stop_down.clone();
+    let mut download =
+        tokio::spawn(async move { forward(ur, cw, Dir::Download, &f, &c, &s3).await });
+    // A cut in either direction ends both; a clean EOF lets the other direction finish.
+    let (first, other, stop_other) = tokio::select! {
+        r = &mut upload => (r, download, stop_down),
+        r = &mut download => (r, upload, stop_up),
+    };
+    if !matches!(first, Ok(End::Eof)) {
+        stop_other.notify_one();
+    }
+    let _ = other.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upstream that answers each connection with `reply` after reading `expect` bytes (echo-less).
+    async fn upstream(reply: Vec<u8>, expect: usize) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let reply = reply.clone();
+                tokio::spawn(async move {
+                    let mut got = vec![0u8; expect];
+                    if s.read_exact(&mut got).await.is_ok() {
+                        let _ = s.write_all(&reply).await;
+                        let _ = s.shutdown().await;
                     }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Send `out`, then read until EOF or error: (bytes read, whether it ended in an error).
+    async fn exchange(addr: SocketAddr, out: &[u8]) -> (Vec<u8>, bool) {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(out).await;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let r = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => return false,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(_) => return true,
                 }
             }
-        }
-    };
-    let download = tokio::spawn(download);
-    // A cut ends both directions; a clean client EOF still lets the response through.
-    if upload.await {
-        download.abort();
-    } else {
-        let _ = download.await;
+        })
+        .await
+        .expect("the exchange ends within 10 s");
+        (got, r)
+    }
+
+    #[tokio::test]
+    async fn forwards_cleanly_without_faults() {
+        let reply: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let p = FaultProxy::start(upstream(reply.clone(), 5).await)
+            .await
+            .unwrap();
+        let (got, err) = exchange(p.addr, b"hello").await;
+        assert_eq!((got, err), (reply, false));
+    }
+
+    #[tokio::test]
+    async fn download_cut_truncates_and_reset_is_an_error() {
+        let reply = vec![7u8; 100_000];
+        let p = FaultProxy::start(upstream(reply, 1).await).await.unwrap();
+        p.faults
+            .cut_after_download_bytes
+            .store(30_000, Ordering::SeqCst);
+        let (got, err) = exchange(p.addr, b"x").await;
+        assert_eq!(
+            (got.len(), err),
+            (30_000, false),
+            "a FIN cut looks like EOF"
+        );
+        p.faults.reset.store(true, Ordering::SeqCst);
+        let (got, err) = exchange(p.addr, b"x").await;
+        assert!(got.len() <= 30_000);
+        assert!(err, "a reset cut is a read error");
+        assert_eq!(p.counters.cuts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn upload_cut_means_the_upstream_never_answers() {
+        let p = FaultProxy::start(upstream(b"ok".to_vec(), 1000).await)
+            .await
+            .unwrap();
+        p.faults.cut_after_upload_bytes.store(500, Ordering::SeqCst);
+        let (got, _) = exchange(p.addr, &[1u8; 1000]).await;
+        assert!(got.is_empty());
+        p.faults.clear();
+        let (got, err) = exchange(p.addr, &[1u8; 1000]).await;
+        assert_eq!(
+            (got.as_slice(), err),
+            (&b"ok"[..], false),
+            "service resumes"
+        );
+    }
+
+    #[tokio::test]
+    async fn stall_holds_the_connection_open() {
+        let p = FaultProxy::start(upstream(vec![1u8; 10_000], 1).await)
+            .await
+            .unwrap();
+        p.faults
+            .stall_after_download_bytes
+            .store(1_000, Ordering::SeqCst);
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut got = vec![0u8; 1_000];
+        s.read_exact(&mut got).await.unwrap();
+        let mut more = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_millis(300), s.read(&mut more)).await;
+        assert!(r.is_err(), "no byte and no EOF while stalled");
+        assert_eq!(p.counters.stalls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn refuse_resets_new_connections() {
+        let p = FaultProxy::start(upstream(b"ok".to_vec(), 1).await)
+            .await
+            .unwrap();
+        p.faults.refuse.store(true, Ordering::SeqCst);
+        let (got, _) = exchange(p.addr, b"x").await;
+        assert!(got.is_empty());
+        assert_eq!(p.counters.refused.load(Ordering::SeqCst), 1);
+        p.faults.clear();
+        assert_eq!(exchange(p.addr, b"x").await.0, b"ok");
+    }
+
+    #[tokio::test]
+    async fn bandwidth_limit_and_delay_still_deliver_everything() {
+        let reply = vec![3u8; 50_000];
+        let p = FaultProxy::start(upstream(reply.clone(), 1).await)
+            .await
+            .unwrap();
+        p.faults.bytes_per_sec.store(200_000, Ordering::SeqCst);
+        p.faults.delay_ms.store(5, Ordering::SeqCst);
+        let (got, err) = exchange(p.addr, b"x").await;
+        assert_eq!((got, err), (reply, false));
     }
 }

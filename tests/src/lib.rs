@@ -1,8 +1,9 @@
 //! Test kit for spotrun: a Kubernetes API emulator that runs pods for real, a gitlab-runner
-//! harness that drives a custom executor exactly as gitlab-runner does, an S3 peer launcher
-//! and a TCP fault proxy.
+//! harness that drives a custom executor exactly as gitlab-runner does, an S3 peer launcher,
+//! a TCP fault proxy and log capture for the secrets check.
 
 pub mod emulator;
 pub mod faultproxy;
 pub mod harness;
+pub mod logcapture;
 pub mod s3peer;

@@ -90,9 +90,11 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8], ManifestError> {
+        // checked_add: a corrupt length near usize::MAX must be "truncated", not an overflow (fuzzing).
         let s = self
-            .b
-            .get(self.i..self.i + n)
+            .i
+            .checked_add(n)
+            .and_then(|end| self.b.get(self.i..end))
             .ok_or(ManifestError::Malformed("truncated"))?;
         self.i += n;
         Ok(s)

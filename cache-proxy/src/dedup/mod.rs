@@ -97,6 +97,8 @@ pub struct GcReport {
     pub packs_rescued: usize,
     pub packs_deleted: usize,
     pub bytes_deleted: u64,
+    /// Leftovers of uploads interrupted by a crash: spool files and the store's temp files.
+    pub temp_files_deleted: usize,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
@@ -759,6 +761,16 @@ impl DedupStore {
         }
         // This process stops reusing what it just condemned at once.
         *self.condemned.lock().await = (None, Arc::new(HashSet::new()));
+        let stale = opts
+            .now
+            .checked_sub(opts.grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let spool_dir = self.spool_dir.clone();
+        report.temp_files_deleted +=
+            tokio::task::spawn_blocking(move || sweep_stale_files(&spool_dir, stale))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
+        report.temp_files_deleted += self.blob.sweep_temp(stale).await?;
         // Forget chunks of expired keys too: they may be swept by a later run.
         let mut fresh = HashMap::new();
         for m in &keep {
@@ -801,6 +813,29 @@ impl DedupStore {
         }
         Ok(st)
     }
+}
+
+/// Delete regular files in `dir` last modified before `stale` (files of live uploads are written
+/// continuously, so only leftovers of crashed ones are that old). Returns how many were deleted.
+pub fn sweep_stale_files(dir: &Path, stale: SystemTime) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut n = 0;
+    for entry in entries {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_file() && meta.modified()? < stale {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => n += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(n)
 }
 
 /// The part of a segment at `pos..pos+len` that falls inside `start..end`, as offsets into the segment.

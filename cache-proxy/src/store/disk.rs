@@ -197,6 +197,15 @@ impl BlobStore for DiskStore {
         }
     }
 
+    async fn sweep_temp(&self, stale: std::time::SystemTime) -> Result<usize, StoreError> {
+        let dir = self.root.join(".tmp");
+        blocking(move || {
+            crate::dedup::sweep_stale_files(&dir, stale)
+                .map_err(|e| StoreError::unavailable("sweep_temp", ".tmp", e))
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         tokio::fs::metadata(&self.root)
             .await

@@ -71,4 +71,10 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Cheap reachability probe for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Delete the store's own temporary files older than `stale` (left by a crash mid-write);
+    /// returns how many. Stores without local temporaries have nothing to do.
+    async fn sweep_temp(&self, stale: SystemTime) -> Result<usize, StoreError> {
+        let _ = stale;
+        Ok(0)
+    }
 }

@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use super::{BlobStore, ObjectInfo, StoreError};
 
 /// Settings for one S3-compatible bucket.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct S3Settings {
     pub endpoint: String,
     pub region: String,
@@ -32,6 +32,23 @@ pub struct S3Settings {
     pub access_key_id: String,
     pub secret_access_key: String,
     pub max_concurrency: usize,
+    /// Bound on one backend request, body included: a stalled backend becomes 503 `SlowDown`.
+    pub request_timeout: Duration,
+}
+
+// By hand: the derived Debug would print the secret key (`serve` logs the store settings at start).
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("path_style", &self.path_style)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone)]
@@ -41,6 +58,7 @@ pub struct S3Store {
     prefix: String,
     /// Bounds in-flight backend requests; callers wait (queue) when it is exhausted.
     permits: Arc<Semaphore>,
+    request_timeout: Duration,
 }
 
 impl std::fmt::Debug for S3Store {
@@ -74,8 +92,9 @@ impl S3Store {
             .retry_config(RetryConfig::standard().with_max_attempts(2))
             .timeout_config(
                 TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(3))
-                    .operation_attempt_timeout(Duration::from_mins(5))
+                    .connect_timeout(Duration::from_secs(3).min(s.request_timeout))
+                    .read_timeout(s.request_timeout)
+                    .operation_attempt_timeout(s.request_timeout)
                     .build(),
             )
             .build();
@@ -84,11 +103,32 @@ impl S3Store {
             bucket: s.bucket.clone(),
             prefix: s.prefix.clone(),
             permits: Arc::new(Semaphore::new(s.max_concurrency.max(1))),
+            request_timeout: s.request_timeout,
         }
     }
 
     fn full(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
+    }
+
+    /// Run one backend call under the request timeout. The SDK's own timeouts end at the response
+    /// head; a streamed body (GET) that stalls is only bounded here.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        key: &str,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        // Two attempts (retry_config) may each use the full attempt timeout.
+        tokio::time::timeout(self.request_timeout * 2, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::unavailable(
+                    op,
+                    key,
+                    format!("no answer within {:?}", self.request_timeout * 2),
+                ))
+            })
     }
 
     async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
@@ -124,46 +164,65 @@ impl BlobStore for S3Store {
         let body = ByteStream::from_path(path)
             .await
             .map_err(|e| StoreError::unavailable("put", key, e))?;
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.full(key))
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| classify("put", key, e))?;
+        // Boxed: the SDK's put future is large (clippy::large_futures).
+        self.timed(
+            "put",
+            key,
+            Box::pin(async {
+                self.client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(self.full(key))
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| classify("put", key, e))
+            }),
+        )
+        .await?;
         Ok(())
     }
 
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
         let _p = self.permit().await;
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.full(key))
-            .body(ByteStream::from(data))
-            .send()
-            .await
-            .map_err(|e| classify("put", key, e))?;
+        // Boxed: the SDK's put future is large (clippy::large_futures).
+        self.timed(
+            "put",
+            key,
+            Box::pin(async {
+                self.client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(self.full(key))
+                    .body(ByteStream::from(data))
+                    .send()
+                    .await
+                    .map_err(|e| classify("put", key, e))
+            }),
+        )
+        .await?;
         Ok(())
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         let _p = self.permit().await;
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.full(key))
-            .send()
-            .await
-            .map_err(|e| classify("get", key, e))?;
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::unavailable("get", key, e))?;
-        Ok(data.into_bytes())
+        self.timed("get", key, async {
+            let out = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(self.full(key))
+                .send()
+                .await
+                .map_err(|e| classify("get", key, e))?;
+            let data = out
+                .body
+                .collect()
+                .await
+                .map_err(|e| StoreError::unavailable("get", key, e))?;
+            Ok(data.into_bytes())
+        })
+        .await
     }
 
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
@@ -171,21 +230,24 @@ impl BlobStore for S3Store {
             return Ok(Bytes::new());
         }
         let _p = self.permit().await;
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.full(key))
-            .range(format!("bytes={offset}-{}", offset + len - 1))
-            .send()
-            .await
-            .map_err(|e| classify("get_range", key, e))?;
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::unavailable("get_range", key, e))?
-            .into_bytes();
+        let data = self
+            .timed("get_range", key, async {
+                let out = self
+                    .client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(self.full(key))
+                    .range(format!("bytes={offset}-{}", offset + len - 1))
+                    .send()
+                    .await
+                    .map_err(|e| classify("get_range", key, e))?;
+                out.body
+                    .collect()
+                    .await
+                    .map_err(|e| StoreError::unavailable("get_range", key, e))
+                    .map(aws_sdk_s3::primitives::AggregatedBytes::into_bytes)
+            })
+            .await?;
         if data.len() as u64 != len {
             return Err(StoreError::Rejected {
                 op: "get_range",
@@ -284,5 +346,28 @@ impl BlobStore for S3Store {
             .await
             .map_err(|e| classify("ping", &self.bucket, e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_credentials() {
+        let s = S3Settings {
+            endpoint: "http://127.0.0.1:1".into(),
+            region: "us-east-1".into(),
+            bucket: "b".into(),
+            prefix: String::new(),
+            path_style: true,
+            access_key_id: "AKIDEXAMPLEKEYID".into(),
+            secret_access_key: "wJalrXUtnFEMI-secret".into(),
+            max_concurrency: 1,
+            request_timeout: Duration::from_secs(1),
+        };
+        let text = format!("{s:?}");
+        assert!(!text.contains("wJalrXUtnFEMI-secret"), "{text}");
+        assert!(!text.contains("AKIDEXAMPLEKEYID"), "{text}");
     }
 }

@@ -9,6 +9,8 @@ use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use spotrun_cache_proxy::config::{AccessKey, Settings, StoreChoice};
 use spotrun_cache_proxy::metrics::Metrics;
 use spotrun_cache_proxy::store::s3::S3Settings;
+use spotrun_testkit::faultproxy::FaultProxy;
+use spotrun_testkit::logcapture::register_secret;
 use spotrun_testkit::s3peer::S3Peer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -16,16 +18,40 @@ pub const BUCKET: &str = "runner-cache";
 pub const AK: &str = "runner-key";
 pub const SK: &str = "runner-secret-0123456789";
 
+/// When `SPOTRUN_LOG_CAPTURE_DIR` is set, send the in-process proxies' logs (all levels of ours) there
+/// and register the test credentials, for `spotrun-log-scan` (see `spotrun_testkit::logcapture`).
+pub fn capture_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Some(file) = spotrun_testkit::logcapture::create("cache-proxy-it") else {
+            return;
+        };
+        for s in [AK, SK, "limited-secret"] {
+            register_secret(s);
+        }
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "info,spotrun_cache_proxy=trace",
+            ))
+            .with_writer(std::sync::Mutex::new(file))
+            .try_init();
+    });
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Disk,
     S3s,
+    /// s3s-fs behind a [`FaultProxy`] (`Proxy::faults`), with a 3 s backend request timeout.
+    S3sFaulty,
 }
 
 pub struct Proxy {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub peer: Option<S3Peer>,
+    pub faults: Option<FaultProxy>,
     pub metrics: Arc<Metrics>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -37,14 +63,25 @@ impl Proxy {
     }
 
     pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut Settings)) -> Self {
+        capture_logs();
         let dir = tempfile::tempdir().unwrap();
+        let mut faults = None;
         let (store, peer) = match backend {
             Backend::Disk => (StoreChoice::Disk(dir.path().join("store")), None),
-            Backend::S3s => {
+            Backend::S3s | Backend::S3sFaulty => {
                 let peer = S3Peer::start(&["dedup"])
                     .expect("s3s-fs must be installed for these tests (set S3S_FS or PATH)");
+                register_secret(&peer.secret_key);
+                let mut endpoint = peer.endpoint();
+                let mut request_timeout = Duration::from_secs(20);
+                if backend == Backend::S3sFaulty {
+                    let fp = FaultProxy::start(peer.addr).await.unwrap();
+                    endpoint = fp.endpoint();
+                    request_timeout = Duration::from_secs(3);
+                    faults = Some(fp);
+                }
                 let s = S3Settings {
-                    endpoint: peer.endpoint(),
+                    endpoint,
                     region: "us-east-1".into(),
                     bucket: "dedup".into(),
                     prefix: "cache/".into(),
@@ -52,6 +89,7 @@ impl Proxy {
                     access_key_id: peer.access_key.clone(),
                     secret_access_key: peer.secret_key.clone(),
                     max_concurrency: 8,
+                    request_timeout,
                 };
                 (StoreChoice::S3(s), Some(peer))
             }
@@ -76,7 +114,8 @@ impl Proxy {
             ],
             store,
             spool_dir: dir.path().join("spool"),
-            max_object_bytes: None,
+            max_object_bytes: spotrun_cache_proxy::config::DEFAULT_MAX_OBJECT_BYTES,
+            http: spotrun_cache_proxy::config::HttpLimits::default(),
             gc_interval: None,
             gc_grace: Duration::from_hours(1),
             expire_unread: None,
@@ -102,6 +141,7 @@ impl Proxy {
             addr,
             dir,
             peer,
+            faults,
             metrics,
             shutdown: Some(tx),
             task: Some(task),

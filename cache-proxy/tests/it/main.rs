@@ -11,9 +11,14 @@
     clippy::cast_possible_wrap
 )]
 
+mod backend_faults;
 mod common;
+mod concurrency;
 mod conformance;
+mod crash;
 mod dedup;
 mod faults;
+mod fuzz_regressions;
+mod hostile;
 mod presign_boto3;
 mod runner_sequence;

@@ -254,6 +254,28 @@ impl Runner {
         };
         let result = run.execute().await;
         let mut log = String::from_utf8_lossy(&run.log.lock().expect("log lock")).into_owned();
+        // For the secrets check: everything the executor printed, unmasked, and what must not be in it.
+        if crate::logcapture::dir().is_some() {
+            // A job script that prints its own secret on purpose (testing masking) is not a leak.
+            let scripts: Vec<&String> = job
+                .script
+                .iter()
+                .chain(&job.after_script)
+                .chain(job.extra_steps.iter().flat_map(|(_, s)| s))
+                .collect();
+            for v in job.payload_variables().iter().filter(|v| v.masked) {
+                let used = scripts.iter().any(|line| {
+                    line.contains(&format!("${}", v.key))
+                        || line.contains(&format!("${{{}}}", v.key))
+                });
+                if !used {
+                    crate::logcapture::register_secret(&v.value);
+                }
+            }
+            let mut all = run.raw.clone();
+            all.extend_from_slice(&run.runner_log);
+            crate::logcapture::write("executor", &all);
+        }
         for secret in job.masked_values() {
             if !secret.is_empty() {
                 log = log.replace(&secret, "[MASKED]");

@@ -1,0 +1,363 @@
+//! Crash consistency of the real binary on the disk store: SIGKILL at random points during 100
+//! uploads (random sizes, overwrites), restart, then every key reads as 404 or exactly one complete
+//! version, no manifest points at a missing chunk, and `gc` frees what the crashes left behind.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use rand::{Rng, SeedableRng};
+use spotrun_cache_proxy::dedup::manifest::{ManifestV1, Segment};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::{AK, BUCKET, SK, noise, parse_response, sha256, target_of};
+
+const BIN: &str = env!("CARGO_BIN_EXE_spotrun-cache-proxy");
+
+struct Server {
+    child: Option<Child>,
+    addr: SocketAddr,
+    config: PathBuf,
+    store: PathBuf,
+}
+
+impl Server {
+    fn command(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--config")
+            .arg(&self.config)
+            .arg("--store")
+            .arg(&self.store)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        match spotrun_testkit::logcapture::create("cache-proxy-bin") {
+            Some(f) => c.stderr(f),
+            None => c.stderr(Stdio::null()),
+        };
+        c
+    }
+
+    async fn start(&mut self) {
+        let mut cmd = self.command();
+        cmd.arg("serve");
+        self.child = Some(cmd.spawn().expect("start the proxy binary"));
+        for _ in 0..500 {
+            if let Ok(Some(r)) = try_raw(self.addr, "GET", "/healthz", &[]).await
+                && r.status == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the proxy did not come up within 10 s");
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // Child::kill sends SIGKILL.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn gc(&self) -> serde_json::Value {
+        let out = self
+            .command()
+            .arg("gc")
+            .stdout(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "gc failed");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One request on a fresh connection; `Ok(None)` when the server was not there or died mid-way.
+async fn try_raw(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    body: &[u8],
+) -> std::io::Result<Option<crate::common::RawResponse>> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let head = format!(
+            "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(body).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let res = tokio::time::timeout(Duration::from_secs(60), fut)
+        .await
+        .expect("a request to the proxy hung for 60 s");
+    match res {
+        Ok(buf) if buf.windows(4).any(|w| w == b"\r\n\r\n") => {
+            let r = parse_response(&buf, method == "HEAD");
+            // A response cut by the kill is not an answer.
+            let complete = r
+                .header("content-length")
+                .and_then(|l| l.parse::<usize>().ok())
+                .is_none_or(|l| method == "HEAD" || l == r.body.len());
+            Ok(complete.then_some(r))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn client(addr: SocketAddr) -> aws_sdk_s3::Client {
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(format!("http://{addr}"))
+        .force_path_style(true)
+        .credentials_provider(Credentials::new(AK, SK, None, None, "test"))
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+async fn presigned(c: &aws_sdk_s3::Client, method: &str, key: &str) -> String {
+    let cfg =
+        aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(3600)).unwrap();
+    let req = if method == "PUT" {
+        c.put_object()
+            .bucket(BUCKET)
+            .key(key)
+            .presigned(cfg)
+            .await
+            .unwrap()
+    } else {
+        c.get_object()
+            .bucket(BUCKET)
+            .key(key)
+            .presigned(cfg)
+            .await
+            .unwrap()
+    };
+    target_of(req.uri())
+}
+
+/// Every manifest decodes and every chunk it lists lies inside an existing pack.
+fn check_manifests(store: &Path) -> (usize, HashSet<String>) {
+    let mut referenced = HashSet::new();
+    let mut n = 0;
+    let mut stack = vec![store.join("manifests")];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let m = ManifestV1::decode(&std::fs::read(&p).unwrap())
+                .unwrap_or_else(|e| panic!("manifest {} undecodable: {e}", p.display()));
+            n += 1;
+            for seg in &m.segments {
+                if let Segment::Chunk(c) = seg {
+                    let pack = &m.header.packs[c.pack as usize];
+                    let len = std::fs::metadata(store.join(pack))
+                        .unwrap_or_else(|_| panic!("{} references missing {pack}", m.header.key))
+                        .len();
+                    assert!(c.offset + u64::from(c.len) <= len, "chunk beyond its pack");
+                }
+            }
+            referenced.extend(m.header.packs.iter().cloned());
+        }
+    }
+    (n, referenced)
+}
+
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default()
+}
+
+/// Make every file under `dir` look `age` old, so the GC grace period has passed.
+fn age_files(dir: &Path, age: Duration) {
+    let then = SystemTime::now() - age;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for p in files_in(&d) {
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let f = std::fs::File::options().write(true).open(&p).unwrap();
+                f.set_modified(then).unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_uploads_never_leaves_a_torn_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{addr}\"\nbuckets = [\"{BUCKET}\"]\n[[access_keys]]\nid = \"{AK}\"\nsecret = \"{SK}\"\n[gc]\ninterval_secs = 0\n"
+        ),
+    )
+    .unwrap();
+    let store = dir.path().join("store");
+    let mut server = Server {
+        child: None,
+        addr,
+        config,
+        store: store.clone(),
+    };
+    server.start().await;
+    let c = client(addr);
+
+    let seed: u64 = std::env::var("SPOTRUN_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("crash test seed {seed} (set SPOTRUN_CRASH_SEED to replay)");
+    // Per key, in order: sha256 of every version attempted, and the index of the last acknowledged.
+    let history: Arc<Mutex<HashMap<String, (Vec<String>, Option<usize>)>>> = Arc::default();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut uploaders = Vec::new();
+    // Four uploaders with disjoint keys, so each key's versions have one order.
+    for u in 0..4u64 {
+        let (c, history, done) = (c.clone(), history.clone(), done.clone());
+        uploaders.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (u + 1));
+            for i in 0..25u64 {
+                let key = format!("project/{u}/key-{}", rng.random_range(0..5));
+                let size = match rng.random_range(0..10) {
+                    0 => 0,
+                    1..=3 => rng.random_range(1..4096),
+                    _ => rng.random_range(4096..(3 << 20)),
+                };
+                let body = noise(size, seed ^ (u << 32) ^ i);
+                let idx = {
+                    let mut h = history.lock().unwrap();
+                    let e = h.entry(key.clone()).or_default();
+                    e.0.push(sha256(&body));
+                    e.0.len() - 1
+                };
+                let put = presigned(&c, "PUT", &key).await;
+                if let Ok(Some(r)) = try_raw(addr, "PUT", &put, &body).await
+                    && r.status == 200
+                {
+                    history.lock().unwrap().get_mut(&key).unwrap().1 = Some(idx);
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // While the server is down, wait a little instead of burning through the uploads.
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..30))).await;
+            }
+        }));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut kills = 0;
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 100 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(20..400))).await;
+        server.kill();
+        kills += 1;
+        server.start().await;
+    }
+    for u in uploaders {
+        u.await.unwrap();
+    }
+    server.kill();
+    println!("{kills} SIGKILLs during 100 uploads");
+    assert!(kills >= 3, "the test must actually crash the server");
+
+    // Restart and check every key.
+    server.start().await;
+    let history = history.lock().unwrap().clone();
+    let mut found = HashMap::new();
+    let mut acked = 0;
+    for (key, (versions, last_ack)) in &history {
+        let get = presigned(&c, "GET", key).await;
+        let r = try_raw(addr, "GET", &get, b"")
+            .await
+            .unwrap()
+            .expect("an answer");
+        match r.status {
+            404 => assert!(last_ack.is_none(), "{key}: an acknowledged upload was lost"),
+            200 => {
+                let sha = sha256(&r.body);
+                let pos = versions
+                    .iter()
+                    .rposition(|v| *v == sha)
+                    .unwrap_or_else(|| panic!("{key}: body is no version that was uploaded"));
+                assert!(
+                    last_ack.is_none_or(|a| versions[a..].contains(&sha)),
+                    "{key}: older than the last acknowledged version (found #{pos})"
+                );
+                found.insert(key.clone(), sha);
+            }
+            s => panic!("{key}: status {s}"),
+        }
+        acked += usize::from(last_ack.is_some());
+    }
+    println!(
+        "{} keys, {acked} with an acknowledged version, {} readable",
+        history.len(),
+        found.len()
+    );
+    server.kill();
+    let (manifests, referenced) = check_manifests(&store);
+    assert_eq!(manifests, found.len());
+
+    // Leftovers of the crashes are freed by gc once past the grace period; live data stays.
+    age_files(dir.path(), Duration::from_hours(2));
+    // Two runs: the first condemns unreferenced packs (tombstones), the second, once the
+    // tombstones are past grace too, deletes them.
+    let report = server.gc();
+    println!("gc after crashes (condemn): {report}");
+    age_files(dir.path(), Duration::from_hours(2));
+    let report = server.gc();
+    println!("gc after crashes (delete): {report}");
+    assert_eq!(report["packs_condemned"], 0, "{report}");
+    let packs: HashSet<String> = files_in(&store.join("packs"))
+        .iter()
+        .map(|p| format!("packs/{}", p.file_name().unwrap().to_string_lossy()))
+        .collect();
+    assert_eq!(packs, referenced, "exactly the referenced packs remain");
+    assert!(
+        files_in(&store.join(".tmp")).is_empty(),
+        "store temp files swept"
+    );
+    assert!(
+        files_in(&store.join(".spool")).is_empty(),
+        "spool files swept"
+    );
+    check_manifests(&store);
+    server.start().await;
+    for (key, sha) in &found {
+        let get = presigned(&c, "GET", key).await;
+        let r = try_raw(addr, "GET", &get, b"").await.unwrap().unwrap();
+        assert_eq!(
+            (r.status, sha256(&r.body)),
+            (200, sha.clone()),
+            "{key} after gc"
+        );
+    }
+}
