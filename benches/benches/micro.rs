@@ -90,7 +90,7 @@ fn manifest(c: &mut Criterion) {
     let mut g = c.benchmark_group("manifest");
     g.throughput(Throughput::Elements(3000));
     g.bench_function("encode 3000 segments", |b| {
-        b.iter(|| black_box(&m).encode())
+        b.iter(|| black_box(&m).encode());
     });
     g.bench_function("decode 3000 segments", |b| {
         b.iter(|| ManifestV1::decode(black_box(&enc)).expect("valid manifest"));

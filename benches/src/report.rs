@@ -185,6 +185,10 @@ fn tick_label(v: f64) -> String {
 
 /// A line plot as standalone SVG text.
 #[must_use]
+#[allow(
+    clippy::many_single_char_names,
+    reason = "w/h/s and x/y read like the plot geometry they are"
+)]
 pub fn svg(plot: &Plot) -> String {
     let (w, h) = (760.0, 420.0);
     let (left, right, top, bottom) = (70.0, 200.0, 40.0, 55.0);

@@ -169,12 +169,7 @@ pub async fn run(opts: &TransferOptions, proxy_bin: &Path) -> anyhow::Result<(Ve
     )
     .await;
     for rep in 0..opts.reps {
-        let body = Bytes::from(with_changed_blocks(
-            &base,
-            5,
-            MIB as usize,
-            u64::from(rep) + 1,
-        ));
+        let body = Bytes::from(with_changed_blocks(&base, 5, 1 << 20, u64::from(rep) + 1));
         let key = format!("p2/v{rep}");
         known_direct += paths.put(false, &key, &body).await?;
         known_proxy += paths.put(true, &key, &body).await?;

@@ -49,9 +49,12 @@ const WORDS: &[&str] = &[
     "}",
 ];
 
-/// A dependency tree: (path, content, mtime as y, mo, d, h, mi, s) per file.
+/// A zip mtime: year, month, day, hour, minute, second.
+pub type Mtime = (u16, u8, u8, u8, u8, u8);
+
+/// A dependency tree: (path, content, mtime) per file.
 pub struct Tree {
-    pub files: Vec<(String, Vec<u8>, (u16, u8, u8, u8, u8, u8))>,
+    pub files: Vec<(String, Vec<u8>, Mtime)>,
 }
 
 fn rng(seed: u64) -> impl FnMut() -> u64 {
@@ -141,7 +144,7 @@ impl Tree {
 #[must_use]
 pub fn new_entry_bytes(
     zip_bytes: &[u8],
-    seen: &mut std::collections::HashSet<(String, u32, u64)>,
+    seen: &mut std::collections::HashSet<(String, u32, u64), impl std::hash::BuildHasher>,
 ) -> u64 {
     let mut a = zip::ZipArchive::new(Cursor::new(zip_bytes)).unwrap();
     let mut total = 0;

@@ -8,7 +8,7 @@
 //!
 //! Version 2 (written): `b"SRM"`, version byte `2`, u32-LE length of a raw DEFLATE stream, the stream,
 //! then one 32-byte SHA-256 per chunk segment in segment order. The stream inflates to: u32-LE length
-//! + JSON header, varint segment count, then per segment a tag byte: `0` inline (varint len, bytes) or
+//! and JSON header, varint segment count, then per segment a tag byte: `0` inline (varint len, bytes) or
 //! `1` chunk (varint pack index, zigzag varint of offset minus the end of the previous chunk segment
 //! (0 before the first), varint len). Why: inline zip structure (local headers, the central directory)
 //! is mostly names and repeated fields that deflate to a fraction, consecutive chunks of a pack make

@@ -94,8 +94,9 @@ async fn ten_versions_with_five_percent_churn() {
         "dedup: per-version overhead above the ideal = {:.1} % of one version",
         per_version * 100.0
     );
+    // Manifest version 2 (deflated, central directory inline) measured 3.2 % here; it was ~10 % before.
     assert!(
-        per_version <= 0.12,
+        per_version <= 0.05,
         "per-version overhead {:.1} % of one version",
         per_version * 100.0
     );
