@@ -1,14 +1,28 @@
-//! `ManifestV1`: the per-key record listing an object's segments; a compact, versioned binary format.
+//! `ManifestV1`: the per-key record listing an object's segments, and its compact, versioned binary
+//! encodings. The model is unchanged since version 1; version 2 only stores it smaller.
 //!
-//! Layout: `b"SRM"`, version byte `1`, u32-LE length + JSON header (everything but segments), varint
-//! segment count, then per segment a tag byte: `0` inline (varint len, bytes) or `1` chunk (varint pack
-//! index, varint offset, varint len, 32-byte SHA-256). Binary because a JSON chunk list with hex digests
-//! is ~3× larger and manifests are stored per version.
+//! Version 1 (still decoded): `b"SRM"`, version byte `1`, u32-LE length + JSON header (everything but
+//! segments), varint segment count, then per segment a tag byte: `0` inline (varint len, bytes) or `1`
+//! chunk (varint pack index, varint offset, varint len, 32-byte SHA-256). Binary because a JSON chunk
+//! list with hex digests is ~3× larger and manifests are stored per version.
+//!
+//! Version 2 (written): `b"SRM"`, version byte `2`, u32-LE length of a raw DEFLATE stream, the stream,
+//! then one 32-byte SHA-256 per chunk segment in segment order. The stream inflates to: u32-LE length
+//! and JSON header, varint segment count, then per segment a tag byte: `0` inline (varint len, bytes) or
+//! `1` chunk (varint pack index, zigzag varint of offset minus the end of the previous chunk segment
+//! (0 before the first), varint len). Why: inline zip structure (local headers, the central directory)
+//! is mostly names and repeated fields that deflate to a fraction, consecutive chunks of a pack make
+//! the offset delta 0, and digests stay outside the stream because random bytes do not compress.
+
+use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
 const MAGIC: &[u8; 3] = b"SRM";
-const VERSION: u8 = 1;
+/// The version `encode` writes.
+const VERSION: u8 = 2;
+/// Inflated size above which a version-2 body is rejected (a 4 GiB object needs a few MiB).
+const MAX_INFLATED: u64 = 1 << 30;
 
 /// A chunk stored in a pack object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +83,7 @@ pub struct ManifestV1 {
 pub enum ManifestError {
     #[error("manifest has no SRM magic")]
     Magic,
-    #[error("manifest version {0} is not supported (this build reads version 1)")]
+    #[error("manifest version {0} is not supported (this build reads versions 1 and 2)")]
     Version(u8),
     #[error("manifest is truncated or malformed: {0}")]
     Malformed(&'static str),
@@ -112,93 +126,179 @@ impl Reader<'_> {
     }
 }
 
+fn zigzag(v: i64) -> u64 {
+    #[allow(clippy::cast_sign_loss)] // the zigzag mapping, bit for bit
+    let z = ((v << 1) ^ (v >> 63)) as u64;
+    z
+}
+
+fn unzigzag(z: u64) -> i64 {
+    #[allow(clippy::cast_possible_wrap)] // the zigzag mapping, bit for bit
+    let v = (z >> 1) as i64 ^ -((z & 1) as i64);
+    v
+}
+
 impl ManifestV1 {
+    /// Encode as version 2.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
         let header = serde_json::to_vec(&self.header).expect("header serialises");
-        let mut out = Vec::with_capacity(header.len() + self.segments.len() * 48 + 16);
-        out.extend_from_slice(MAGIC);
-        out.push(VERSION);
-        out.extend_from_slice(
+        let mut body = Vec::with_capacity(header.len() + self.segments.len() * 8 + 16);
+        body.extend_from_slice(
             &u32::try_from(header.len())
                 .expect("header under 4 GiB")
                 .to_le_bytes(),
         );
-        out.extend_from_slice(&header);
-        put_varint(&mut out, self.segments.len() as u64);
+        body.extend_from_slice(&header);
+        put_varint(&mut body, self.segments.len() as u64);
+        let mut digests = Vec::new();
+        let mut prev_end = 0u64;
         for seg in &self.segments {
             match seg {
                 Segment::Inline(b) => {
-                    out.push(0);
-                    put_varint(&mut out, b.len() as u64);
-                    out.extend_from_slice(b);
+                    body.push(0);
+                    put_varint(&mut body, b.len() as u64);
+                    body.extend_from_slice(b);
                 }
                 Segment::Chunk(c) => {
-                    out.push(1);
-                    put_varint(&mut out, u64::from(c.pack));
-                    put_varint(&mut out, c.offset);
-                    put_varint(&mut out, u64::from(c.len));
-                    out.extend_from_slice(&c.sha256);
+                    body.push(1);
+                    put_varint(&mut body, u64::from(c.pack));
+                    #[allow(clippy::cast_possible_wrap)] // offsets are far below 2^63
+                    put_varint(&mut body, zigzag(c.offset as i64 - prev_end as i64));
+                    put_varint(&mut body, u64::from(c.len));
+                    digests.extend_from_slice(&c.sha256);
+                    prev_end = c.offset + u64::from(c.len);
                 }
             }
         }
+        let mut z = flate2::write::DeflateEncoder::new(
+            Vec::with_capacity(body.len() / 3 + 64),
+            flate2::Compression::default(),
+        );
+        z.write_all(&body).expect("writing to a Vec");
+        let packed = z.finish().expect("writing to a Vec");
+        let mut out = Vec::with_capacity(8 + packed.len() + digests.len());
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(
+            &u32::try_from(packed.len())
+                .expect("manifest under 4 GiB")
+                .to_le_bytes(),
+        );
+        out.extend_from_slice(&packed);
+        out.extend_from_slice(&digests);
         out
     }
 
+    /// Decode version 1 or 2.
     pub fn decode(b: &[u8]) -> Result<Self, ManifestError> {
         let mut r = Reader { b, i: 0 };
         if r.take(3).map_err(|_| ManifestError::Magic)? != MAGIC {
             return Err(ManifestError::Magic);
         }
-        let v = r.take(1)?[0];
-        if v != VERSION {
-            return Err(ManifestError::Version(v));
-        }
-        let hlen = u32::from_le_bytes(r.take(4)?.try_into().expect("4 bytes")) as usize;
-        let header: ObjectHeader = serde_json::from_slice(r.take(hlen)?)
-            .map_err(|_| ManifestError::Malformed("header JSON"))?;
-        let count = r.varint()?;
-        let mut segments = Vec::with_capacity(usize::try_from(count.min(1 << 20)).unwrap_or(0));
-        let mut total = 0u64;
-        for _ in 0..count {
-            let seg = match r.take(1)?[0] {
-                0 => {
-                    let n = usize::try_from(r.varint()?)
-                        .map_err(|_| ManifestError::Malformed("inline length"))?;
-                    Segment::Inline(r.take(n)?.to_vec())
+        match r.take(1)?[0] {
+            1 => {
+                let (header, segments) = decode_segments(&mut r, None, false)?;
+                finish(&r, header, segments)
+            }
+            2 => {
+                let zlen = u32::from_le_bytes(r.take(4)?.try_into().expect("4 bytes")) as usize;
+                let mut body = Vec::new();
+                flate2::read::DeflateDecoder::new(r.take(zlen)?)
+                    .take(MAX_INFLATED + 1)
+                    .read_to_end(&mut body)
+                    .map_err(|_| ManifestError::Malformed("compressed body"))?;
+                if body.len() as u64 > MAX_INFLATED {
+                    return Err(ManifestError::Malformed("compressed body too large"));
                 }
-                1 => {
-                    let pack = u32::try_from(r.varint()?)
-                        .map_err(|_| ManifestError::Malformed("pack index"))?;
-                    if pack as usize >= header.packs.len() {
-                        return Err(ManifestError::Malformed("pack index out of range"));
-                    }
-                    let offset = r.varint()?;
-                    let len = u32::try_from(r.varint()?)
-                        .map_err(|_| ManifestError::Malformed("chunk length"))?;
-                    let sha256 = r.take(32)?.try_into().expect("32 bytes");
-                    Segment::Chunk(ChunkRef {
-                        pack,
-                        offset,
-                        len,
-                        sha256,
-                    })
+                let mut inner = Reader { b: &body, i: 0 };
+                let (header, segments) = decode_segments(&mut inner, Some(&mut r), true)?;
+                if inner.i != body.len() {
+                    return Err(ManifestError::Malformed(
+                        "trailing bytes in compressed body",
+                    ));
                 }
-                _ => return Err(ManifestError::Malformed("unknown segment tag")),
-            };
-            total += seg.len();
-            segments.push(seg);
+                finish(&r, header, segments)
+            }
+            v => Err(ManifestError::Version(v)),
         }
-        if r.i != b.len() {
-            return Err(ManifestError::Malformed("trailing bytes"));
-        }
-        if total != header.size {
-            return Err(ManifestError::Malformed(
-                "segment lengths do not add up to the object size",
-            ));
-        }
-        Ok(Self { header, segments })
     }
+}
+
+/// Header and segments from `r`; digests from `digests` when given (version 2) or inline (version 1).
+fn decode_segments(
+    r: &mut Reader<'_>,
+    mut digests: Option<&mut Reader<'_>>,
+    delta_offsets: bool,
+) -> Result<(ObjectHeader, Vec<Segment>), ManifestError> {
+    let hlen = u32::from_le_bytes(r.take(4)?.try_into().expect("4 bytes")) as usize;
+    let header: ObjectHeader = serde_json::from_slice(r.take(hlen)?)
+        .map_err(|_| ManifestError::Malformed("header JSON"))?;
+    let count = r.varint()?;
+    let mut segments = Vec::with_capacity(usize::try_from(count.min(1 << 20)).unwrap_or(0));
+    let mut prev_end = 0u64;
+    for _ in 0..count {
+        let seg = match r.take(1)?[0] {
+            0 => {
+                let n = usize::try_from(r.varint()?)
+                    .map_err(|_| ManifestError::Malformed("inline length"))?;
+                Segment::Inline(r.take(n)?.to_vec())
+            }
+            1 => {
+                let pack = u32::try_from(r.varint()?)
+                    .map_err(|_| ManifestError::Malformed("pack index"))?;
+                if pack as usize >= header.packs.len() {
+                    return Err(ManifestError::Malformed("pack index out of range"));
+                }
+                let raw = r.varint()?;
+                let offset = if delta_offsets {
+                    prev_end
+                        .checked_add_signed(unzigzag(raw))
+                        .ok_or(ManifestError::Malformed("chunk offset"))?
+                } else {
+                    raw
+                };
+                let len = u32::try_from(r.varint()?)
+                    .map_err(|_| ManifestError::Malformed("chunk length"))?;
+                let sha256 = match digests.as_deref_mut() {
+                    Some(d) => d.take(32)?,
+                    None => r.take(32)?,
+                }
+                .try_into()
+                .expect("32 bytes");
+                prev_end = offset
+                    .checked_add(u64::from(len))
+                    .ok_or(ManifestError::Malformed("chunk offset"))?;
+                Segment::Chunk(ChunkRef {
+                    pack,
+                    offset,
+                    len,
+                    sha256,
+                })
+            }
+            _ => return Err(ManifestError::Malformed("unknown segment tag")),
+        };
+        segments.push(seg);
+    }
+    Ok((header, segments))
+}
+
+/// Checks that `r` was consumed exactly and that the segments add up to the object size.
+fn finish(
+    r: &Reader<'_>,
+    header: ObjectHeader,
+    segments: Vec<Segment>,
+) -> Result<ManifestV1, ManifestError> {
+    if r.i != r.b.len() {
+        return Err(ManifestError::Malformed("trailing bytes"));
+    }
+    let total: u64 = segments.iter().map(Segment::len).sum();
+    if total != header.size {
+        return Err(ManifestError::Malformed(
+            "segment lengths do not add up to the object size",
+        ));
+    }
+    Ok(ManifestV1 { header, segments })
 }
 
 #[cfg(test)]
@@ -229,32 +329,143 @@ mod tests {
         }
     }
 
+    /// The version-1 encoder as it shipped, to prove old manifests still decode.
+    fn encode_v1(m: &ManifestV1) -> Vec<u8> {
+        let header = serde_json::to_vec(&m.header).unwrap();
+        let mut out = b"SRM\x01".to_vec();
+        out.extend_from_slice(&u32::try_from(header.len()).unwrap().to_le_bytes());
+        out.extend_from_slice(&header);
+        put_varint(&mut out, m.segments.len() as u64);
+        for seg in &m.segments {
+            match seg {
+                Segment::Inline(b) => {
+                    out.push(0);
+                    put_varint(&mut out, b.len() as u64);
+                    out.extend_from_slice(b);
+                }
+                Segment::Chunk(c) => {
+                    out.push(1);
+                    put_varint(&mut out, u64::from(c.pack));
+                    put_varint(&mut out, c.offset);
+                    put_varint(&mut out, u64::from(c.len));
+                    out.extend_from_slice(&c.sha256);
+                }
+            }
+        }
+        out
+    }
+
     #[test]
     fn round_trips_and_has_the_documented_layout() {
         let m = sample();
         let enc = m.encode();
-        assert_eq!(&enc[..4], b"SRM\x01");
-        let tail = &enc[enc.len() - (1 + 1 + 1 + 5 + 1 + 1 + 2 + 2 + 32)..];
-        assert_eq!(&tail[..10], &[2, 0, 5, b'P', b'K', 3, 4, b'x', 1, 0]);
-        assert_eq!(&tail[10..14], &[0xC8, 0x01, 0xAC, 0x02]);
+        assert_eq!(&enc[..4], b"SRM\x02");
+        let zlen = u32::from_le_bytes(enc[4..8].try_into().unwrap()) as usize;
+        assert_eq!(enc.len(), 8 + zlen + 32, "one digest after the stream");
+        assert_eq!(&enc[8 + zlen..], &[7; 32]);
+        let mut body = Vec::new();
+        flate2::read::DeflateDecoder::new(&enc[8..8 + zlen])
+            .read_to_end(&mut body)
+            .unwrap();
+        let hlen = u32::from_le_bytes(body[..4].try_into().unwrap()) as usize;
+        // count 2; inline "PK\x03\x04x"; chunk: pack 0, offset 200 - 0 zigzagged = 400, len 300.
+        assert_eq!(
+            &body[4 + hlen..],
+            &[
+                2, 0, 5, b'P', b'K', 3, 4, b'x', 1, 0, 0x90, 0x03, 0xAC, 0x02
+            ]
+        );
         assert_eq!(ManifestV1::decode(&enc).unwrap(), m);
     }
 
     #[test]
-    fn rejects_other_versions_truncation_and_size_mismatch() {
-        let mut enc = sample().encode();
+    fn consecutive_chunks_and_backward_offsets_round_trip() {
+        let mut m = sample();
+        m.header.packs.push("p2".into());
+        let chunk = |pack, offset, len| {
+            Segment::Chunk(ChunkRef {
+                pack,
+                offset,
+                len,
+                sha256: [u8::try_from(offset % 251).unwrap(); 32],
+            })
+        };
+        m.segments = vec![
+            chunk(0, 1000, 10),
+            chunk(0, 1010, 20),
+            chunk(1, 0, 5),
+            chunk(0, 3, 7),
+            Segment::Inline(vec![9; 5000]),
+            chunk(1, u64::from(u32::MAX) * 3, 8),
+        ];
+        m.header.size = m.segments.iter().map(Segment::len).sum();
+        let enc = m.encode();
+        assert_eq!(ManifestV1::decode(&enc).unwrap(), m);
+        assert!(
+            enc.len() < 8 + 5 * 32 + 200,
+            "inline bytes compress: {}",
+            enc.len()
+        );
+    }
+
+    #[test]
+    fn version_1_manifests_still_decode() {
+        let m = sample();
+        let v1 = encode_v1(&m);
+        assert_eq!(ManifestV1::decode(&v1).unwrap(), m);
+        assert_eq!(
+            ManifestV1::decode(&v1[..v1.len() - 1]),
+            Err(ManifestError::Malformed("truncated"))
+        );
+    }
+
+    #[test]
+    fn rejects_other_versions_truncation_corruption_and_size_mismatch() {
+        let enc = sample().encode();
         assert_eq!(
             ManifestV1::decode(&enc[..enc.len() - 1]),
             Err(ManifestError::Malformed("truncated"))
         );
-        enc[3] = 2;
-        assert_eq!(ManifestV1::decode(&enc), Err(ManifestError::Version(2)));
-        let mut m = sample();
-        m.header.size = 1;
+        assert_eq!(
+            ManifestV1::decode(&enc[..12]),
+            Err(ManifestError::Malformed("truncated"))
+        );
+        let mut extra = enc.clone();
+        extra.push(0);
+        assert_eq!(
+            ManifestV1::decode(&extra),
+            Err(ManifestError::Malformed("trailing bytes"))
+        );
+        // A cut-short deflate stream (its length field shrunk to match) is rejected, not misread.
+        let zlen = u32::from_le_bytes(enc[4..8].try_into().unwrap());
+        let mut short = enc[..4].to_vec();
+        short.extend_from_slice(&(zlen - 4).to_le_bytes());
+        short.extend_from_slice(&enc[8..8 + zlen as usize - 4]);
+        short.extend_from_slice(&[7; 32]);
+        assert!(
+            matches!(ManifestV1::decode(&short), Err(ManifestError::Malformed(_))),
+            "{:?}",
+            ManifestV1::decode(&short)
+        );
+        let mut garbled = enc.clone();
+        for b in &mut garbled[8..8 + zlen as usize] {
+            *b ^= 0x5A;
+        }
         assert!(matches!(
-            ManifestV1::decode(&m.encode()),
+            ManifestV1::decode(&garbled),
             Err(ManifestError::Malformed(_))
         ));
+        let mut v3 = enc.clone();
+        v3[3] = 3;
+        assert_eq!(ManifestV1::decode(&v3), Err(ManifestError::Version(3)));
+        let mut m = sample();
+        m.header.size = 1;
+        assert_eq!(
+            ManifestV1::decode(&m.encode()),
+            Err(ManifestError::Malformed(
+                "segment lengths do not add up to the object size"
+            ))
+        );
         assert_eq!(ManifestV1::decode(b"nope"), Err(ManifestError::Magic));
     }
 }

@@ -22,10 +22,13 @@ use zip::SpanKind;
 
 /// `FastCDC` (min, avg, max) for entry data and plain bodies.
 pub const DATA_CDC: (u32, u32, u32) = (16 << 10, 64 << 10, 256 << 10);
-/// Smaller chunks for large zip structure (central directory), which changes with every mtime.
+/// Smaller chunks for zip structure too large to keep inline (a central directory over `INLINE_MAX`).
 pub const META_CDC: (u32, u32, u32) = (1 << 10, 4 << 10, 16 << 10);
-/// Zip structure up to this size lives inline in the manifest.
-pub const INLINE_MAX: u64 = 4 << 10;
+/// Zip structure up to this size lives inline in the (deflated) manifest. The central directory holds
+/// every entry's mtime and CRC, so with 5 % of files changed nearly every 4 KiB chunk of it changed
+/// and was stored again (issue 5); inline it deflates to about a fifth. 8 MiB covers ~100k entries
+/// while keeping a manifest, which GET/HEAD read whole, small.
+pub const INLINE_MAX: u64 = 8 << 20;
 /// New chunks are appended to a pack until it reaches this size: 32 MiB keeps a GiB upload at ~32
 /// backend PUTs, far under the 1,100 requests/GiB budget.
 pub const PACK_TARGET: u64 = 32 << 20;

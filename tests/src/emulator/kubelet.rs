@@ -1180,6 +1180,14 @@ impl Worker {
         if terminal {
             self.h.progress.send_modify(|p| p.terminal = true);
         }
+        if phase == "Running" && updated.is_some() {
+            self.shared
+                .running_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(format!("{}/{}", self.h.ns, self.h.name))
+                .or_insert_with(Instant::now);
+        }
         match updated {
             Some(p) if uid_of(&p) == uid_of(&self.pod) => {
                 self.pod = (*p).clone();

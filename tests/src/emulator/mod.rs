@@ -239,6 +239,8 @@ pub(crate) struct Shared {
     pub(crate) cfg: EmulatorConfig,
     pub(crate) faults: Faults,
     pub(crate) audit: Mutex<Vec<AuditEntry>>,
+    /// When each pod (`namespace/name`) was first published as phase Running (for benchmarks).
+    pub(crate) running_at: Mutex<HashMap<String, std::time::Instant>>,
     pub(crate) state_dir: PathBuf,
     pub(crate) pods: Mutex<HashMap<String, Arc<kubelet::PodHandle>>>,
     pub(crate) sched_wake: Notify,
@@ -295,6 +297,7 @@ impl Emulator {
             cfg: cfg.clone(),
             faults,
             audit: Mutex::default(),
+            running_at: Mutex::default(),
             state_dir: dir.path().to_path_buf(),
             pods: Mutex::default(),
             sched_wake: Notify::new(),
@@ -354,6 +357,29 @@ impl Emulator {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// When the pod `namespace/name` was first published as phase Running, if it was.
+    #[must_use]
+    pub fn running_at(&self, namespace: &str, name: &str) -> Option<std::time::Instant> {
+        self.shared
+            .running_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&format!("{namespace}/{name}"))
+            .copied()
+    }
+
+    /// Every pod published as Running so far, as (`namespace/name`, when).
+    #[must_use]
+    pub fn running_marks(&self) -> Vec<(String, std::time::Instant)> {
+        self.shared
+            .running_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 
     /// How many request handlers panicked (always 0 unless the emulator has a bug).

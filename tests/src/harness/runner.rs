@@ -41,6 +41,8 @@ pub struct StageRecord {
     /// Exit code; `None` when killed by a signal.
     pub exit_code: Option<i32>,
     pub duration: Duration,
+    /// When the program exited, before its output was drained (for benchmarks).
+    pub ended_at: Instant,
     /// Time from our SIGTERM to the process exit, when the stage was cancelled.
     pub exit_after_sigterm: Option<Duration>,
     /// Whether SIGKILL was needed.
@@ -710,6 +712,7 @@ impl JobRun<'_> {
             stage: stage.to_owned(),
             exit_code: None,
             duration: Duration::ZERO,
+            ended_at: started,
             exit_after_sigterm: None,
             killed: false,
         };
@@ -733,6 +736,7 @@ impl JobRun<'_> {
                 self.terminate(&mut child, pid, &mut record).await
             }
         };
+        record.ended_at = Instant::now();
         // A grandchild that kept the pipe open must not hang the job (the runner stops reading
         // when the exec returns, too).
         let output = tokio::time::timeout(Duration::from_secs(10), pump)
