@@ -124,11 +124,13 @@ fi
 
 /// Prints the log from byte `offset` as it grows; ends with `EXIT <code>` on stderr once the exit
 /// file exists (checked before the last size read, so no byte is missed). A `.` on stderr every
-/// ~2 s is the heartbeat that lets the client tell a silent script from a dead stream.
+/// ~2 s is the heartbeat that lets the client tell a silent script from a dead stream. It polls
+/// every 10 ms for the first ~200 ms (short stages end without waiting out a 100 ms sleep), then
+/// every 100 ms; `hb` counts elapsed sleep in 10 ms units.
 #[must_use]
 pub fn follower_script(p: &StagePaths, offset: u64) -> String {
     format!(
-        r#"L={l}; E={e}; off={offset}; hb=0
+        r#"L={l}; E={e}; off={offset}; hb=0; n=0
 while :; do
   if [ -f "$E" ]; then fin=1; else fin=; fi
   size=$(wc -c < "$L" 2>/dev/null | tr -d ' '); size=${{size:-0}}
@@ -137,8 +139,13 @@ while :; do
     off=$size
   fi
   if [ -n "$fin" ]; then printf 'EXIT %s\n' "$(cat "$E")" >&2; exit 0; fi
-  hb=$((hb + 1)); if [ "$hb" -ge 20 ]; then printf . >&2; hb=0; fi
-  sleep 0.1 2>/dev/null || sleep 1
+  if [ "$hb" -ge 200 ]; then printf . >&2; hb=0; fi
+  n=$((n + 1))
+  if [ "$n" -le 20 ]; then
+    hb=$((hb + 1)); sleep 0.01 2>/dev/null || sleep 1
+  else
+    hb=$((hb + 10)); sleep 0.1 2>/dev/null || sleep 1
+  fi
 done
 "#,
         l = q(&p.log),
