@@ -157,13 +157,9 @@ where
     }
 }
 
-#[async_trait::async_trait]
-impl BlobStore for S3Store {
-    async fn put_file(&self, key: &str, path: &Path) -> Result<(), StoreError> {
-        let _p = self.permit().await;
-        let body = ByteStream::from_path(path)
-            .await
-            .map_err(|e| StoreError::unavailable("put", key, e))?;
+impl S3Store {
+    /// One PUT of a whole object, bounded by the request timeout (the caller holds a permit).
+    async fn put_body(&self, key: &str, body: ByteStream) -> Result<(), StoreError> {
         // Boxed: the SDK's put future is large (clippy::large_futures).
         self.timed(
             "put",
@@ -182,26 +178,21 @@ impl BlobStore for S3Store {
         .await?;
         Ok(())
     }
+}
+
+#[async_trait::async_trait]
+impl BlobStore for S3Store {
+    async fn put_file(&self, key: &str, path: &Path) -> Result<(), StoreError> {
+        let _p = self.permit().await;
+        let body = ByteStream::from_path(path)
+            .await
+            .map_err(|e| StoreError::unavailable("put", key, e))?;
+        self.put_body(key, body).await
+    }
 
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
         let _p = self.permit().await;
-        // Boxed: the SDK's put future is large (clippy::large_futures).
-        self.timed(
-            "put",
-            key,
-            Box::pin(async {
-                self.client
-                    .put_object()
-                    .bucket(&self.bucket)
-                    .key(self.full(key))
-                    .body(ByteStream::from(data))
-                    .send()
-                    .await
-                    .map_err(|e| classify("put", key, e))
-            }),
-        )
-        .await?;
-        Ok(())
+        self.put_body(key, ByteStream::from(data)).await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
