@@ -54,6 +54,8 @@ pub struct Options {
     pub jobs: u32,
     /// ... with this many empty user stages each.
     pub empty_stages: u32,
+    /// Only these groups (`cpu`, `transfer`, `storage`, `memory`, `executor`); empty = all.
+    pub only: Vec<String>,
 }
 
 impl Options {
@@ -72,6 +74,7 @@ impl Options {
             concurrent_mib: 16,
             jobs: 2,
             empty_stages: 3,
+            only: Vec::new(),
         }
     }
 
@@ -90,7 +93,14 @@ impl Options {
             concurrent_mib: 256,
             jobs: 10,
             empty_stages: 4,
+            only: Vec::new(),
         }
+    }
+
+    /// Whether the group `name` runs (see `only`).
+    #[must_use]
+    pub fn wants(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|g| g == name)
     }
 
     /// One line describing the sizes, for the report.
@@ -115,6 +125,9 @@ impl Options {
     }
 }
 
+/// The benchmark groups `--only` accepts.
+pub const GROUPS: [&str; 5] = ["cpu", "transfer", "storage", "memory", "executor"];
+
 /// Run every benchmark in order; `progress` gets one line per phase.
 pub async fn run(opts: &Options, progress: &dyn Fn(&str)) -> anyhow::Result<Report> {
     let proxy_bin = bins::workspace_binary("spotrun-cache-proxy", "spotrun-cache-proxy")?;
@@ -126,61 +139,74 @@ pub async fn run(opts: &Options, progress: &dyn Fn(&str)) -> anyhow::Result<Repo
         ));
     };
 
-    let t = Instant::now();
-    let hash_bytes = usize::try_from(opts.hash_mib * MIB).context("P4 size fits memory")?;
-    report.rows.push(
-        tokio::task::spawn_blocking(move || cpu::run(hash_bytes))
+    for g in &opts.only {
+        anyhow::ensure!(
+            GROUPS.contains(&g.as_str()),
+            "unknown benchmark group {g:?} (known: {})",
+            GROUPS.join(", ")
+        );
+    }
+    if opts.wants("cpu") {
+        let t = Instant::now();
+        let hash_bytes = usize::try_from(opts.hash_mib * MIB).context("P4 size fits memory")?;
+        report.rows.push(
+            tokio::task::spawn_blocking(move || cpu::run(hash_bytes))
+                .await
+                .context("P4 panicked")?,
+        );
+        phase("P4 chunk + hash", t);
+    }
+    if opts.wants("transfer") {
+        let t = Instant::now();
+        let transfer_opts = transfer::TransferOptions {
+            sizes: opts.sizes_mib.iter().map(|m| m * MIB).collect(),
+            reps: opts.reps,
+            known_size: opts.known_mib * MIB,
+        };
+        let (rows, plot) = transfer::run(&transfer_opts, &proxy_bin)
             .await
-            .context("P4 panicked")?,
-    );
-    phase("P4 chunk + hash", t);
-
-    let t = Instant::now();
-    let transfer_opts = transfer::TransferOptions {
-        sizes: opts.sizes_mib.iter().map(|m| m * MIB).collect(),
-        reps: opts.reps,
-        known_size: opts.known_mib * MIB,
-    };
-    let (rows, plot) = transfer::run(&transfer_opts, &proxy_bin)
-        .await
-        .context("P1/P2/P3/P10 transfer benchmark")?;
-    report.rows.extend(rows);
-    report.plots.push(plot);
-    phase("P1/P2/P3/P10 transfers", t);
-
-    let t = Instant::now();
-    let (row, plot) = storage::versions(opts.tree_files, opts.versions)
-        .await
-        .context("P5 versions benchmark")?;
-    report.rows.push(row);
-    report.plots.push(plot);
-    report.rows.push(
-        storage::mtime_only(opts.tree_files)
+            .context("P1/P2/P3/P10 transfer benchmark")?;
+        report.rows.extend(rows);
+        report.plots.push(plot);
+        phase("P1/P2/P3/P10 transfers", t);
+    }
+    if opts.wants("storage") {
+        let t = Instant::now();
+        let (row, plot) = storage::versions(opts.tree_files, opts.versions)
             .await
-            .context("P6 mtime-only benchmark")?,
-    );
-    phase("P5/P6 storage", t);
-
-    let t = Instant::now();
-    report.rows.extend(
-        memory::run(
-            &proxy_bin,
-            opts.big_mib * MIB,
-            opts.concurrent,
-            opts.concurrent_mib * MIB,
-        )
-        .await
-        .context("P7 peak RSS benchmark")?,
-    );
-    phase("P7 peak RSS", t);
-
-    let t = Instant::now();
-    report.rows.extend(
-        executor::run(opts.jobs, opts.empty_stages)
+            .context("P5 versions benchmark")?;
+        report.rows.push(row);
+        report.plots.push(plot);
+        report.rows.push(
+            storage::mtime_only(opts.tree_files)
+                .await
+                .context("P6 mtime-only benchmark")?,
+        );
+        phase("P5/P6 storage", t);
+    }
+    if opts.wants("memory") {
+        let t = Instant::now();
+        report.rows.extend(
+            memory::run(
+                &proxy_bin,
+                opts.big_mib * MIB,
+                opts.concurrent,
+                opts.concurrent_mib * MIB,
+            )
             .await
-            .context("P8/P9 executor benchmark")?,
-    );
-    phase("P8/P9 executor", t);
+            .context("P7 peak RSS benchmark")?,
+        );
+        phase("P7 peak RSS", t);
+    }
+    if opts.wants("executor") {
+        let t = Instant::now();
+        report.rows.extend(
+            executor::run(opts.jobs, opts.empty_stages)
+                .await
+                .context("P8/P9 executor benchmark")?,
+        );
+        phase("P8/P9 executor", t);
+    }
 
     let order = |id: &str| -> (u32, String) {
         let digits: String = id.chars().filter(char::is_ascii_digit).collect();

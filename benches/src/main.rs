@@ -46,6 +46,10 @@ struct Cli {
     /// P8/P9 jobs.
     #[arg(long)]
     jobs: Option<u32>,
+    /// Run only these groups: cpu (P4), transfer (P1-P3, P10), storage (P5, P6), memory (P7),
+    /// executor (P8, P9). Prints the table; never writes BENCHMARKS.md (with --full: at its sizes).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 #[tokio::main]
@@ -63,6 +67,7 @@ async fn main() -> ExitCode {
         ($($f:ident),*) => { $( if let Some(v) = cli.$f { opts.$f = v; } )* };
     }
     set!(reps, big_mib, concurrent, concurrent_mib, tree_files, jobs);
+    opts.only = cli.only;
     eprintln!("sizes: {}", opts.describe());
     let report = match spotrun_benches::run(&opts, &|line| eprintln!("{line}")).await {
         Ok(r) => r,
@@ -73,7 +78,7 @@ async fn main() -> ExitCode {
     };
     let machine = report::machine_line();
     println!("{machine}\n\n{}", report.table());
-    if cli.full {
+    if cli.full && opts.only.is_empty() {
         if let Err(e) = write_full(&cli.out, &report, &machine, &opts) {
             eprintln!("spotrun-bench: writing the report: {e:#}");
             return ExitCode::FAILURE;

@@ -119,15 +119,79 @@ pub struct Kube {
     call_timeout: Duration,
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// kube-rs's default client stack (base URI, auth, extra headers, timeouts, rustls) with two
+/// changes: TCP_NODELAY on every connection, and no TLS set-up for a plain `http://` server.
+///
+/// An exec that uploads a script sends its stdin frame and the stdin-close frame back to back;
+/// with Nagle's algorithm on (kube-rs's connector leaves it on) the kernel holds the second small
+/// segment until the server's delayed ACK, about 40 ms per stage. Without a CA in the kubeconfig
+/// rustls loads every system root certificate (~10 ms per invocation), which a plain-HTTP server
+/// never needs. `Retry-After` is folded into errors by [`crate::retry_after`].
+pub fn build_client(config: &kube::Config) -> Result<kube::Client, kube::Error> {
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use kube::client::ConfigExt as _;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(config.connect_timeout);
+    if config.cluster_url.scheme() == Some(&http::uri::Scheme::HTTP) && config.proxy_url.is_none() {
+        finish_client(config, http)
+    } else if config.proxy_url.is_some() {
+        // Proxies are rare for the executor; kube-rs's own stack handles every proxy kind.
+        Ok(kube::client::ClientBuilder::try_from(config.clone())?
+            .with_layer(&crate::retry_after::RetryAfterLayer)
+            .build())
+    } else {
+        let https = config.rustls_https_connector_with_connector(http)?;
+        finish_client(config, https)
+    }
+}
+
+fn finish_client<H>(config: &kube::Config, connector: H) -> Result<kube::Client, kube::Error>
+where
+    H: tower::Service<http::Uri> + Clone + Send + Sync + 'static,
+    H::Response: hyper_util::client::legacy::connect::Connection
+        + hyper::rt::Read
+        + hyper::rt::Write
+        + Send
+        + Unpin
+        + 'static,
+    H::Future: Send + 'static,
+    H::Error: Into<BoxError>,
+{
+    use kube::client::ConfigExt as _;
+    use tower::ServiceExt as _;
+    let mut connector = hyper_timeout::TimeoutConnector::new(connector);
+    connector.set_connect_timeout(config.connect_timeout);
+    connector.set_read_timeout(config.read_timeout);
+    connector.set_write_timeout(config.write_timeout);
+    let client: hyper_util::client::legacy::Client<_, kube::client::Body> =
+        hyper_util::client::legacy::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .build(connector);
+    let service = tower::ServiceBuilder::new()
+        .layer(crate::retry_after::RetryAfterLayer)
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .service(client.map_err(BoxError::from).map_response(
+            |res: http::Response<hyper::body::Incoming>| {
+                res.map(|body| {
+                    Box::new(http_body_util::BodyExt::map_err(body, BoxError::from))
+                        as Box<kube::client::DynBody>
+                })
+            },
+        ));
+    Ok(kube::client::ClientBuilder::new(service, config.default_namespace.clone()).build())
+}
+
 impl Kube {
     pub async fn connect(settings: &Settings, events: Events) -> Result<Self, KubeError> {
         let config = kube::Config::infer()
             .await
             .map_err(|e| KubeError::Connect(kube::Error::InferConfig(e)))?;
-        let client = kube::client::ClientBuilder::try_from(config)
-            .map_err(KubeError::Connect)?
-            .with_layer(&crate::retry_after::RetryAfterLayer)
-            .build();
+        let client = build_client(&config).map_err(KubeError::Connect)?;
         Ok(Self {
             client,
             namespace: settings.namespace.clone(),

@@ -153,6 +153,16 @@ done
     )
 }
 
+/// The launcher and then the follower from offset 0, for one exec per stage.
+#[must_use]
+pub fn start_and_follow_script(p: &StagePaths, len: usize) -> String {
+    format!(
+        "{}set +e\n{}",
+        launcher_script(p, len),
+        follower_script(p, 0)
+    )
+}
+
 /// Stops the stage's process group (TERM, then KILL); harmless if it already ended.
 #[must_use]
 pub fn kill_script(p: &StagePaths) -> String {
@@ -354,8 +364,25 @@ async fn run_stage(
         .map_err(|e| Failure::System(format!("installing SIGTERM handler: {e}")))?;
 
     let work = async {
+        // One exec uploads, starts and follows the stage; only if that stream breaks does the
+        // stage fall back to the idempotent launcher and a follower resuming at the offset.
+        let mut offset = 0u64;
+        if let Some(code) = start_and_follow(
+            &kube,
+            &pods,
+            name,
+            container,
+            &paths,
+            &script,
+            silence,
+            &mut offset,
+        )
+        .await
+        {
+            return Ok(code);
+        }
         start(&kube, &pods, name, container, &paths, script, silence).await?;
-        follow(&kube, &pods, name, container, &paths, silence).await
+        follow(&kube, &pods, name, container, &paths, silence, offset).await
     };
     let result = tokio::select! {
         r = work => match r {
@@ -482,7 +509,62 @@ async fn start(
     }
 }
 
-/// Streams the log to stdout; returns the script's exit code.
+/// Writes stage output to our stdout as it arrives, counting the bytes.
+fn to_stdout(offset: &mut u64) -> impl FnMut(&[u8]) + Send + '_ {
+    move |bytes: &[u8]| {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(bytes);
+        let _ = out.flush();
+        *offset += bytes.len() as u64;
+    }
+}
+
+/// The fast path: one exec that uploads the script, starts it detached and follows its log.
+/// Returns the exit code, or `None` when the stream broke (the output so far is counted in
+/// `offset`; the caller resumes with the launcher, which will not start the script twice).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; the stage's whole context"
+)]
+async fn start_and_follow(
+    kube: &Kube,
+    pods: &Api<Pod>,
+    name: &str,
+    container: &str,
+    paths: &StagePaths,
+    script: &[u8],
+    silence: Duration,
+    offset: &mut u64,
+) -> Option<i32> {
+    let end = exec(
+        pods,
+        name,
+        container,
+        start_and_follow_script(paths, script.len()),
+        Some(script.to_vec()),
+        silence,
+        &mut to_stdout(offset),
+    )
+    .await;
+    let why = match end {
+        ExecEnd::Finished {
+            success: true,
+            stderr,
+        } => match parse_exit(&stderr) {
+            Some(code) => return Some(code),
+            None => "no exit code".to_string(),
+        },
+        ExecEnd::Finished { stderr, .. } => String::from_utf8_lossy(&stderr).trim().to_string(),
+        ExecEnd::Dropped(why) => why,
+    };
+    kube.events.warn(
+        "exec_reconnect",
+        json!({ "phase": "start+follow", "error": why, "offset": *offset }),
+    );
+    None
+}
+
+/// Streams the log to stdout from `offset`; returns the script's exit code.
 async fn follow(
     kube: &Kube,
     pods: &Api<Pod>,
@@ -490,17 +572,11 @@ async fn follow(
     container: &str,
     paths: &StagePaths,
     silence: Duration,
+    mut offset: u64,
 ) -> Result<i32, FollowError> {
-    let mut offset: u64 = 0;
     let mut drops = 0u32;
     loop {
         let before = offset;
-        let mut sink = |bytes: &[u8]| {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(bytes);
-            let _ = out.flush();
-            offset += bytes.len() as u64;
-        };
         let end = exec(
             pods,
             name,
@@ -508,7 +584,7 @@ async fn follow(
             follower_script(paths, before),
             None,
             silence,
-            &mut sink,
+            &mut to_stdout(&mut offset),
         )
         .await;
         match end {
@@ -689,6 +765,30 @@ mod tests {
         let p2 = StagePaths::new(&d, &d, "get_sources", "ffff0000");
         let out = sh(&launcher_script(&p2, 999), b"echo hi\n");
         assert!(!out.status.success());
+        assert!(!Path::new(&p2.started).exists());
+    }
+
+    /// One exec: upload, start, follow to the exit code; a rerun (after a broken stream) neither
+    /// starts the script again nor loses output, and a truncated upload runs nothing.
+    #[test]
+    fn start_and_follow_in_one_exec() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let p = StagePaths::new(&d, &d, "build_script", "5eed0001");
+        let script = b"echo ran >> \"$(dirname \"$0\")/count\"; echo out; echo err >&2; exit 3\n";
+        let out = sh(&start_and_follow_script(&p, script.len()), script);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "out\nerr\n");
+        assert_eq!(parse_exit(&out.stderr), Some(3));
+        let again = sh(&start_and_follow_script(&p, script.len()), script);
+        assert_eq!(String::from_utf8_lossy(&again.stdout), "out\nerr\n");
+        assert_eq!(parse_exit(&again.stderr), Some(3));
+        let count = std::fs::read_to_string(dir.path().join("count")).unwrap();
+        assert_eq!(count, "ran\n", "the script ran exactly once");
+        let p2 = StagePaths::new(&d, &d, "build_script", "5eed0002");
+        let cut = sh(&start_and_follow_script(&p2, 999), b"echo hi\n");
+        assert!(!cut.status.success());
+        assert!(String::from_utf8_lossy(&cut.stderr).contains("truncated"));
         assert!(!Path::new(&p2.started).exists());
     }
 
