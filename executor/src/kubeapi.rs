@@ -122,7 +122,7 @@ pub struct Kube {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// kube-rs's default client stack (base URI, auth, extra headers, timeouts, rustls) with two
-/// changes: TCP_NODELAY on every connection, and no TLS set-up for a plain `http://` server.
+/// changes: `TCP_NODELAY` on every connection, and no TLS set-up for a plain `http://` server.
 ///
 /// An exec that uploads a script sends its stdin frame and the stdin-close frame back to back;
 /// with Nagle's algorithm on (kube-rs's connector leaves it on) the kernel holds the second small
