@@ -94,24 +94,30 @@ fn q(s: &str) -> String {
 }
 
 /// Receives the script on stdin, checks its length (a cut stream must not run half a script),
-/// and starts it once (mkdir is the atomic guard) in its own session, detached from the exec.
+/// and starts it once (an `O_EXCL` create under `set -C`, in a subshell because a failed redirection on a special
+/// builtin ends the shell, is the atomic guard) in its own session,
+/// detached from the exec. The wrapper writes the exit code with one `write(2)`, so readers wait
+/// for a non-empty exit file (`-s`). Every external command is a process start inside the pod
+/// (`cat`, `wc`, `mv`, `setsid`), so the scripts use shell builtins wherever POSIX sh has one.
 #[must_use]
 pub fn launcher_script(p: &StagePaths, len: usize) -> String {
     format!(
         r#"set -e
-S={s}; L={l}; E={e}; P={p}
+S={s}; L={l}; E={e}; P={p}; G={started}
 cat > "$S.tmp"
-[ "$(wc -c < "$S.tmp" | tr -d ' ')" = "{len}" ] || {{ echo "script upload truncated" >&2; exit 97; }}
-chmod 700 "$S.tmp"; mv "$S.tmp" "$S"
-if mkdir {started} 2>/dev/null; then
+[ "$(($(wc -c < "$S.tmp")))" = "{len}" ] || {{ echo "script upload truncated" >&2; exit 97; }}
+if (set -C; : > "$G") 2>/dev/null; then
+  mv "$S.tmp" "$S"
   : > "$L"
-  R='if command -v bash >/dev/null 2>&1; then bash "$0"; else sh "$0"; fi > "$1" 2>&1 < /dev/null; echo $? > "$2.tmp"; mv "$2.tmp" "$2"'
+  R='if command -v bash >/dev/null 2>&1; then bash "$0"; else sh "$0"; fi > "$1" 2>&1 < /dev/null; echo $? > "$2"'
   if command -v setsid >/dev/null 2>&1; then
     setsid sh -c "$R" "$S" "$L" "$E" > /dev/null 2>&1 < /dev/null &
   else
     nohup sh -c "$R" "$S" "$L" "$E" > /dev/null 2>&1 < /dev/null &
   fi
   echo $! > "$P"
+else
+  rm -f "$S.tmp"
 fi
 "#,
         s = q(&p.script),
@@ -123,22 +129,26 @@ fi
 }
 
 /// Prints the log from byte `offset` as it grows; ends with `EXIT <code>` on stderr once the exit
-/// file exists (checked before the last size read, so no byte is missed). A `.` on stderr every
-/// ~2 s is the heartbeat that lets the client tell a silent script from a dead stream. It polls
-/// every 10 ms for the first ~200 ms (short stages end without waiting out a 100 ms sleep), then
-/// every 100 ms; `hb` counts elapsed sleep in 10 ms units.
+/// file has its code (checked before the last size read, so no byte is missed). A `.` on stderr
+/// every ~2 s is the heartbeat that lets the client tell a silent script from a dead stream. It
+/// polls every 10 ms for the first ~200 ms (short stages end without waiting out a 100 ms sleep),
+/// then every 100 ms; `hb` counts elapsed sleep in 10 ms units.
 #[must_use]
 pub fn follower_script(p: &StagePaths, offset: u64) -> String {
     format!(
         r#"L={l}; E={e}; off={offset}; hb=0; n=0
 while :; do
-  if [ -f "$E" ]; then fin=1; else fin=; fi
-  size=$(wc -c < "$L" 2>/dev/null | tr -d ' '); size=${{size:-0}}
+  if [ -s "$E" ]; then fin=1; else fin=; fi
+  size=$(($(wc -c < "$L" 2>/dev/null || echo 0)))
   if [ "$size" -gt "$off" ]; then
-    tail -c +$((off + 1)) "$L" | head -c $((size - off))
+    if [ -n "$fin" ]; then
+      tail -c +$((off + 1)) "$L"
+    else
+      tail -c +$((off + 1)) "$L" | head -c $((size - off))
+    fi
     off=$size
   fi
-  if [ -n "$fin" ]; then printf 'EXIT %s\n' "$(cat "$E")" >&2; exit 0; fi
+  if [ -n "$fin" ]; then read -r code < "$E"; printf 'EXIT %s\n' "$code" >&2; exit 0; fi
   if [ "$hb" -ge 200 ]; then printf . >&2; hb=0; fi
   n=$((n + 1))
   if [ "$n" -le 20 ]; then
@@ -170,12 +180,12 @@ pub fn kill_script(p: &StagePaths) -> String {
         r#"P={p}; E={e}
 [ -f "$P" ] || exit 0
 pid=$(cat "$P")
-[ -f "$E" ] && exit 0
+[ -s "$E" ] && exit 0
 kill -TERM -"$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
 i=0; while [ $i -lt 10 ] && kill -0 -"$pid" 2>/dev/null; do sleep 0.1 2>/dev/null || sleep 1; i=$((i + 1)); done
 kill -KILL -"$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
 # The wrapper that writes the exit file died with the group: record the signal exit for readers.
-[ -f "$E" ] || {{ echo 143 > "$E.k"; mv "$E.k" "$E"; }}
+[ -s "$E" ] || echo 143 > "$E"
 "#,
         p = q(&p.pid),
         e = q(&p.exit),
