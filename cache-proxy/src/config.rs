@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::store::s3::S3Settings;
+use crate::store::s3::{S3Auth, S3Settings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -85,6 +85,13 @@ pub struct StoreFile {
     pub path_style: Option<bool>,
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
+    /// `keys` (`SigV4` with `access_key_id`/`secret_access_key`) or, for `gcs`, `gce-metadata`
+    /// (bearer tokens from the metadata server: GKE Workload Identity). Default: `keys` when keys
+    /// are set, else `gce-metadata` for `gcs`.
+    pub credentials: Option<String>,
+    /// `gce-metadata`: metadata server `host[:port]` (default `GCE_METADATA_HOST`, then
+    /// `metadata.google.internal`).
+    pub metadata_host: Option<String>,
     pub max_concurrency: Option<usize>,
     /// Seconds one backend request may take, body included, before it counts as unavailable.
     pub request_timeout_secs: Option<u64>,
@@ -228,6 +235,54 @@ pub fn parse_file(text: &str) -> Result<FileConfig, toml::de::Error> {
     toml::from_str(text)
 }
 
+/// The backend credentials `store` asks for (see `StoreFile::credentials`).
+fn backend_auth(
+    sf: &StoreFile,
+    gcs: bool,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+) -> Result<S3Auth, ConfigError> {
+    let keys_given = access_key_id.is_some() || secret_access_key.is_some();
+    let mode = match sf.credentials.as_deref() {
+        Some(m) => m,
+        None if gcs && !keys_given => "gce-metadata",
+        None => "keys",
+    };
+    match mode {
+        "keys" => Ok(S3Auth::Keys {
+            access_key_id: access_key_id.ok_or_else(|| {
+                invalid(
+                    "store.access_key_id",
+                    "not set and AWS_ACCESS_KEY_ID is empty",
+                )
+            })?,
+            secret_access_key: secret_access_key.ok_or_else(|| {
+                invalid(
+                    "store.secret_access_key",
+                    "not set and AWS_SECRET_ACCESS_KEY is empty",
+                )
+            })?,
+        }),
+        "gce-metadata" if !gcs => Err(invalid(
+            "store.credentials",
+            "\"gce-metadata\" only works with kind = \"gcs\"",
+        )),
+        "gce-metadata" if sf.access_key_id.is_some() || sf.secret_access_key.is_some() => {
+            Err(invalid(
+                "store.credentials",
+                "\"gce-metadata\" signs with metadata-server tokens: remove access_key_id and secret_access_key",
+            ))
+        }
+        "gce-metadata" => Ok(S3Auth::GceMetadata {
+            host: sf.metadata_host.clone(),
+        }),
+        other => Err(invalid(
+            "store.credentials",
+            format!("{other:?}: expected \"keys\" or \"gce-metadata\""),
+        )),
+    }
+}
+
 /// Merge file < overrides and validate; `env` reads backend credentials from the environment.
 #[allow(clippy::too_many_lines)] // every setting's precedence and validation in one place
 pub fn resolve(
@@ -337,18 +392,7 @@ pub fn resolve(
                     prefix: sf.prefix.clone().unwrap_or_default(),
                     // GCS interop wants path style (reference/cache.md §3).
                     path_style: gcs || sf.path_style.unwrap_or(true),
-                    access_key_id: access_key_id.ok_or_else(|| {
-                        invalid(
-                            "store.access_key_id",
-                            "not set and AWS_ACCESS_KEY_ID is empty",
-                        )
-                    })?,
-                    secret_access_key: secret_access_key.ok_or_else(|| {
-                        invalid(
-                            "store.secret_access_key",
-                            "not set and AWS_SECRET_ACCESS_KEY is empty",
-                        )
-                    })?,
+                    auth: backend_auth(&sf, gcs, access_key_id, secret_access_key)?,
                     max_concurrency: sf.max_concurrency.unwrap_or(32),
                     request_timeout: Duration::from_secs(
                         sf.request_timeout_secs.unwrap_or(120).max(1),
@@ -493,6 +537,66 @@ mod tests {
         };
         assert_eq!(s3.endpoint, "https://storage.googleapis.com");
         assert!(s3.path_style);
+    }
+
+    /// GCS without keys uses the metadata server; asking for it elsewhere, mixing it with keys, or
+    /// an unknown mode is an error naming `store.credentials`.
+    #[test]
+    fn backend_credentials_modes() {
+        let base =
+            "listen = \"127.0.0.1:1\"\n[[access_keys]]\nid = \"a\"\nsecret = \"s\"\n[store]\n";
+        let no_env = |_: &str| None;
+        let resolve_str = |store: &str| {
+            resolve(
+                parse_file(&format!("{base}{store}")).unwrap(),
+                Overrides::default(),
+                &no_env,
+            )
+        };
+        let s = resolve_str("kind = \"gcs\"\nbucket = \"x\"\nmetadata_host = \"127.0.0.1:9\"\n")
+            .unwrap();
+        let StoreChoice::S3(s3) = s.store else {
+            panic!("gcs")
+        };
+        assert!(
+            matches!(&s3.auth, S3Auth::GceMetadata { host: Some(h) } if h == "127.0.0.1:9"),
+            "gcs without keys defaults to the metadata server"
+        );
+        let s = resolve_str(
+            "kind = \"gcs\"\nbucket = \"x\"\naccess_key_id = \"GOOG1\"\nsecret_access_key = \"k\"\n",
+        )
+        .unwrap();
+        let StoreChoice::S3(s3) = s.store else {
+            panic!("gcs")
+        };
+        assert!(
+            matches!(s3.auth, S3Auth::Keys { .. }),
+            "HMAC keys when given"
+        );
+        for (store, want) in [
+            (
+                "kind = \"s3\"\nendpoint = \"http://127.0.0.1:1\"\nbucket = \"x\"\ncredentials = \"gce-metadata\"\n",
+                "only works with kind = \"gcs\"",
+            ),
+            (
+                "kind = \"gcs\"\nbucket = \"x\"\ncredentials = \"gce-metadata\"\naccess_key_id = \"a\"\n",
+                "remove access_key_id",
+            ),
+            (
+                "kind = \"gcs\"\nbucket = \"x\"\ncredentials = \"oauth\"\n",
+                "expected \"keys\" or \"gce-metadata\"",
+            ),
+        ] {
+            let err = resolve_str(store).unwrap_err().to_string();
+            assert!(
+                err.contains("store.credentials") && err.contains(want),
+                "{err}"
+            );
+        }
+        let err = resolve_str("kind = \"gcs\"\nbucket = \"x\"\ncredentials = \"keys\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store.access_key_id"), "{err}");
     }
 
     #[test]

@@ -76,20 +76,42 @@ impl S3Peer {
         Ok(peer)
     }
 
+    /// Start without credentials: s3s-fs then serves unsigned requests (a stand-in behind a test
+    /// front that does its own authentication, e.g. bearer tokens).
+    pub fn start_anonymous(buckets: &[&str]) -> Result<Self, S3PeerError> {
+        let data = tempfile::tempdir()?;
+        for b in buckets {
+            std::fs::create_dir_all(data.path().join(b))?;
+        }
+        let mut peer = Self {
+            child: None,
+            binary: s3s_fs_binary()?,
+            data,
+            addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            access_key: String::new(),
+            secret_key: String::new(),
+        };
+        peer.spawn()?;
+        Ok(peer)
+    }
+
     fn spawn(&mut self) -> Result<(), S3PeerError> {
-        let child = Command::new(&self.binary)
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &self.addr.port().to_string(),
-            ])
-            .args([
+        let mut cmd = Command::new(&self.binary);
+        cmd.args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &self.addr.port().to_string(),
+        ]);
+        if !self.access_key.is_empty() {
+            cmd.args([
                 "--access-key",
                 &self.access_key,
                 "--secret-key",
                 &self.secret_key,
-            ])
+            ]);
+        }
+        let child = cmd
             .arg(self.data.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -6,6 +6,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 pub mod disk;
+pub mod gtoken;
 pub mod s3;
 
 /// One stored object as seen by `list`/`head`.

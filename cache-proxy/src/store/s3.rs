@@ -29,11 +29,23 @@ pub struct S3Settings {
     /// Key prefix inside the bucket, e.g. `spotrun-cache/`.
     pub prefix: String,
     pub path_style: bool,
-    pub access_key_id: String,
-    pub secret_access_key: String,
+    pub auth: S3Auth,
     pub max_concurrency: usize,
     /// Bound on one backend request, body included: a stalled backend becomes 503 `SlowDown`.
     pub request_timeout: Duration,
+}
+
+/// How the proxy authenticates to the backend.
+#[derive(Clone)]
+pub enum S3Auth {
+    /// `SigV4` with an access key (AWS, `MinIO`, GCS HMAC keys).
+    Keys {
+        access_key_id: String,
+        secret_access_key: String,
+    },
+    /// GCS only: OAuth bearer tokens from the metadata server (GKE Workload Identity or the node's
+    /// service account); `host` overrides `GCE_METADATA_HOST` / `metadata.google.internal`.
+    GceMetadata { host: Option<String> },
 }
 
 // By hand: the derived Debug would print the secret key (`serve` logs the store settings at start).
@@ -59,6 +71,8 @@ pub struct S3Store {
     /// Bounds in-flight backend requests; callers wait (queue) when it is exhausted.
     permits: Arc<Semaphore>,
     request_timeout: Duration,
+    /// Set for `S3Auth::GceMetadata`.
+    token: Option<super::gtoken::MetadataToken>,
 }
 
 impl std::fmt::Debug for S3Store {
@@ -73,19 +87,11 @@ impl std::fmt::Debug for S3Store {
 impl S3Store {
     #[must_use]
     pub fn new(s: &S3Settings) -> Self {
-        let creds = Credentials::new(
-            &s.access_key_id,
-            &s.secret_access_key,
-            None,
-            None,
-            "spotrun-cache-proxy",
-        );
-        let conf = aws_sdk_s3::Config::builder()
+        let mut conf = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(s.region.clone()))
             .endpoint_url(&s.endpoint)
             .force_path_style(s.path_style)
-            .credentials_provider(creds)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             // One quick retry inside the SDK; the runner retries 5xx itself (reference/cache.md §1.4).
@@ -96,14 +102,38 @@ impl S3Store {
                     .read_timeout(s.request_timeout)
                     .operation_attempt_timeout(s.request_timeout)
                     .build(),
-            )
-            .build();
+            );
+        let token = match &s.auth {
+            S3Auth::Keys {
+                access_key_id,
+                secret_access_key,
+            } => {
+                conf = conf.credentials_provider(Credentials::new(
+                    access_key_id,
+                    secret_access_key,
+                    None,
+                    None,
+                    "spotrun-cache-proxy",
+                ));
+                None
+            }
+            S3Auth::GceMetadata { host } => {
+                let token = super::gtoken::MetadataToken::new(host.clone());
+                // Nothing to sign with: requests go out unsigned and the interceptor adds the
+                // bearer token.
+                conf = conf
+                    .allow_no_auth()
+                    .interceptor(super::gtoken::BearerInterceptor(token.clone()));
+                Some(token)
+            }
+        };
         Self {
-            client: aws_sdk_s3::Client::from_conf(conf),
+            client: aws_sdk_s3::Client::from_conf(conf.build()),
             bucket: s.bucket.clone(),
             prefix: s.prefix.clone(),
             permits: Arc::new(Semaphore::new(s.max_concurrency.max(1))),
             request_timeout: s.request_timeout,
+            token,
         }
     }
 
@@ -131,11 +161,23 @@ impl S3Store {
             })
     }
 
-    async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
-        self.permits
+    /// A backend slot, with a fresh bearer token first when the backend uses one.
+    async fn permit(
+        &self,
+        op: &'static str,
+        key: &str,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, StoreError> {
+        if let Some(token) = &self.token {
+            token
+                .ensure()
+                .await
+                .map_err(|e| StoreError::unavailable(op, key, e))?;
+        }
+        Ok(self
+            .permits
             .acquire()
             .await
-            .expect("semaphore is never closed")
+            .expect("semaphore is never closed"))
     }
 }
 
@@ -183,7 +225,7 @@ impl S3Store {
 #[async_trait::async_trait]
 impl BlobStore for S3Store {
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StoreError> {
-        let _p = self.permit().await;
+        let _p = self.permit("put", key).await?;
         let body = ByteStream::from_path(path)
             .await
             .map_err(|e| StoreError::unavailable("put", key, e))?;
@@ -191,12 +233,12 @@ impl BlobStore for S3Store {
     }
 
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
-        let _p = self.permit().await;
+        let _p = self.permit("put", key).await?;
         self.put_body(key, ByteStream::from(data)).await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        let _p = self.permit().await;
+        let _p = self.permit("get", key).await?;
         self.timed("get", key, async {
             let out = self
                 .client
@@ -220,7 +262,7 @@ impl BlobStore for S3Store {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let _p = self.permit().await;
+        let _p = self.permit("get_range", key).await?;
         let data = self
             .timed("get_range", key, async {
                 let out = self
@@ -250,7 +292,7 @@ impl BlobStore for S3Store {
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
-        let _p = self.permit().await;
+        let _p = self.permit("head", key).await?;
         match self
             .client
             .head_object()
@@ -281,7 +323,7 @@ impl BlobStore for S3Store {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let _p = self.permit().await;
+            let _p = self.permit("list", prefix).await?;
             let page = self
                 .client
                 .list_objects_v2()
@@ -311,7 +353,7 @@ impl BlobStore for S3Store {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let _p = self.permit().await;
+        let _p = self.permit("delete", key).await?;
         match self
             .client
             .delete_object()
@@ -329,7 +371,7 @@ impl BlobStore for S3Store {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let _p = self.permit().await;
+        let _p = self.permit("ping", &self.bucket).await?;
         self.client
             .head_bucket()
             .bucket(&self.bucket)
@@ -352,8 +394,10 @@ mod tests {
             bucket: "b".into(),
             prefix: String::new(),
             path_style: true,
-            access_key_id: "AKIDEXAMPLEKEYID".into(),
-            secret_access_key: "wJalrXUtnFEMI-secret".into(),
+            auth: S3Auth::Keys {
+                access_key_id: "AKIDEXAMPLEKEYID".into(),
+                secret_access_key: "wJalrXUtnFEMI-secret".into(),
+            },
             max_concurrency: 1,
             request_timeout: Duration::from_secs(1),
         };

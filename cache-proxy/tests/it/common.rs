@@ -86,8 +86,10 @@ impl Proxy {
                     bucket: "dedup".into(),
                     prefix: "cache/".into(),
                     path_style: true,
-                    access_key_id: peer.access_key.clone(),
-                    secret_access_key: peer.secret_key.clone(),
+                    auth: spotrun_cache_proxy::store::s3::S3Auth::Keys {
+                        access_key_id: peer.access_key.clone(),
+                        secret_access_key: peer.secret_key.clone(),
+                    },
                     max_concurrency: 8,
                     request_timeout,
                 };

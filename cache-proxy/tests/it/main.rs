@@ -19,6 +19,7 @@ mod crash;
 mod dedup;
 mod faults;
 mod fuzz_regressions;
+mod gcs_metadata;
 mod hostile;
 mod presign_boto3;
 mod runner_sequence;

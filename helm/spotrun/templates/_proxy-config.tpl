@@ -21,6 +21,8 @@ Secrets never appear here: the proxy reads them from the environment (see cache-
 {{- $_ := set $defaults "spool_dir" "/spool" }}
 {{- $store := dict "kind" "gcs" "bucket" $b.gcs.bucket }}
 {{- with $b.gcs.prefix }}{{ $_ := set $store "prefix" . }}{{ end }}
+{{- /* Without HMAC keys the proxy takes OAuth tokens from the GKE metadata server (Workload Identity). */}}
+{{- if not $b.gcs.hmacSecret }}{{ $_ := set $store "credentials" "gce-metadata" }}{{ end }}
 {{- $_ := set $defaults "store" $store }}
 {{- end }}
 {{- if $v.gc.enabled }}

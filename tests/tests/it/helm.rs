@@ -653,8 +653,16 @@ fn rendered_config_toml_has_the_custom_executor_and_the_proxy_cache() {
             "{label}: executor.toml namespace"
         );
         let proxy = config_map_entry(&docs, "-cache-proxy", "cache-proxy.toml");
-        let _: toml::Table = toml::from_str(proxy)
+        let proxy: toml::Table = toml::from_str(proxy)
             .unwrap_or_else(|e| panic!("{label}: cache-proxy.toml: {e}\n{proxy}"));
+        // GCS without an HMAC Secret authenticates with metadata-server tokens (Workload Identity).
+        if label.ends_with("gcs-values.yaml") {
+            assert_eq!(
+                proxy["store"]["credentials"].as_str(),
+                Some("gce-metadata"),
+                "{label}: {proxy:?}"
+            );
+        }
     }
 }
 
