@@ -369,11 +369,12 @@ async fn sigterm_at_ten_random_points_then_cleanup_leaves_no_pod_or_secret() {
     // Image pulls take a second, so prepare lasts long enough to be hit anywhere.
     env.emu.faults().delay_pulls(Duration::from_secs(1));
     // (stage, latest signal time): every point lands while its stage still runs; stages the
-    // runner generates are short, so they are hit early (an exec takes > 50 ms to even start).
+    // runner generates are short (one exec, ~30 ms in a release build), so they are hit within
+    // their first 20 ms.
     let points = [
         ("prepare", 800),
-        ("prepare_script", 40),
-        ("get_sources", 40),
+        ("prepare_script", 20),
+        ("get_sources", 20),
         ("build_script", 1500),
         ("after_script", 800),
     ];
