@@ -72,6 +72,46 @@ impl DiskStore {
         Ok(())
     }
 
+    /// Publishes `src` under `key` without copying it: a hard link in `.tmp`, then the same fsync
+    /// and rename as `write_atomic`. A spooled pack (the store's own spool directory is on the
+    /// same filesystem by default) then costs no second write and no second copy on disk.
+    /// `Ok(false)` when linking is not possible here (another filesystem, no hard links): the
+    /// caller copies instead.
+    fn link_atomic(&self, key: &str, src: &Path) -> Result<bool, StoreError> {
+        let dest = self.path(key)?;
+        let err = |e| Self::io_err("put", key, e);
+        let tmp = self
+            .root
+            .join(".tmp")
+            .join(format!(".link{:032x}", rand::random::<u128>()));
+        match std::fs::hard_link(src, &tmp) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(e.raw_os_error(), Some(EXDEV | EPERM))
+                    || e.kind() == std::io::ErrorKind::Unsupported =>
+            {
+                return Ok(false);
+            }
+            Err(e) => return Err(err(e)),
+        }
+        let publish = || -> std::io::Result<()> {
+            std::fs::File::open(&tmp)?.sync_all()?;
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::rename(&tmp, &dest)?;
+            if let Some(parent) = dest.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+            Ok(())
+        };
+        publish().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            err(e)
+        })?;
+        Ok(true)
+    }
+
     fn list_sync(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         let mut out = Vec::new();
         let mut stack = vec![self.root.clone()];
@@ -115,6 +155,10 @@ impl DiskStore {
     }
 }
 
+/// `link(2)` across filesystems, and where hard links are not permitted.
+const EXDEV: i32 = 18;
+const EPERM: i32 = 1;
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
@@ -128,6 +172,9 @@ impl BlobStore for DiskStore {
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StoreError> {
         let (this, key, src) = (self.clone(), key.to_owned(), path.to_owned());
         blocking(move || {
+            if this.link_atomic(&key, &src)? {
+                return Ok(());
+            }
             this.write_atomic(&key, |f| {
                 let mut src = std::fs::File::open(&src)?;
                 std::io::copy(&mut src, f).map(|_| ())
@@ -217,6 +264,54 @@ impl BlobStore for DiskStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file on the store's filesystem is linked (no copy, same inode); one on another
+    /// filesystem (/dev/shm is tmpfs) is copied. Either way the object survives the source's
+    /// removal and reads back whole.
+    #[tokio::test]
+    async fn put_file_links_on_the_same_filesystem_and_copies_across() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStore::open(dir.path().join("store")).unwrap();
+        let local = dir.path().join("pack");
+        std::fs::write(&local, b"pack bytes").unwrap();
+        s.put_file("packs/a", &local).await.unwrap();
+        let stored = dir.path().join("store/packs/a");
+        assert_eq!(
+            std::fs::metadata(&stored).unwrap().ino(),
+            std::fs::metadata(&local).unwrap().ino(),
+            "linked, not copied"
+        );
+        std::fs::remove_file(&local).unwrap();
+        assert_eq!(
+            s.get("packs/a").await.unwrap(),
+            Bytes::from_static(b"pack bytes")
+        );
+
+        let shm =
+            tempfile::tempdir_in("/dev/shm").expect("/dev/shm (tmpfs) for a second filesystem");
+        let other = shm.path().join("pack");
+        std::fs::write(&other, b"other fs").unwrap();
+        s.put_file("packs/b", &other).await.unwrap();
+        assert_ne!(
+            std::fs::metadata(dir.path().join("store/packs/b"))
+                .unwrap()
+                .ino(),
+            std::fs::metadata(&other).unwrap().ino()
+        );
+        std::fs::remove_file(&other).unwrap();
+        assert_eq!(
+            s.get("packs/b").await.unwrap(),
+            Bytes::from_static(b"other fs")
+        );
+        assert!(
+            std::fs::read_dir(dir.path().join("store/.tmp"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "no temporary names left behind"
+        );
+    }
 
     #[tokio::test]
     async fn round_trip_list_delete() {

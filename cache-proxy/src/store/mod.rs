@@ -57,7 +57,8 @@ impl StoreError {
 /// old object or the new one, never a prefix (disk: temp + fsync + rename; S3: single PUT).
 #[async_trait::async_trait]
 pub trait BlobStore: Send + Sync + std::fmt::Debug {
-    /// Upload a local file (packs are spooled to disk first, so memory stays bounded).
+    /// Upload a local file (packs are spooled to disk first, so memory stays bounded). The file
+    /// must not be written to afterwards: the disk store hard-links it when it can.
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StoreError>;
     /// Upload a small object (manifests, markers).
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), StoreError>;
