@@ -545,7 +545,11 @@ impl DedupStore {
         })
     }
 
-    #[allow(clippy::many_single_char_names, clippy::too_many_lines)] // offsets a/z/i/j read like the maths they are
+    /// Sends the window `start..end`: inline segments as they are, chunks fetched in groups (one
+    /// backend range read per run of neighbouring chunks of a pack) and verified. Each group is
+    /// fetched and verified (SHA-256 on a blocking thread) by its own task, up to `READ_AHEAD`
+    /// groups at once, so the backend's latency and the hashing overlap with the client's download;
+    /// a read holds at most `READ_AHEAD` groups of `READ_SPAN_MAX` bytes.
     async fn pump(
         &self,
         m: &ManifestV1,
@@ -553,80 +557,38 @@ impl DedupStore {
         end: u64,
         tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
     ) -> Result<(), DedupError> {
-        let segs = &m.segments;
-        let mut pos = 0u64;
-        let mut i = 0;
-        while i < segs.len() && pos < end {
-            let seg_len = segs[i].len();
-            if pos + seg_len <= start {
-                pos += seg_len;
-                i += 1;
-                continue;
-            }
-            match &segs[i] {
-                Segment::Inline(b) => {
-                    let (a, z) = window(pos, seg_len, start, end);
-                    if tx.send(Ok(Bytes::copy_from_slice(&b[a..z]))).await.is_err() {
-                        return Ok(());
+        let mut items = plan_read(m, start, end).into_iter();
+        let mut queue = ReadQueue::default();
+        loop {
+            while queue.fetches < READ_AHEAD {
+                match items.next() {
+                    Some(ReadItem::Inline(b)) => queue.items.push_back(Ahead::Ready(vec![b])),
+                    Some(ReadItem::Group(g)) => {
+                        queue.fetches += 1;
+                        queue.items.push_back(Ahead::Fetch(tokio::spawn(fetch_group(
+                            self.blob.clone(),
+                            self.metrics.clone(),
+                            g,
+                        ))));
                     }
-                    pos += seg_len;
-                    i += 1;
+                    None => break,
                 }
-                Segment::Chunk(first) => {
-                    // Group following chunks of the same pack into one backend read.
-                    let mut j = i + 1;
-                    let mut group_end_off = first.offset + u64::from(first.len);
-                    let mut group_pos_end = pos + seg_len;
-                    while j < segs.len() && group_pos_end < end {
-                        let Segment::Chunk(next) = &segs[j] else {
-                            break;
-                        };
-                        let next_end = next.offset + u64::from(next.len);
-                        if next.pack != first.pack
-                            || next.offset < group_end_off
-                            || next.offset - group_end_off > READ_GAP_MAX
-                            || next_end - first.offset > READ_SPAN_MAX
-                        {
-                            break;
-                        }
-                        group_end_off = next_end;
-                        group_pos_end += u64::from(next.len);
-                        j += 1;
-                    }
-                    let pack = &m.header.packs[first.pack as usize];
-                    let data = self
-                        .blob
-                        .get_range(pack, first.offset, group_end_off - first.offset)
-                        .await
-                        .inspect_err(|_| Metrics::add(&self.metrics.backend_errors, 1))?;
-                    for seg in &segs[i..j] {
-                        let Segment::Chunk(c) = seg else {
-                            unreachable!("group holds chunks only")
-                        };
-                        let rel = usize::try_from(c.offset - first.offset)
-                            .expect("bounded by READ_SPAN_MAX");
-                        let bytes = data.slice(rel..rel + c.len as usize);
-                        let seg_len = u64::from(c.len);
-                        if pos + seg_len > start && pos < end {
-                            if <[u8; 32]>::from(Sha256::digest(&bytes)) != c.sha256 {
-                                Metrics::add(&self.metrics.corrupt_chunks, 1);
-                                return Err(DedupError::Corrupt {
-                                    pack: pack.clone(),
-                                    sha: hex::encode(c.sha256),
-                                });
-                            }
-                            let (a, z) = window(pos, seg_len, start, end);
-                            if tx.send(Ok(bytes.slice(a..z))).await.is_err() {
-                                return Ok(());
-                            }
-                        }
-                        pos += seg_len;
-                    }
-                    i = j;
+            }
+            let parts = match queue.items.pop_front() {
+                None => return Ok(()),
+                Some(Ahead::Ready(parts)) => parts,
+                Some(Ahead::Fetch(task)) => {
+                    queue.fetches -= 1;
+                    task.await
+                        .map_err(|e| DedupError::Spool(std::io::Error::other(e)))??
+                }
+            };
+            for part in parts {
+                if tx.send(Ok(part)).await.is_err() {
+                    return Ok(()); // the client went away; the queue's drop stops the fetches
                 }
             }
         }
-        Ok(())
     }
 
     /// Remember that a key was read (for expiry), writing a marker object at most hourly per key.
@@ -842,6 +804,162 @@ pub fn sweep_stale_files(dir: &Path, stale: SystemTime) -> std::io::Result<usize
 }
 
 /// The part of a segment at `pos..pos+len` that falls inside `start..end`, as offsets into the segment.
+/// Groups in flight per read (the one being sent and the next).
+const READ_AHEAD: usize = 2;
+
+/// One step of a read: bytes from the manifest, or a backend range read of chunks.
+enum ReadItem {
+    Inline(Bytes),
+    Group(ReadGroup),
+}
+
+/// One backend range read and the chunks in it that the window needs.
+struct ReadGroup {
+    pack: String,
+    offset: u64,
+    len: u64,
+    chunks: Vec<WantedChunk>,
+}
+
+/// A chunk of a group the window needs.
+struct WantedChunk {
+    /// Offset in the group's read.
+    rel: usize,
+    len: usize,
+    sha256: [u8; 32],
+    /// The part of the chunk inside the window.
+    window: (usize, usize),
+}
+
+/// The reads that produce bytes `start..end` of `m`, in order.
+#[allow(clippy::many_single_char_names)] // offsets a/z/i/j read like the maths they are
+fn plan_read(m: &ManifestV1, start: u64, end: u64) -> Vec<ReadItem> {
+    let segs = &m.segments;
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    let mut i = 0;
+    while i < segs.len() && pos < end {
+        let seg_len = segs[i].len();
+        if pos + seg_len <= start {
+            pos += seg_len;
+            i += 1;
+            continue;
+        }
+        match &segs[i] {
+            Segment::Inline(b) => {
+                let (a, z) = window(pos, seg_len, start, end);
+                out.push(ReadItem::Inline(Bytes::copy_from_slice(&b[a..z])));
+                pos += seg_len;
+                i += 1;
+            }
+            Segment::Chunk(first) => {
+                // Group following chunks of the same pack into one backend read.
+                let mut j = i + 1;
+                let mut group_end_off = first.offset + u64::from(first.len);
+                let mut group_pos_end = pos + seg_len;
+                while j < segs.len() && group_pos_end < end {
+                    let Segment::Chunk(next) = &segs[j] else {
+                        break;
+                    };
+                    let next_end = next.offset + u64::from(next.len);
+                    if next.pack != first.pack
+                        || next.offset < group_end_off
+                        || next.offset - group_end_off > READ_GAP_MAX
+                        || next_end - first.offset > READ_SPAN_MAX
+                    {
+                        break;
+                    }
+                    group_end_off = next_end;
+                    group_pos_end += u64::from(next.len);
+                    j += 1;
+                }
+                let mut chunks = Vec::new();
+                for seg in &segs[i..j] {
+                    let Segment::Chunk(c) = seg else {
+                        unreachable!("group holds chunks only")
+                    };
+                    let seg_len = u64::from(c.len);
+                    if pos + seg_len > start && pos < end {
+                        let rel = usize::try_from(c.offset - first.offset)
+                            .expect("bounded by READ_SPAN_MAX");
+                        chunks.push(WantedChunk {
+                            rel,
+                            len: c.len as usize,
+                            sha256: c.sha256,
+                            window: window(pos, seg_len, start, end),
+                        });
+                    }
+                    pos += seg_len;
+                }
+                out.push(ReadItem::Group(ReadGroup {
+                    pack: m.header.packs[first.pack as usize].clone(),
+                    offset: first.offset,
+                    len: group_end_off - first.offset,
+                    chunks,
+                }));
+                i = j;
+            }
+        }
+    }
+    out
+}
+
+/// Reads one group and verifies every chunk the window needs (SHA-256 on a blocking thread);
+/// returns the window's part of each of those chunks, in order (slices of one buffer, no copy).
+async fn fetch_group(
+    blob: Arc<dyn BlobStore>,
+    metrics: Arc<Metrics>,
+    g: ReadGroup,
+) -> Result<Vec<Bytes>, DedupError> {
+    let data = blob
+        .get_range(&g.pack, g.offset, g.len)
+        .await
+        .inspect_err(|_| Metrics::add(&metrics.backend_errors, 1))?;
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::with_capacity(g.chunks.len());
+        for c in &g.chunks {
+            let intact = data
+                .get(c.rel..c.rel + c.len)
+                .is_some_and(|bytes| <[u8; 32]>::from(Sha256::digest(bytes)) == c.sha256);
+            if !intact {
+                Metrics::add(&metrics.corrupt_chunks, 1);
+                return Err(DedupError::Corrupt {
+                    pack: g.pack.clone(),
+                    sha: hex::encode(c.sha256),
+                });
+            }
+            let (a, z) = c.window;
+            out.push(data.slice(c.rel + a..c.rel + z));
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| DedupError::Spool(std::io::Error::other(e)))?
+}
+
+/// What a read sends next: bytes at hand, or a group being fetched.
+enum Ahead {
+    Ready(Vec<Bytes>),
+    Fetch(tokio::task::JoinHandle<Result<Vec<Bytes>, DedupError>>),
+}
+
+/// The read's queue; dropping it (client gone, error) stops the fetches still running.
+#[derive(Default)]
+struct ReadQueue {
+    items: std::collections::VecDeque<Ahead>,
+    fetches: usize,
+}
+
+impl Drop for ReadQueue {
+    fn drop(&mut self) {
+        for item in &self.items {
+            if let Ahead::Fetch(task) = item {
+                task.abort();
+            }
+        }
+    }
+}
+
 fn window(pos: u64, len: u64, start: u64, end: u64) -> (usize, usize) {
     let a = start.saturating_sub(pos).min(len);
     let z = (end - pos).min(len);
