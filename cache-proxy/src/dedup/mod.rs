@@ -131,6 +131,8 @@ pub struct DedupStore {
     condemned: tokio::sync::Mutex<(Option<Instant>, Arc<HashSet<String>>)>,
     /// Reused packs seen in the backend recently (saves a HEAD per pack per upload).
     verified: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Permits for read-ahead groups beyond each read's first (`READ_AHEAD_BUDGET`).
+    read_ahead: Arc<tokio::sync::Semaphore>,
 }
 
 #[must_use]
@@ -292,6 +294,7 @@ impl DedupStore {
             recent_reads: Mutex::new(HashMap::new()),
             condemned: tokio::sync::Mutex::new((None, Arc::new(HashSet::new()))),
             verified: Mutex::new(HashMap::new()),
+            read_ahead: Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BUDGET)),
         };
         this.reload_index().await?;
         Ok(this)
@@ -549,7 +552,8 @@ impl DedupStore {
     /// backend range read per run of neighbouring chunks of a pack) and verified. Each group is
     /// fetched and verified (SHA-256 on a blocking thread) by its own task, up to `READ_AHEAD`
     /// groups at once, so the backend's latency and the hashing overlap with the client's download;
-    /// a read holds at most `READ_AHEAD` groups of `READ_SPAN_MAX` bytes.
+    /// a read holds at most `READ_AHEAD` groups of `READ_SPAN_MAX` bytes, and all reads together
+    /// at most one group each plus `READ_AHEAD_BUDGET`.
     async fn pump(
         &self,
         m: &ManifestV1,
@@ -561,26 +565,36 @@ impl DedupStore {
         let mut queue = ReadQueue::default();
         loop {
             while queue.fetches < READ_AHEAD {
+                // The first group needs no permit (every read progresses); read-ahead does.
+                let permit = if queue.fetches == 0 {
+                    None
+                } else {
+                    match self.read_ahead.clone().try_acquire_owned() {
+                        Ok(p) => Some(p),
+                        Err(_) => break,
+                    }
+                };
                 match items.next() {
                     Some(ReadItem::Inline(b)) => queue.items.push_back(Ahead::Ready(vec![b])),
                     Some(ReadItem::Group(g)) => {
                         queue.fetches += 1;
-                        queue.items.push_back(Ahead::Fetch(tokio::spawn(fetch_group(
-                            self.blob.clone(),
-                            self.metrics.clone(),
-                            g,
-                        ))));
+                        queue.items.push_back(Ahead::Fetch(
+                            tokio::spawn(fetch_group(self.blob.clone(), self.metrics.clone(), g)),
+                            permit,
+                        ));
                     }
                     None => break,
                 }
             }
-            let parts = match queue.items.pop_front() {
+            let (parts, _permit) = match queue.items.pop_front() {
                 None => return Ok(()),
-                Some(Ahead::Ready(parts)) => parts,
-                Some(Ahead::Fetch(task)) => {
+                Some(Ahead::Ready(parts)) => (parts, None),
+                Some(Ahead::Fetch(task, permit)) => {
                     queue.fetches -= 1;
-                    task.await
-                        .map_err(|e| DedupError::Spool(std::io::Error::other(e)))??
+                    let parts = task
+                        .await
+                        .map_err(|e| DedupError::Spool(std::io::Error::other(e)))??;
+                    (parts, permit)
                 }
             };
             for part in parts {
@@ -804,8 +818,12 @@ pub fn sweep_stale_files(dir: &Path, stale: SystemTime) -> std::io::Result<usize
 }
 
 /// The part of a segment at `pos..pos+len` that falls inside `start..end`, as offsets into the segment.
-/// Groups in flight per read (the one being sent and the next).
-const READ_AHEAD: usize = 2;
+/// Groups in flight per read: the one being sent and up to three more, which keeps a read from
+/// one backend close to a direct read (P3). Groups beyond the first take a permit from
+/// `READ_AHEAD_BUDGET`, so many concurrent reads cannot hold more than that many extra groups.
+const READ_AHEAD: usize = 4;
+/// Extra in-flight groups across all reads (× `READ_SPAN_MAX` = 256 MiB at most).
+const READ_AHEAD_BUDGET: usize = 32;
 
 /// One step of a read: bytes from the manifest, or a backend range read of chunks.
 enum ReadItem {
@@ -940,7 +958,11 @@ async fn fetch_group(
 /// What a read sends next: bytes at hand, or a group being fetched.
 enum Ahead {
     Ready(Vec<Bytes>),
-    Fetch(tokio::task::JoinHandle<Result<Vec<Bytes>, DedupError>>),
+    /// The permit (for read-ahead groups) is held until the group's bytes are sent.
+    Fetch(
+        tokio::task::JoinHandle<Result<Vec<Bytes>, DedupError>>,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    ),
 }
 
 /// The read's queue; dropping it (client gone, error) stops the fetches still running.
@@ -953,7 +975,7 @@ struct ReadQueue {
 impl Drop for ReadQueue {
     fn drop(&mut self) {
         for item in &self.items {
-            if let Ahead::Fetch(task) = item {
+            if let Ahead::Fetch(task, _) = item {
                 task.abort();
             }
         }
@@ -1031,6 +1053,50 @@ mod tests {
                 x.to_le_bytes()[0]
             })
             .collect()
+    }
+
+    /// A read spanning many groups returns exact bytes, for whole and ranged windows, with the
+    /// read-ahead budget free, exhausted by other reads (each read still gets its one group), and
+    /// with a reader that stops early (its fetches end and hand their permits back).
+    #[tokio::test]
+    async fn reads_with_read_ahead_are_exact_and_bounded_by_the_budget() {
+        let (dir, s) = store().await;
+        let body = noise(40 << 20, 77);
+        put(&s, dir.path(), "big", &body).await;
+        let len = body.len() as u64;
+        assert_eq!(get(&s, "big", 0, len).await.unwrap(), body);
+        let (a, z) = (9_000_001, 27_000_017);
+        assert_eq!(
+            get(&s, "big", a, z).await.unwrap(),
+            &body[a as usize..z as usize]
+        );
+
+        let all = s
+            .read_ahead
+            .clone()
+            .acquire_many_owned(u32::try_from(READ_AHEAD_BUDGET).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            get(&s, "big", 0, len).await.unwrap(),
+            body,
+            "no budget left"
+        );
+        drop(all);
+
+        let m = s.manifest("b", "big").await.unwrap().unwrap();
+        {
+            let mut st = std::pin::pin!(s.read(m, 0, len));
+            let _first = st.next().await.unwrap().unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.read_ahead.available_permits() < READ_AHEAD_BUDGET {
+            assert!(
+                Instant::now() < deadline,
+                "read-ahead permits were not returned"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]
