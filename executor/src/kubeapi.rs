@@ -251,6 +251,100 @@ impl Kube {
 mod tests {
     use super::*;
 
+    /// A TLS apiserver (a self-signed certificate made with `openssl`, as GKE's kubeconfig carries
+    /// its cluster CA): `build_client` verifies the server against the kubeconfig's CA and talks
+    /// to it; without that CA the handshake is refused (verification is on).
+    #[tokio::test]
+    async fn build_client_speaks_tls_with_the_kubeconfig_ca() {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=kube-apiserver"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl (installed by .ci/install)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cert_der = CertificateDer::from_pem_file(&cert).unwrap();
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert_der.clone()],
+                PrivateKeyDer::from_pem_file(&key).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(
+                        |req: http::Request<hyper::body::Incoming>| async move {
+                            let body = if req.uri().path() == "/api/v1/namespaces/ci/pods/p1" {
+                                r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p1","namespace":"ci"}}"#
+                            } else {
+                                r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .header("content-type", "application/json")
+                                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                                    .unwrap(),
+                            )
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        let mut config = kube::Config::new(format!("https://{addr}").parse().unwrap());
+        config.default_namespace = "ci".into();
+        config.root_cert = Some(vec![cert_der.to_vec()]);
+        let client = build_client(&config).unwrap();
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, "ci");
+        let pod = pods.get("p1").await.expect("GET over TLS");
+        assert_eq!(pod.metadata.name.as_deref(), Some("p1"));
+
+        config.root_cert = None;
+        let untrusted = build_client(&config).unwrap();
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(untrusted, "ci");
+        let err = pods
+            .get("p1")
+            .await
+            .expect_err("a self-signed server is not trusted without its CA");
+        assert!(
+            format!("{err:?}").to_lowercase().contains("cert"),
+            "{err:?}"
+        );
+    }
+
     fn status(code: u16, reason: &str, retry_after: u32) -> kube::Error {
         let mut s = kube::core::Status::failure("x", reason).with_code(code);
         if retry_after > 0 {
