@@ -60,25 +60,22 @@ fn free_port() -> std::io::Result<u16> {
 impl S3Peer {
     /// Start with fresh credentials and the given buckets pre-created.
     pub fn start(buckets: &[&str]) -> Result<Self, S3PeerError> {
-        let data = tempfile::tempdir()?;
-        for b in buckets {
-            std::fs::create_dir_all(data.path().join(b))?;
-        }
-        let mut peer = Self {
-            child: None,
-            binary: s3s_fs_binary()?,
-            data,
-            addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-            access_key: "peer-access-key".into(),
-            secret_key: format!("peer-secret-{:016x}", rand::random::<u64>()),
-        };
-        peer.spawn()?;
-        Ok(peer)
+        let secret = format!("peer-secret-{:016x}", rand::random::<u64>());
+        Self::start_with(buckets, "peer-access-key".into(), secret)
     }
 
     /// Start without credentials: s3s-fs then serves unsigned requests (a stand-in behind a test
     /// front that does its own authentication, e.g. bearer tokens).
     pub fn start_anonymous(buckets: &[&str]) -> Result<Self, S3PeerError> {
+        Self::start_with(buckets, String::new(), String::new())
+    }
+
+    /// Empty `access_key` = no authentication.
+    fn start_with(
+        buckets: &[&str],
+        access_key: String,
+        secret_key: String,
+    ) -> Result<Self, S3PeerError> {
         let data = tempfile::tempdir()?;
         for b in buckets {
             std::fs::create_dir_all(data.path().join(b))?;
@@ -88,8 +85,8 @@ impl S3Peer {
             binary: s3s_fs_binary()?,
             data,
             addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-            access_key: String::new(),
-            secret_key: String::new(),
+            access_key,
+            secret_key,
         };
         peer.spawn()?;
         Ok(peer)

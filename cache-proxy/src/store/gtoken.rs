@@ -90,26 +90,15 @@ impl MetadataToken {
         &self.host
     }
 
-    fn fresh(&self) -> Option<String> {
+    /// The cached token if it stays valid for at least `margin`.
+    fn cached(&self, margin: Duration) -> Option<String> {
         let cache = self
             .cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         cache
             .as_ref()
-            .filter(|t| t.expires > Instant::now() + REFRESH_BEFORE)
-            .map(|t| t.value.clone())
-    }
-
-    /// The cached token if it is still valid (used by the interceptor; never blocks on I/O).
-    fn current(&self) -> Option<String> {
-        let cache = self
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        cache
-            .as_ref()
-            .filter(|t| t.expires > Instant::now())
+            .filter(|t| t.expires > Instant::now() + margin)
             .map(|t| t.value.clone())
     }
 
@@ -118,11 +107,11 @@ impl MetadataToken {
     /// # Errors
     /// The metadata server is unreachable, answers non-200, or with something that is not a token.
     pub async fn ensure(&self) -> Result<(), TokenError> {
-        if self.fresh().is_some() {
+        if self.cached(REFRESH_BEFORE).is_some() {
             return Ok(());
         }
         let _one_at_a_time = self.refresh.lock().await;
-        if self.fresh().is_some() {
+        if self.cached(REFRESH_BEFORE).is_some() {
             return Ok(());
         }
         let token = self.fetch().await?;
@@ -201,7 +190,7 @@ impl Intercept for BearerInterceptor {
         _runtime_components: &RuntimeComponents,
         _cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        let token = self.0.current().ok_or_else(|| {
+        let token = self.0.cached(Duration::ZERO).ok_or_else(|| {
             format!(
                 "no valid access token from the metadata server {}",
                 self.0.host
