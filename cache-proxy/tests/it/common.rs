@@ -363,6 +363,23 @@ pub async fn presign(
     (target_of(req.uri()), headers)
 }
 
+/// The whole object, read through the SDK (panics on any error).
+pub async fn get_body(proxy: &Proxy, key: &str) -> Vec<u8> {
+    let c = proxy.client();
+    c.get_object()
+        .bucket(BUCKET)
+        .key(key)
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes()
+        .to_vec()
+}
+
 pub fn sha256(b: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(b))

@@ -5,23 +5,9 @@ use std::time::Duration;
 use aws_sdk_s3::primitives::ByteStream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::{BUCKET, Backend, Proxy, noise, parse_response, presign, raw, sha256};
-
-async fn get_body(proxy: &Proxy, key: &str) -> Vec<u8> {
-    let c = proxy.client();
-    c.get_object()
-        .bucket(BUCKET)
-        .key(key)
-        .send()
-        .await
-        .unwrap()
-        .body
-        .collect()
-        .await
-        .unwrap()
-        .into_bytes()
-        .to_vec()
-}
+use crate::common::{
+    BUCKET, Backend, Proxy, get_body, noise, parse_response, presign, raw, sha256,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_and_length_mismatch_keep_the_previous_version() {

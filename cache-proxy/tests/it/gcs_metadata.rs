@@ -22,7 +22,7 @@ use spotrun_cache_proxy::store::s3::{S3Auth, S3Settings};
 use spotrun_testkit::logcapture::register_secret;
 use spotrun_testkit::s3peer::S3Peer;
 
-use crate::common::{BUCKET, Backend, Proxy, noise, presign, raw, sha256};
+use crate::common::{BUCKET, Backend, Proxy, get_body, noise, presign, raw, sha256};
 
 #[derive(Default)]
 struct Tokens {
@@ -184,18 +184,7 @@ async fn gcs_with_metadata_server_tokens_round_trips_without_keys() {
         .send()
         .await
         .expect("PUT through a bearer-token backend");
-    let got = client
-        .get_object()
-        .bucket(BUCKET)
-        .key("project/1/main-1/cache.zip")
-        .send()
-        .await
-        .unwrap()
-        .body
-        .collect()
-        .await
-        .unwrap()
-        .into_bytes();
+    let got = get_body(&g.proxy, "project/1/main-1/cache.zip").await;
     assert_eq!(sha256(&got), sha256(&body));
     {
         let t = g.state.lock().unwrap();
