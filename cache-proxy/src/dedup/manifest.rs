@@ -23,6 +23,10 @@ const MAGIC: &[u8; 3] = b"SRM";
 const VERSION: u8 = 2;
 /// Inflated size above which a version-2 body is rejected (a 4 GiB object needs a few MiB).
 const MAX_INFLATED: u64 = 1 << 30;
+/// Largest chunk offset a manifest may name. Packs are far smaller; the bound keeps every offset and
+/// every version-2 offset delta inside `i64`, so whatever decodes also encodes (found by fuzzing: a
+/// version-1 offset above 2^63 decoded but its re-encoded delta wrapped).
+const MAX_OFFSET: u64 = 1 << 62;
 
 /// A chunk stored in a pack object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +167,8 @@ impl ManifestV1 {
                 Segment::Chunk(c) => {
                     body.push(1);
                     put_varint(&mut body, u64::from(c.pack));
-                    #[allow(clippy::cast_possible_wrap)] // offsets are far below 2^63
+                    debug_assert!(c.offset <= MAX_OFFSET, "chunk offset {}", c.offset);
+                    #[allow(clippy::cast_possible_wrap)] // offsets are at most 2^62 (MAX_OFFSET)
                     put_varint(&mut body, zigzag(c.offset as i64 - prev_end as i64));
                     put_varint(&mut body, u64::from(c.len));
                     digests.extend_from_slice(&c.sha256);
@@ -258,6 +263,9 @@ fn decode_segments(
                 } else {
                     raw
                 };
+                if offset > MAX_OFFSET {
+                    return Err(ManifestError::Malformed("chunk offset beyond any pack"));
+                }
                 let len = u32::try_from(r.varint()?)
                     .map_err(|_| ManifestError::Malformed("chunk length"))?;
                 let sha256 = match digests.as_deref_mut() {
@@ -406,6 +414,30 @@ mod tests {
             "inline bytes compress: {}",
             enc.len()
         );
+    }
+
+    #[test]
+    fn offsets_beyond_any_pack_are_rejected_in_both_versions() {
+        let mut m = sample();
+        let Segment::Chunk(c) = &mut m.segments[1] else {
+            unreachable!()
+        };
+        c.offset = MAX_OFFSET;
+        assert_eq!(ManifestV1::decode(&encode_v1(&m)).unwrap(), m);
+        assert_eq!(ManifestV1::decode(&m.encode()).unwrap(), m);
+        // The fuzzer's case: a version-1 offset of 2^63 + x decoded, and its re-encoding did not.
+        for offset in [MAX_OFFSET + 1, 1 << 63, u64::MAX - 300] {
+            let mut bad = m.clone();
+            let Segment::Chunk(c) = &mut bad.segments[1] else {
+                unreachable!()
+            };
+            c.offset = offset;
+            assert_eq!(
+                ManifestV1::decode(&encode_v1(&bad)),
+                Err(ManifestError::Malformed("chunk offset beyond any pack")),
+                "{offset}"
+            );
+        }
     }
 
     #[test]
