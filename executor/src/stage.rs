@@ -93,21 +93,55 @@ fn q(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-/// Receives the script on stdin, checks its length (a cut stream must not run half a script),
-/// and starts it once (an `O_EXCL` create under `set -C`, in a subshell because a failed redirection on a special
-/// builtin ends the shell, is the atomic guard) in its own session,
-/// detached from the exec. The wrapper writes the exit code with one `write(2)`, so readers wait
-/// for a non-empty exit file (`-s`). Every external command is a process start inside the pod
-/// (`cat`, `wc`, `mv`, `setsid`), so the scripts use shell builtins wherever POSIX sh has one.
-#[must_use]
-pub fn launcher_script(p: &StagePaths, len: usize) -> String {
+/// The stage script as a shell word: single quotes keep every byte but `'` (written `'\''`) and
+/// NUL, which no shell variable can hold.
+fn quoted_script(script: &[u8]) -> Result<Vec<u8>, Failure> {
+    if let Some(at) = script.iter().position(|&b| b == 0) {
+        return Err(Failure::System(format!(
+            "the stage script has a NUL byte at offset {at}; a shell script cannot carry one"
+        )));
+    }
+    let mut out = Vec::with_capacity(script.len() + script.len() / 64 + 8);
+    out.push(b'\'');
+    for &b in script {
+        if b == b'\'' {
+            out.extend_from_slice(b"'\\''");
+        } else {
+            out.push(b);
+        }
+    }
+    out.push(b'\'');
+    Ok(out)
+}
+
+/// What `sh -s` reads on stdin to start a stage: `X='<script>'`, then `body` as one `{ ...; }`
+/// group. A shell runs a command only once it has parsed all of it, so an upload cut anywhere
+/// (inside the quotes or the group) is a syntax error that runs nothing; no length check, and no
+/// `cat`/`wc` process, is needed.
+fn program(script: &[u8], body: &str) -> Result<Vec<u8>, Failure> {
+    let mut out = b"X=".to_vec();
+    out.extend_from_slice(&quoted_script(script)?);
+    out.extend_from_slice(b"\n{\n");
+    out.extend_from_slice(body.as_bytes());
+    out.extend_from_slice(b"}\n");
+    Ok(out)
+}
+
+/// Starts the script in `$X` once, in its own session, detached from the exec. The guard is an
+/// `O_EXCL` create (`true > file` under `set -C`: a regular builtin, so a failed redirection does
+/// not end the shell); only the winner writes the script file, so a retried launch never touches
+/// a running script. The wrapper writes the exit code with one `write(2)`; readers wait for a
+/// non-empty exit file (`-s`). Every external command is a process start inside the pod, so the
+/// scripts use shell builtins wherever POSIX sh has one. Leaves the wrapper's pid in `$W` (empty
+/// when this launch did not start the script).
+fn launcher_body(p: &StagePaths) -> String {
     format!(
         r#"set -e
-S={s}; L={l}; E={e}; P={p}; G={started}
-cat > "$S.tmp"
-[ "$(($(wc -c < "$S.tmp")))" = "{len}" ] || {{ echo "script upload truncated" >&2; exit 97; }}
-if (set -C; : > "$G") 2>/dev/null; then
-  mv "$S.tmp" "$S"
+S={s}; L={l}; E={e}; P={p}; G={started}; W=
+set -C
+if true 2>/dev/null > "$G"; then
+  set +C
+  printf '%s' "$X" > "$S"
   : > "$L"
   R='if command -v bash >/dev/null 2>&1; then bash "$0"; else sh "$0"; fi > "$1" 2>&1 < /dev/null; echo $? > "$2"'
   if command -v setsid >/dev/null 2>&1; then
@@ -115,9 +149,10 @@ if (set -C; : > "$G") 2>/dev/null; then
   else
     nohup sh -c "$R" "$S" "$L" "$E" > /dev/null 2>&1 < /dev/null &
   fi
-  echo $! > "$P"
+  W=$!
+  echo "$W" > "$P"
 else
-  rm -f "$S.tmp"
+  set +C
 fi
 "#,
         s = q(&p.script),
@@ -128,34 +163,45 @@ fi
     )
 }
 
+/// The launcher's stdin for `sh -s`: starts the stage (at most once) and ends.
+pub fn launcher_program(p: &StagePaths, script: &[u8]) -> Result<Vec<u8>, Failure> {
+    program(script, &launcher_body(p))
+}
+
 /// Prints the log from byte `offset` as it grows; ends with `EXIT <code>` on stderr once the exit
-/// file has its code (checked before the last size read, so no byte is missed). A `.` on stderr
-/// every ~2 s is the heartbeat that lets the client tell a silent script from a dead stream. It
-/// polls every 10 ms for the first ~200 ms (short stages end without waiting out a 100 ms sleep),
-/// then every 100 ms; `hb` counts elapsed sleep in 10 ms units.
-#[must_use]
-pub fn follower_script(p: &StagePaths, offset: u64) -> String {
+/// file has its code (checked before the last read, so no byte is missed). A `.` on stderr every
+/// ~2 s is the heartbeat that lets the client tell a silent script from a dead stream.
+///
+/// Between polls it sleeps in a background `sleep` and `wait`s for it with `SIGCHLD` trapped: when
+/// the stage's wrapper is a child of this shell (one exec started and follows it), its exit ends
+/// the `wait` at once (POSIX: a trapped signal interrupts `wait`), so a stage ends without polling
+/// latency and the poll interval only paces streaming. A follower in a later exec is not the
+/// wrapper's parent: it polls every 10 ms for the first ~200 ms, then every 100 ms. `hb` counts
+/// elapsed sleep in 10 ms units.
+fn follow_loop(p: &StagePaths, offset: u64) -> String {
     format!(
-        r#"L={l}; E={e}; off={offset}; hb=0; n=0
+        r#"L={l}; E={e}; off={offset}; hb=0; n=0; t=0.01; dt=1; fast=20
+if [ -n "$W" ]; then t=0.1; dt=10; fast=0; fi
+trap : CHLD
 while :; do
-  if [ -s "$E" ]; then fin=1; else fin=; fi
-  size=$(($(wc -c < "$L" 2>/dev/null || echo 0)))
-  if [ "$size" -gt "$off" ]; then
-    if [ -n "$fin" ]; then
-      tail -c +$((off + 1)) "$L"
-    else
-      tail -c +$((off + 1)) "$L" | head -c $((size - off))
-    fi
-    off=$size
+  if [ -s "$E" ]; then
+    if [ -s "$L" ]; then tail -c +$((off + 1)) "$L"; fi
+    read -r code < "$E"; printf 'EXIT %s\n' "$code" >&2; exit 0
   fi
-  if [ -n "$fin" ]; then read -r code < "$E"; printf 'EXIT %s\n' "$code" >&2; exit 0; fi
+  if [ -s "$L" ]; then
+    size=$(($(wc -c < "$L")))
+    if [ "$size" -gt "$off" ]; then
+      tail -c +$((off + 1)) "$L" | head -c $((size - off))
+      off=$size
+    fi
+  fi
   if [ "$hb" -ge 200 ]; then printf . >&2; hb=0; fi
   n=$((n + 1))
-  if [ "$n" -le 20 ]; then
-    hb=$((hb + 1)); sleep 0.01 2>/dev/null || sleep 1
-  else
-    hb=$((hb + 10)); sleep 0.1 2>/dev/null || sleep 1
-  fi
+  if [ "$n" -gt "$fast" ]; then t=0.1; dt=10; fi
+  hb=$((hb + dt))
+  {{ sleep $t 2>/dev/null || sleep 1; }} < /dev/null > /dev/null 2>&1 &
+  s=$!
+  wait $s || kill $s 2>/dev/null
 done
 "#,
         l = q(&p.log),
@@ -163,13 +209,19 @@ done
     )
 }
 
-/// The launcher and then the follower from offset 0, for one exec per stage.
+/// A follower in its own exec, from byte `offset` of the log.
 #[must_use]
-pub fn start_and_follow_script(p: &StagePaths, len: usize) -> String {
-    format!(
-        "{}set +e\n{}",
-        launcher_script(p, len),
-        follower_script(p, 0)
+pub fn follower_script(p: &StagePaths, offset: u64) -> String {
+    format!("W=\n{}", follow_loop(p, offset))
+}
+
+/// The launcher and then the follower from offset 0, for one exec per stage (`sh -s` stdin). The
+/// follower is the wrapper's parent only if this launch started it (`$W` set); a rerun polls like
+/// a later exec.
+pub fn start_and_follow_program(p: &StagePaths, script: &[u8]) -> Result<Vec<u8>, Failure> {
+    program(
+        script,
+        &format!("{}set +e\n{}", launcher_body(p), follow_loop(p, 0)),
     )
 }
 
@@ -209,12 +261,22 @@ enum ExecEnd {
     Dropped(String),
 }
 
+/// `sh -c <script>`.
+fn sh_c(script: String) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script]
+}
+
+/// `sh -s`: the program comes on stdin (see `program`).
+fn sh_s() -> Vec<String> {
+    vec!["sh".into(), "-s".into()]
+}
+
 /// Runs a command in a container; stdout goes to `sink` as it arrives.
 async fn exec(
     pods: &Api<Pod>,
     pod: &str,
     container: &str,
-    script: String,
+    argv: Vec<String>,
     stdin: Option<Vec<u8>>,
     silence: Duration,
     sink: &mut (dyn FnMut(&[u8]) + Send),
@@ -227,11 +289,7 @@ async fn exec(
         .max_stdout_buf_size(64 * 1024)
         .max_stderr_buf_size(16 * 1024)
         .max_stdin_buf_size(64 * 1024);
-    let connect = tokio::time::timeout(
-        silence,
-        pods.exec(pod, vec!["sh".to_string(), "-c".to_string(), script], &ap),
-    )
-    .await;
+    let connect = tokio::time::timeout(silence, pods.exec(pod, argv, &ap)).await;
     let mut proc = match connect {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => return ExecEnd::Dropped(format!("exec connect: {e}")),
@@ -345,15 +403,6 @@ async fn run_stage(
     let silence = Duration::from_secs(settings.timeouts.exec_silence_seconds);
     let ns = kube.namespace.clone();
 
-    let Some(pod) = kube.call("get pod", || pods.get_opt(name)).await? else {
-        return Err(Failure::System(format!(
-            "job pod {ns}/{name} does not exist (deleted, or prepare did not run)"
-        )));
-    };
-    if let Some(end) = podstate::pod_end(&pod, &[container]) {
-        return Err(lost(ctx, &kube, &job_for_record(ctx), end).await);
-    }
-    let node = podstate::node_name(&pod);
     let run_id = format!("{:08x}", rand::rng().random::<u32>());
     let paths = StagePaths::new(
         &settings.dirs.scripts_dir,
@@ -361,19 +410,10 @@ async fn run_stage(
         stage,
         &run_id,
     );
-
-    let (end_tx, mut end_rx) = tokio::sync::mpsc::channel::<PodEnd>(4);
-    let monitor = tokio::spawn(monitor_pod(
-        kube.clone(),
-        name.to_string(),
-        node,
-        container.to_string(),
-        end_tx,
-    ));
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| Failure::System(format!("installing SIGTERM handler: {e}")))?;
 
-    let work = async {
+    let mut work = Box::pin(async {
         // One exec uploads, starts and follows the stage; only if that stream breaks does the
         // stage fall back to the idempotent launcher and a follower resuming at the offset.
         let mut offset = 0u64;
@@ -387,27 +427,82 @@ async fn run_stage(
             silence,
             &mut offset,
         )
-        .await
+        .await?
         {
             return Ok(code);
         }
         start(&kube, &pods, name, container, &paths, script, silence).await?;
         follow(&kube, &pods, name, container, &paths, silence, offset).await
-    };
-    let result = tokio::select! {
-        r = work => match r {
+    });
+    let verdict = |r: Result<i32, FollowError>| async {
+        match r {
             Err(FollowError::Lost(end)) => Err(lost(ctx, &kube, &job_for_record(ctx), end).await),
             Err(FollowError::Failure(f)) => Err(f),
             Ok(0) => Ok(()),
             Ok(n) => Err(Failure::Script(n)),
-        },
-        Some(end) = end_rx.recv() => Err(lost(ctx, &kube, &job_for_record(ctx), end).await),
-        _ = term.recv() => {
-            ctx.events.info("cancelled", json!({ "during": stage }));
-            // Bounded: the runner may SIGKILL us, and cleanup deletes the pod anyway.
-            let _ = tokio::time::timeout(Duration::from_secs(3), exec(&pods, name, container, kill_script(&paths), None, Duration::from_secs(3), &mut |_| {})).await;
-            Err(Failure::Cancelled(format!("stage {stage} cancelled; its processes in the pod were stopped")))
         }
+    };
+    let cancel = || async {
+        ctx.events.info("cancelled", json!({ "during": stage }));
+        // Bounded: the runner may SIGKILL us, and cleanup deletes the pod anyway.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(3),
+            exec(
+                &pods,
+                name,
+                container,
+                sh_c(kill_script(&paths)),
+                None,
+                Duration::from_secs(3),
+                &mut |_| {},
+            ),
+        )
+        .await;
+        Err(Failure::Cancelled(format!(
+            "stage {stage} cancelled; its processes in the pod were stopped"
+        )))
+    };
+
+    // The pod check runs while the exec starts (one API round trip less per stage): its verdict
+    // on a missing or ended pod wins over whatever the exec saw, and it names the node to watch.
+    let mut get = Box::pin(kube.call("get pod", || pods.get_opt(name)));
+    let mut early: Option<Result<i32, FollowError>> = None;
+    let pod = loop {
+        tokio::select! {
+            r = &mut get => match (r, early.take()) {
+                (Ok(pod), early_end) => { early = early_end; break pod; }
+                // The API failed us; a stage that already ended still has its own verdict.
+                (Err(_), Some(r)) => return verdict(r).await,
+                (Err(e), None) => return Err(e.into()),
+            },
+            r = &mut work, if early.is_none() => early = Some(r),
+            _ = term.recv() => return cancel().await,
+        }
+    };
+    let Some(pod) = pod else {
+        return Err(Failure::System(format!(
+            "job pod {ns}/{name} does not exist (deleted, or prepare did not run)"
+        )));
+    };
+    if let Some(end) = podstate::pod_end(&pod, &[container]) {
+        return Err(lost(ctx, &kube, &job_for_record(ctx), end).await);
+    }
+    if let Some(r) = early {
+        return verdict(r).await;
+    }
+
+    let (end_tx, mut end_rx) = tokio::sync::mpsc::channel::<PodEnd>(4);
+    let monitor = tokio::spawn(monitor_pod(
+        kube.clone(),
+        name.to_string(),
+        podstate::node_name(&pod),
+        container.to_string(),
+        end_tx,
+    ));
+    let result = tokio::select! {
+        r = &mut work => verdict(r).await,
+        Some(end) = end_rx.recv() => Err(lost(ctx, &kube, &job_for_record(ctx), end).await),
+        _ = term.recv() => cancel().await,
     };
     monitor.abort();
     result
@@ -468,15 +563,15 @@ async fn start(
     script: Vec<u8>,
     silence: Duration,
 ) -> Result<(), FollowError> {
-    let launcher = launcher_script(paths, script.len());
+    let launcher = launcher_program(paths, &script)?;
     let mut drops = 0u32;
     loop {
         match exec(
             pods,
             name,
             container,
-            launcher.clone(),
-            Some(script.clone()),
+            sh_s(),
+            Some(launcher.clone()),
             silence,
             &mut |_| {},
         )
@@ -545,13 +640,14 @@ async fn start_and_follow(
     script: &[u8],
     silence: Duration,
     offset: &mut u64,
-) -> Option<i32> {
+) -> Result<Option<i32>, Failure> {
+    let program = start_and_follow_program(paths, script)?;
     let end = exec(
         pods,
         name,
         container,
-        start_and_follow_script(paths, script.len()),
-        Some(script.to_vec()),
+        sh_s(),
+        Some(program),
         silence,
         &mut to_stdout(offset),
     )
@@ -561,7 +657,7 @@ async fn start_and_follow(
             success: true,
             stderr,
         } => match parse_exit(&stderr) {
-            Some(code) => return Some(code),
+            Some(code) => return Ok(Some(code)),
             None => "no exit code".to_string(),
         },
         ExecEnd::Finished { stderr, .. } => String::from_utf8_lossy(&stderr).trim().to_string(),
@@ -571,7 +667,7 @@ async fn start_and_follow(
         "exec_reconnect",
         json!({ "phase": "start+follow", "error": why, "offset": *offset }),
     );
-    None
+    Ok(None)
 }
 
 /// Streams the log to stdout from `offset`; returns the script's exit code.
@@ -591,7 +687,7 @@ async fn follow(
             pods,
             name,
             container,
-            follower_script(paths, before),
+            sh_c(follower_script(paths, before)),
             None,
             silence,
             &mut to_stdout(&mut offset),
@@ -740,17 +836,27 @@ mod tests {
         assert_eq!(parse_exit(b"EXIT \n"), None);
     }
 
-    fn sh(script: &str, stdin: &[u8]) -> std::process::Output {
+    fn run_sh(args: &[&str], stdin: &[u8]) -> std::process::Output {
         use std::io::Write as _;
         let mut child = std::process::Command::new("sh")
-            .args(["-c", script])
+            .args(args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        // A shell that stops reading early (syntax error) may close its stdin first.
+        let _ = child.stdin.take().unwrap().write_all(stdin);
         child.wait_with_output().unwrap()
+    }
+
+    fn sh(script: &str, stdin: &[u8]) -> std::process::Output {
+        run_sh(&["-c", script], stdin)
+    }
+
+    /// `sh -s` with the program on stdin, as the exec runs it.
+    fn sh_stdin(program: &[u8]) -> std::process::Output {
+        run_sh(&["-s"], program)
     }
 
     /// The in-pod scripts, run by the local sh: start detached, follow from offsets, exit code.
@@ -760,10 +866,10 @@ mod tests {
         let d = dir.path().display().to_string();
         let p = StagePaths::new(&d, &d, "build_script", "abcd1234");
         let script = b"echo one; printf 'two\\n'; echo err >&2; exit 42\n";
-        let out = sh(&launcher_script(&p, script.len()), script);
+        let out = sh_stdin(&launcher_program(&p, script).unwrap());
         assert!(out.status.success(), "{out:?}");
         // Second launch (a retried start) must not start it again.
-        let out = sh(&launcher_script(&p, script.len()), script);
+        let out = sh_stdin(&launcher_program(&p, script).unwrap());
         assert!(out.status.success());
         let full = sh(&follower_script(&p, 0), b"");
         assert_eq!(String::from_utf8_lossy(&full.stdout), "one\ntwo\nerr\n");
@@ -771,35 +877,87 @@ mod tests {
         // Resuming from an offset yields exactly the rest.
         let rest = sh(&follower_script(&p, 4), b"");
         assert_eq!(String::from_utf8_lossy(&rest.stdout), "two\nerr\n");
-        // A truncated upload is refused and runs nothing.
-        let p2 = StagePaths::new(&d, &d, "get_sources", "ffff0000");
-        let out = sh(&launcher_script(&p2, 999), b"echo hi\n");
-        assert!(!out.status.success());
-        assert!(!Path::new(&p2.started).exists());
+    }
+
+    /// The script travels as one single-quoted word: quotes, backslashes, `$`, newlines, control
+    /// and non-UTF-8 bytes arrive unchanged; a NUL byte is refused with its offset.
+    #[test]
+    fn scripts_arrive_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let p = StagePaths::new(&d, &d, "build_script", "b7e5");
+        let mut script = b"#!/bin/sh\n# it's \"$HOME\" \\ `x` $'\\n' '' '\n: '\\''\n".to_vec();
+        script.extend((1u8..=255).filter(|&b| b != b'\''));
+        script.extend_from_slice(b"\nexit 0\n");
+        let out = sh_stdin(&launcher_program(&p, &script).unwrap());
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(std::fs::read(&p.script).unwrap(), script);
+        let err = launcher_program(&p, b"echo a\0b").unwrap_err();
+        assert!(err.to_string().contains("NUL byte at offset 6"), "{err}");
     }
 
     /// One exec: upload, start, follow to the exit code; a rerun (after a broken stream) neither
-    /// starts the script again nor loses output, and a truncated upload runs nothing.
+    /// starts the script again nor loses output.
     #[test]
     fn start_and_follow_in_one_exec() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display().to_string();
         let p = StagePaths::new(&d, &d, "build_script", "5eed0001");
         let script = b"echo ran >> \"$(dirname \"$0\")/count\"; echo out; echo err >&2; exit 3\n";
-        let out = sh(&start_and_follow_script(&p, script.len()), script);
+        let program = start_and_follow_program(&p, script).unwrap();
+        let out = sh_stdin(&program);
         assert!(out.status.success(), "{out:?}");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "out\nerr\n");
         assert_eq!(parse_exit(&out.stderr), Some(3));
-        let again = sh(&start_and_follow_script(&p, script.len()), script);
+        let again = sh_stdin(&program);
         assert_eq!(String::from_utf8_lossy(&again.stdout), "out\nerr\n");
         assert_eq!(parse_exit(&again.stderr), Some(3));
         let count = std::fs::read_to_string(dir.path().join("count")).unwrap();
         assert_eq!(count, "ran\n", "the script ran exactly once");
-        let p2 = StagePaths::new(&d, &d, "build_script", "5eed0002");
-        let cut = sh(&start_and_follow_script(&p2, 999), b"echo hi\n");
-        assert!(!cut.status.success());
-        assert!(String::from_utf8_lossy(&cut.stderr).contains("truncated"));
-        assert!(!Path::new(&p2.started).exists());
+    }
+
+    /// An upload cut at any byte runs nothing: no guard file, no script, no output, no exit code.
+    /// Only the whole program (at most without its final newline) starts the stage.
+    #[test]
+    fn an_upload_cut_anywhere_runs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let script = b"echo ran >> \"$(dirname \"$0\")/count\"; echo 'it''s'\n";
+        let probe =
+            start_and_follow_program(&StagePaths::new(&d, &d, "build_script", "cut00000"), script)
+                .unwrap();
+        let whole = probe.len();
+        // Every cut inside the quoted script and the group's first and last lines, and a sample
+        // of the rest (each cut is a shell start).
+        let cuts: Vec<usize> = (0..whole)
+            .filter(|&k| k < script.len() + 16 || k + 64 > whole || k % 37 == 0)
+            .collect();
+        for k in cuts {
+            let p = StagePaths::new(&d, &d, "build_script", &format!("cut{k:05}"));
+            let program = start_and_follow_program(&p, script).unwrap();
+            assert_eq!(program.len(), whole, "same paths length");
+            let out = sh_stdin(&program[..k]);
+            let started = Path::new(&p.started).exists();
+            if k + 1 >= whole {
+                assert!(
+                    started && parse_exit(&out.stderr) == Some(0),
+                    "cut {k}: {out:?}"
+                );
+                continue;
+            }
+            assert!(
+                !started,
+                "cut at byte {k} of {whole} started the stage: {out:?}"
+            );
+            assert!(!Path::new(&p.script).exists(), "cut {k}");
+            assert_eq!(parse_exit(&out.stderr), None, "cut {k}");
+            assert!(out.stdout.is_empty(), "cut {k}: {out:?}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("count")).unwrap(),
+            "ran\n",
+            "only the whole program ran the script"
+        );
     }
 
     #[test]
@@ -809,7 +967,7 @@ mod tests {
         let p = StagePaths::new(&d, &d, "build_script", "k1");
         let script = b"sleep 30; echo never\n";
         assert!(
-            sh(&launcher_script(&p, script.len()), script)
+            sh_stdin(&launcher_program(&p, script).unwrap())
                 .status
                 .success()
         );
