@@ -123,7 +123,9 @@ fn program(script: &[u8], body: &str) -> Result<Vec<u8>, Failure> {
     out.extend_from_slice(&quoted_script(script)?);
     out.extend_from_slice(b"\n{\n");
     out.extend_from_slice(body.as_bytes());
-    out.extend_from_slice(b"}\n");
+    // `exit` in the group: the shell must not wait for the end of stdin, which an exec without
+    // the v5 stream protocol (no stdin close) never delivers.
+    out.extend_from_slice(b"exit\n}\n");
     Ok(out)
 }
 
@@ -914,6 +916,41 @@ mod tests {
         assert_eq!(parse_exit(&again.stderr), Some(3));
         let count = std::fs::read_to_string(dir.path().join("count")).unwrap();
         assert_eq!(count, "ran\n", "the script ran exactly once");
+    }
+
+    /// Without the v5 exec protocol stdin never closes: the programs must end on their own.
+    #[test]
+    fn programs_end_without_stdin_closing() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let p = StagePaths::new(&d, &d, "build_script", "0pen");
+        for program in [
+            launcher_program(&p, b"echo hi\n").unwrap(),
+            start_and_follow_program(&p, b"echo hi\n").unwrap(),
+        ] {
+            let mut child = std::process::Command::new("sh")
+                .arg("-s")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(&program).unwrap();
+            let t = Instant::now();
+            let status = loop {
+                if let Some(st) = child.try_wait().unwrap() {
+                    break Some(st);
+                }
+                if t.elapsed() > Duration::from_secs(10) {
+                    child.kill().unwrap();
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            drop(stdin);
+            assert!(status.is_some_and(|s| s.success()), "{status:?}");
+        }
     }
 
     /// An upload cut at any byte runs nothing: no guard file, no script, no output, no exit code.
