@@ -146,8 +146,7 @@ fn run_command(ctx: &Ctx, command: Command) -> Result<(), Failure> {
     if let Command::Config = command {
         return config(ctx);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::System(format!("starting the async runtime: {e}")))?;

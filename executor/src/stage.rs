@@ -738,6 +738,11 @@ async fn follow(
     }
 }
 
+/// How long a stage runs before its pod and node are watched. Short stages (most of the runner's
+/// own) then cost the API server no list and watch pair each; a pod that ends earlier breaks
+/// the exec stream, which checks the pod anyway, and the watch's initial list catches the rest.
+const MONITOR_AFTER: Duration = Duration::from_millis(250);
+
 /// Watches the pod (and its node) while a stage runs; reports the first sign of its end.
 async fn monitor_pod(
     kube: Kube,
@@ -746,6 +751,7 @@ async fn monitor_pod(
     container: String,
     tx: tokio::sync::mpsc::Sender<PodEnd>,
 ) {
+    tokio::time::sleep(MONITOR_AFTER).await;
     let pods: Api<Pod> = Api::namespaced(kube.client.clone(), &kube.namespace);
     let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut pod_stream = watcher::watcher(pods, cfg).default_backoff().boxed();
