@@ -2,7 +2,7 @@
 
 use aws_sdk_s3::primitives::ByteStream;
 
-use crate::common::{AK, BUCKET, Backend, Proxy, noise, presign, raw, sha256};
+use crate::common::{AK, BUCKET, Backend, Proxy, get_body, noise, presign, raw, sha256};
 
 async fn suite(backend: Backend) {
     let proxy = Proxy::start(backend).await;
@@ -80,18 +80,7 @@ async fn suite(backend: Backend) {
         .send()
         .await
         .unwrap();
-    let data = c
-        .get_object()
-        .bucket(BUCKET)
-        .key("project/1/file")
-        .send()
-        .await
-        .unwrap()
-        .body
-        .collect()
-        .await
-        .unwrap()
-        .into_bytes();
+    let data = get_body(&proxy, "project/1/file").await;
     assert_eq!(sha256(&data), sha256(&fbody));
 
     // Overwrite: the new version wins.
@@ -102,19 +91,8 @@ async fn suite(backend: Backend) {
         .send()
         .await
         .unwrap();
-    let data = c
-        .get_object()
-        .bucket(BUCKET)
-        .key("project/1/file")
-        .send()
-        .await
-        .unwrap()
-        .body
-        .collect()
-        .await
-        .unwrap()
-        .into_bytes();
-    assert_eq!(data.as_ref(), b"v2");
+    let data = get_body(&proxy, "project/1/file").await;
+    assert_eq!(data.as_slice(), b"v2");
 
     // Missing key: 404 NoSuchKey (HEAD must be 404 too, never 403).
     let err = c

@@ -6,7 +6,7 @@ use std::path::Path;
 use aws_sdk_s3::primitives::ByteStream;
 use spotrun_testkit::ziptree::{Tree, new_entry_bytes, source_file};
 
-use crate::common::{BUCKET, Backend, Proxy, sha256};
+use crate::common::{BUCKET, Backend, Proxy, get_body, sha256};
 
 fn dir_bytes(p: &Path) -> u64 {
     let mut total = 0;
@@ -32,18 +32,7 @@ async fn put_and_check(proxy: &Proxy, key: &str, body: &[u8]) {
         .send()
         .await
         .unwrap();
-    let got = c
-        .get_object()
-        .bucket(BUCKET)
-        .key(key)
-        .send()
-        .await
-        .unwrap()
-        .body
-        .collect()
-        .await
-        .unwrap()
-        .into_bytes();
+    let got = get_body(proxy, key).await;
     assert_eq!(
         sha256(&got),
         sha256(body),
