@@ -227,13 +227,20 @@ pub fn start_and_follow_program(p: &StagePaths, script: &[u8]) -> Result<Vec<u8>
     )
 }
 
-/// Stops the stage's process group (TERM, then KILL); harmless if it already ended.
+/// Stops the stage's process group (TERM, then KILL); harmless if it already ended. It first tries
+/// to take the launcher's start guard itself: if it wins, the launch in flight (a SIGTERM that
+/// came before the pod's shell got that far) will never start the script, and the exit file says
+/// so; if the launcher won, it waits up to 1 s for the pid file the launcher writes next.
 #[must_use]
 pub fn kill_script(p: &StagePaths) -> String {
     format!(
-        r#"P={p}; E={e}
-[ -f "$P" ] || exit 0
-pid=$(cat "$P")
+        r#"P={p}; E={e}; G={started}
+set -C
+if true 2>/dev/null > "$G"; then echo 143 > "$E"; exit 0; fi
+set +C
+i=0; while [ ! -s "$P" ] && [ $i -lt 20 ]; do sleep 0.05 2>/dev/null || sleep 1; i=$((i + 1)); done
+[ -s "$P" ] || exit 0
+read -r pid < "$P"
 [ -s "$E" ] && exit 0
 kill -TERM -"$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
 i=0; while [ $i -lt 10 ] && kill -0 -"$pid" 2>/dev/null; do sleep 0.1 2>/dev/null || sleep 1; i=$((i + 1)); done
@@ -243,6 +250,7 @@ kill -KILL -"$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
 "#,
         p = q(&p.pid),
         e = q(&p.exit),
+        started = q(&p.started),
     )
 }
 
@@ -1001,6 +1009,32 @@ mod tests {
             "ran\n",
             "only the whole program ran the script"
         );
+    }
+
+    /// A SIGTERM that wins the race against the launch: the kill takes the start guard, the
+    /// launch that follows starts nothing, and readers see the signal exit.
+    #[test]
+    fn kill_before_the_launch_means_the_stage_never_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let p = StagePaths::new(&d, &d, "build_script", "k0");
+        let t = Instant::now();
+        assert!(sh(&kill_script(&p), b"").status.success());
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "no wait without a launch"
+        );
+        let script = b"echo ran > \"$(dirname \"$0\")/ran\"\n";
+        let out = sh_stdin(&launcher_program(&p, script).unwrap());
+        assert!(out.status.success(), "{out:?}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !dir.path().join("ran").exists(),
+            "the script must not start"
+        );
+        assert!(!Path::new(&p.pid).exists());
+        let out = sh(&follower_script(&p, 0), b"");
+        assert_eq!(parse_exit(&out.stderr), Some(143));
     }
 
     #[test]
