@@ -366,15 +366,16 @@ async fn sigterm_at_ten_random_points_then_cleanup_leaves_no_pod_or_secret() {
     println!("seed {seed} (rerun with SPOTRUN_TEST_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let env = Env::start("").await;
-    // Image pulls take a second, so prepare lasts long enough to be hit anywhere.
+    // Image pulls take a second, so prepare lasts long enough to be hit anywhere; every exec
+    // takes 150 ms to start (a real one crosses API server, kubelet and runtime), so the short
+    // stages the runner generates (one exec, ~15 ms in a release build) last long enough too.
     env.emu.faults().delay_pulls(Duration::from_secs(1));
-    // (stage, latest signal time): every point lands while its stage still runs; stages the
-    // runner generates are short (one exec, ~30 ms in a release build), so they are hit within
-    // their first 20 ms.
+    env.emu.faults().delay_execs(Duration::from_millis(150));
+    // (stage, latest signal time): every point lands while its stage still runs.
     let points = [
         ("prepare", 800),
-        ("prepare_script", 20),
-        ("get_sources", 20),
+        ("prepare_script", 150),
+        ("get_sources", 150),
         ("build_script", 1500),
         ("after_script", 800),
     ];

@@ -168,6 +168,7 @@ pub(crate) fn handle(
         )));
     };
     let cut = shared.faults.take_exec_cut();
+    let delay = shared.faults.exec_delay();
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
     let shared2 = shared.clone();
     tokio::spawn(async move {
@@ -175,6 +176,12 @@ pub(crate) fn handle(
             return;
         };
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        if !delay.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shared2.stopping.cancelled() => return,
+            }
+        }
         tokio::select! {
             () = session(ws, proto, er, target, cut) => {}
             () = shared2.stopping.cancelled() => {}

@@ -25,6 +25,7 @@ pub(crate) struct FaultState {
     exec_cuts: Vec<ExecFault>,
     pub(crate) scheduling_delay: Duration,
     pub(crate) pull_delay: Duration,
+    pub(crate) exec_delay: Duration,
 }
 
 /// What happens to one exec session after `bytes` bytes of output.
@@ -162,6 +163,16 @@ impl Faults {
     /// Every image pull takes this long (on top of image rule delays).
     pub fn delay_pulls(&self, d: Duration) {
         self.lock().pull_delay = d;
+    }
+
+    /// Every exec waits this long before its process starts (a real exec travels API server →
+    /// kubelet → container runtime, tens of milliseconds or more).
+    pub fn delay_execs(&self, d: Duration) {
+        self.lock().exec_delay = d;
+    }
+
+    pub(crate) fn exec_delay(&self) -> Duration {
+        self.lock().exec_delay
     }
 
     pub(crate) fn scheduling_delay(&self) -> Duration {
