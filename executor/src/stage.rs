@@ -129,13 +129,16 @@ fn program(script: &[u8], body: &str) -> Result<Vec<u8>, Failure> {
     Ok(out)
 }
 
-/// Starts the script in `$X` once, in its own session, detached from the exec. The guard is an
-/// `O_EXCL` create (`true > file` under `set -C`: a regular builtin, so a failed redirection does
-/// not end the shell); only the winner writes the script file, so a retried launch never touches
-/// a running script. The wrapper writes the exit code with one `write(2)`; readers wait for a
-/// non-empty exit file (`-s`). Every external command is a process start inside the pod, so the
-/// scripts use shell builtins wherever POSIX sh has one. Leaves the wrapper's pid in `$W` (empty
-/// when this launch did not start the script).
+/// Starts the script in `$X` once, detached from the exec. The guard is an `O_EXCL` create
+/// (`true > file` under `set -C`: a regular builtin, so a failed redirection does not end the
+/// shell); only the winner writes the script file, so a retried launch never touches a running
+/// script. The script runs under `setsid` (its own session and process group, which the kill
+/// script signals; its pid goes to the pid file), and a background subshell of this shell (a
+/// fork, no process start) waits for it and writes the exit code with one `write(2)`; readers
+/// wait for a non-empty exit file (`-s`). The subshell outlives this shell when the exec ends.
+/// Every external command is a process start inside the pod, so the scripts use shell builtins
+/// wherever POSIX sh has one. Leaves the subshell's pid in `$W` (empty when this launch did not
+/// start the script).
 fn launcher_body(p: &StagePaths) -> String {
     format!(
         r#"set -e
@@ -145,14 +148,16 @@ if true 2>/dev/null > "$G"; then
   set +C
   printf '%s' "$X" > "$S"
   : > "$L"
-  R='if command -v bash >/dev/null 2>&1; then bash "$0"; else sh "$0"; fi > "$1" 2>&1 < /dev/null; echo $? > "$2"'
-  if command -v setsid >/dev/null 2>&1; then
-    setsid sh -c "$R" "$S" "$L" "$E" > /dev/null 2>&1 < /dev/null &
-  else
-    nohup sh -c "$R" "$S" "$L" "$E" > /dev/null 2>&1 < /dev/null &
-  fi
+  if command -v bash >/dev/null 2>&1; then B=bash; else B=sh; fi
+  if command -v setsid >/dev/null 2>&1; then D=setsid; else D=nohup; fi
+  (
+    set +e
+    $D $B "$S" > "$L" 2>&1 < /dev/null &
+    echo $! > "$P"
+    wait $!
+    echo $? > "$E"
+  ) > /dev/null 2>&1 < /dev/null &
   W=$!
-  echo "$W" > "$P"
 else
   set +C
 fi
@@ -175,10 +180,10 @@ pub fn launcher_program(p: &StagePaths, script: &[u8]) -> Result<Vec<u8>, Failur
 /// ~2 s is the heartbeat that lets the client tell a silent script from a dead stream.
 ///
 /// Between polls it sleeps in a background `sleep` and `wait`s for it with `SIGCHLD` trapped: when
-/// the stage's wrapper is a child of this shell (one exec started and follows it), its exit ends
-/// the `wait` at once (POSIX: a trapped signal interrupts `wait`), so a stage ends without polling
-/// latency and the poll interval only paces streaming. A follower in a later exec is not the
-/// wrapper's parent: it polls every 10 ms for the first ~200 ms, then every 100 ms. `hb` counts
+/// the subshell that waits for the script is a child of this shell (one exec started and follows
+/// it), its exit ends the `wait` at once (POSIX: a trapped signal interrupts `wait`), so a stage
+/// ends without polling latency and the poll interval only paces streaming. A follower in a later exec is not the
+/// subshell's parent: it polls every 10 ms for the first ~200 ms, then every 100 ms. `hb` counts
 /// elapsed sleep in 10 ms units.
 fn follow_loop(p: &StagePaths, offset: u64) -> String {
     format!(
@@ -218,7 +223,7 @@ pub fn follower_script(p: &StagePaths, offset: u64) -> String {
 }
 
 /// The launcher and then the follower from offset 0, for one exec per stage (`sh -s` stdin). The
-/// follower is the wrapper's parent only if this launch started it (`$W` set); a rerun polls like
+/// follower is the waiting subshell's parent only if this launch started it (`$W` set); a rerun polls like
 /// a later exec.
 pub fn start_and_follow_program(p: &StagePaths, script: &[u8]) -> Result<Vec<u8>, Failure> {
     program(
@@ -245,7 +250,7 @@ read -r pid < "$P"
 kill -TERM -"$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
 i=0; while [ $i -lt 10 ] && kill -0 -"$pid" 2>/dev/null; do sleep 0.1 2>/dev/null || sleep 1; i=$((i + 1)); done
 kill -KILL -"$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-# The wrapper that writes the exit file died with the group: record the signal exit for readers.
+# The subshell waiting for the script records its signal exit; should it be gone too, do it here.
 [ -s "$E" ] || echo 143 > "$E"
 "#,
         p = q(&p.pid),
