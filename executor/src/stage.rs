@@ -478,10 +478,20 @@ async fn run_stage(
         )))
     };
 
-    // The pod check runs while the exec starts (one API round trip less per stage): its verdict
-    // on a missing or ended pod wins over whatever the exec saw, and it names the node to watch.
-    let mut get = Box::pin(kube.call("get pod", || pods.get_opt(name)));
+    // A stage that ends with exit 0 within POD_CHECK_AFTER needs no pod check: the pod ran it.
+    // Otherwise the check runs while the exec goes on (one API round trip less per stage): its
+    // verdict on a missing or ended pod wins over whatever the exec saw, and it names the node
+    // to watch.
     let mut early: Option<Result<i32, FollowError>> = None;
+    tokio::select! {
+        r = &mut work => match r {
+            Ok(0) => return Ok(()),
+            r => early = Some(r),
+        },
+        () = tokio::time::sleep(POD_CHECK_AFTER) => {}
+        _ = term.recv() => return cancel().await,
+    }
+    let mut get = Box::pin(kube.call("get pod", || pods.get_opt(name)));
     let pod = loop {
         tokio::select! {
             r = &mut get => match (r, early.take()) {
@@ -750,6 +760,10 @@ async fn follow(
         tokio::time::sleep(crate::kubeapi::backoff(drops.min(5), 50, 1000, None)).await;
     }
 }
+
+/// How long a stage runs before its pod is checked (most of the runner's own stages end sooner
+/// with exit 0, and then cost the API server nothing but the exec).
+const POD_CHECK_AFTER: Duration = Duration::from_millis(50);
 
 /// How long a stage runs before its pod and node are watched. Short stages (most of the runner's
 /// own) then cost the API server no list and watch pair each; a pod that ends earlier breaks

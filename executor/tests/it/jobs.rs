@@ -190,6 +190,37 @@ async fn bad_stage_name_and_missing_payload_are_refused() {
     assert!(out.stdout.is_empty());
 }
 
+/// `run` for a job whose pod is gone (deleted by hand, or prepare never ran): a system failure
+/// naming the pod, not a hang or a script failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_without_the_job_pod_is_a_system_failure_naming_it() {
+    let env = Env::start("").await;
+    let script = env.dir.path().join("script");
+    std::fs::write(&script, "echo hi\n").unwrap();
+    let code_file = env.dir.path().join("code");
+    let out = tokio::task::block_in_place(|| {
+        env.exec(
+            &["run", script.to_str().unwrap(), "build_script"],
+            &[
+                ("CUSTOM_ENV_CI_JOB_ID", "9"),
+                ("BUILD_FAILURE_EXIT_CODE", "1"),
+                ("SYSTEM_FAILURE_EXIT_CODE", "2"),
+                ("BUILD_EXIT_CODE_FILE", code_file.to_str().unwrap()),
+            ],
+        )
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert!(
+        stdout.contains("does not exist") && stdout.contains("ci-jobs/"),
+        "{stdout}"
+    );
+    assert!(
+        !code_file.exists(),
+        "no script exit code for a system failure"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_pull_failure_is_a_build_failure_naming_the_image() {
     let mut cfg = EmulatorConfig::gke();
