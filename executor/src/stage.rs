@@ -182,9 +182,9 @@ pub fn launcher_program(p: &StagePaths, script: &[u8]) -> Result<Vec<u8>, Failur
 /// Between polls it sleeps in a background `sleep` and `wait`s for it with `SIGCHLD` trapped: when
 /// the subshell that waits for the script is a child of this shell (one exec started and follows
 /// it), its exit ends the `wait` at once (POSIX: a trapped signal interrupts `wait`), so a stage
-/// ends without polling latency and the poll interval only paces streaming. A follower in a later exec is not the
-/// subshell's parent: it polls every 10 ms for the first ~200 ms, then every 100 ms. `hb` counts
-/// elapsed sleep in 10 ms units.
+/// ends without polling latency and the poll interval only paces streaming. A follower in a
+/// later exec is not the subshell's parent: it polls every 10 ms for the first ~200 ms, then
+/// every 100 ms. `hb` counts elapsed sleep in 10 ms units.
 fn follow_loop(p: &StagePaths, offset: u64) -> String {
     format!(
         r#"L={l}; E={e}; off={offset}; hb=0; n=0; t=0.01; dt=1; fast=20
@@ -223,8 +223,8 @@ pub fn follower_script(p: &StagePaths, offset: u64) -> String {
 }
 
 /// The launcher and then the follower from offset 0, for one exec per stage (`sh -s` stdin). The
-/// follower is the waiting subshell's parent only if this launch started it (`$W` set); a rerun polls like
-/// a later exec.
+/// follower is the waiting subshell's parent only if this launch started it (`$W` set); a rerun
+/// polls like a later exec.
 pub fn start_and_follow_program(p: &StagePaths, script: &[u8]) -> Result<Vec<u8>, Failure> {
     program(
         script,
@@ -479,9 +479,8 @@ async fn run_stage(
     };
 
     // A stage that ends with exit 0 within POD_CHECK_AFTER needs no pod check: the pod ran it.
-    // Otherwise the check runs while the exec goes on (one API round trip less per stage): its
-    // verdict on a missing or ended pod wins over whatever the exec saw, and it names the node
-    // to watch.
+    // Otherwise the check runs while the exec goes on: its verdict on a missing or ended pod wins
+    // over whatever the exec saw, and it names the node to watch.
     let mut early: Option<Result<i32, FollowError>> = None;
     tokio::select! {
         r = &mut work => match r {
