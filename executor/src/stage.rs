@@ -185,9 +185,13 @@ pub fn launcher_program(p: &StagePaths, script: &[u8]) -> Result<Vec<u8>, Failur
 /// ends without polling latency and the poll interval only paces streaming. A follower in a
 /// later exec is not the subshell's parent: it polls every 10 ms for the first ~200 ms, then
 /// every 100 ms. `hb` counts elapsed sleep in 10 ms units.
+///
+/// Should the script be gone (no such pid, or a zombie nobody reaps) for 3 s with no exit code
+/// recorded (the subshell that waits for it was killed from outside), it ends with `LOST` on
+/// stderr instead of waiting for the job timeout; `gone` counts that time in 10 ms units.
 fn follow_loop(p: &StagePaths, offset: u64) -> String {
     format!(
-        r#"L={l}; E={e}; off={offset}; hb=0; n=0; t=0.01; dt=1; fast=20
+        r#"L={l}; E={e}; P={p}; off={offset}; hb=0; n=0; t=0.01; dt=1; fast=20; gone=0
 if [ -n "$W" ]; then t=0.1; dt=10; fast=0; fi
 trap : CHLD
 while :; do
@@ -202,6 +206,12 @@ while :; do
       off=$size
     fi
   fi
+  if [ -s "$P" ]; then
+    read -r pid < "$P"; st=
+    read -r _ _ st _ 2>/dev/null < "/proc/$pid/stat"
+    if kill -0 "$pid" 2>/dev/null && [ "$st" != Z ]; then gone=0; else gone=$((gone + dt)); fi
+    if [ "$gone" -ge 300 ] && [ ! -s "$E" ]; then printf 'LOST\n' >&2; exit 0; fi
+  fi
   if [ "$hb" -ge 200 ]; then printf . >&2; hb=0; fi
   n=$((n + 1))
   if [ "$n" -gt "$fast" ]; then t=0.1; dt=10; fi
@@ -213,6 +223,7 @@ done
 "#,
         l = q(&p.log),
         e = q(&p.exit),
+        p = q(&p.pid),
     )
 }
 
@@ -265,6 +276,20 @@ pub fn parse_exit(stderr: &[u8]) -> Option<i32> {
     let text = String::from_utf8_lossy(stderr);
     let idx = text.rfind("EXIT ")?;
     text[idx + 5..].split_whitespace().next()?.parse().ok()
+}
+
+/// Whether the follower gave up on a script that ended without an exit code (`LOST`).
+#[must_use]
+pub fn lost_exit(stderr: &[u8]) -> bool {
+    stderr.windows(5).any(|w| w == b"LOST\n")
+}
+
+/// The system failure for a script that ended without recording its exit code.
+fn lost_exit_failure(pod: &str, container: &str) -> Failure {
+    Failure::System(format!(
+        "the stage's script in {pod}/{container} ended without recording an exit code \
+         (the process waiting for it was killed from outside the job)"
+    ))
 }
 
 /// How one exec ended.
@@ -682,6 +707,7 @@ async fn start_and_follow(
             stderr,
         } => match parse_exit(&stderr) {
             Some(code) => return Ok(Some(code)),
+            None if lost_exit(&stderr) => return Err(lost_exit_failure(name, container)),
             None => "no exit code".to_string(),
         },
         ExecEnd::Finished { stderr, .. } => String::from_utf8_lossy(&stderr).trim().to_string(),
@@ -724,6 +750,9 @@ async fn follow(
             } => {
                 if let Some(code) = parse_exit(&stderr) {
                     return Ok(code);
+                }
+                if lost_exit(&stderr) {
+                    return Err(lost_exit_failure(name, container).into());
                 }
                 drops += 1;
                 kube.events.warn(
@@ -1073,5 +1102,92 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(5));
         assert_eq!(String::from_utf8_lossy(&out.stdout), "");
         assert!(parse_exit(&out.stderr).is_some_and(|c| c != 0));
+    }
+
+    /// A follower bounded by `timeout` (a broken loop fails the test instead of hanging it).
+    fn follow_bounded(p: &StagePaths) -> std::process::Output {
+        std::process::Command::new("timeout")
+            .args(["30", "sh", "-c", &follower_script(p, 0)])
+            .output()
+            .unwrap()
+    }
+
+    /// The pid in a stage's pid file, once the launch has written it.
+    fn stage_pid(p: &StagePaths) -> u32 {
+        for _ in 0..200 {
+            if let Ok(s) = std::fs::read_to_string(&p.pid)
+                && let Ok(pid) = s.trim().parse()
+            {
+                return pid;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no pid file at {}", p.pid);
+    }
+
+    /// The subshell that waits for the script is killed from outside; the script ends and nobody
+    /// records its exit code. The follower says `LOST` (3 s after the script is gone) instead of
+    /// waiting for the job timeout, and the executor turns that into a system failure.
+    #[test]
+    fn a_script_whose_waiter_was_killed_is_reported_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let p = StagePaths::new(&d, &d, "build_script", "l1");
+        let out = sh_stdin(&launcher_program(&p, b"sleep 0.5; echo late\n").unwrap());
+        assert!(out.status.success(), "{out:?}");
+        let pid = stage_pid(&p);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let waiter = stat.rsplit(") ").next().unwrap().split(' ').nth(1).unwrap();
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", waiter])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let out = follow_bounded(&p);
+        assert!(out.status.success(), "{out:?}");
+        assert!(lost_exit(&out.stderr), "{out:?}");
+        assert_eq!(parse_exit(&out.stderr), None);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "late\n",
+            "the log is still streamed"
+        );
+        assert!(!Path::new(&p.exit).exists());
+        let f = lost_exit_failure("ci-jobs/p", "build");
+        assert!(
+            f.to_string().contains("without recording an exit code"),
+            "{f}"
+        );
+    }
+
+    /// A zombie nobody reaps (a container whose pid 1 does not reap orphans) counts as gone.
+    #[test]
+    fn an_unreaped_script_counts_as_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let p = StagePaths::new(&d, &d, "build_script", "l2");
+        // A child of this test process that is never waited for: a zombie while the test runs.
+        let zombie = std::process::Command::new("true").spawn().unwrap();
+        std::fs::write(&p.started, "").unwrap();
+        std::fs::write(&p.log, "").unwrap();
+        std::fs::write(&p.pid, format!("{}\n", zombie.id())).unwrap();
+        let out = follow_bounded(&p);
+        assert!(lost_exit(&out.stderr), "{out:?}");
+        drop(zombie);
+    }
+
+    /// A script that runs longer than the 3 s `LOST` delay, with its waiter alive, is followed to
+    /// its exit code as usual.
+    #[test]
+    fn a_live_script_past_the_lost_delay_is_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let p = StagePaths::new(&d, &d, "build_script", "l3");
+        let out = sh_stdin(&launcher_program(&p, b"sleep 3.5; echo done\n").unwrap());
+        assert!(out.status.success(), "{out:?}");
+        let out = follow_bounded(&p);
+        assert!(!lost_exit(&out.stderr), "{out:?}");
+        assert_eq!(parse_exit(&out.stderr), Some(0));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
     }
 }

@@ -121,6 +121,36 @@ async fn exec_stream_cut_mid_stage_gives_identical_log_and_exit_code() {
     assert!(reconnects >= 5, "only {reconnects} reconnects");
 }
 
+/// The job kills the process that waits for its script (`$PPID` of the stage's shell): the script
+/// ends with nobody to record its exit code. The stage is a system failure with one clear line
+/// (3 s after the script ended), not a wait for the job timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_whose_exit_code_was_never_recorded_is_a_system_failure() {
+    let env = Env::start("").await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        env.runner().run(
+            &JobBuilder::new(6151)
+                .script(&["kill -KILL $PPID", "echo still-running"])
+                .build(),
+        ),
+    )
+    .await
+    .expect("the lost exit code was noticed");
+    assert!(
+        matches!(out.result, JobResult::SystemFailure { .. }),
+        "{:?}\n{}",
+        out.result,
+        out.log
+    );
+    assert!(out.log.contains("still-running"), "{}", out.log);
+    assert!(
+        out.log.contains("ended without recording an exit code"),
+        "{}",
+        out.log
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_errors_on_20_percent_of_requests_do_not_change_the_job() {
     let env = Env::start("").await;
