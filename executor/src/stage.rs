@@ -191,7 +191,7 @@ pub fn launcher_program(p: &StagePaths, script: &[u8]) -> Result<Vec<u8>, Failur
 /// stderr instead of waiting for the job timeout; `gone` counts that time in 10 ms units.
 fn follow_loop(p: &StagePaths, offset: u64) -> String {
     format!(
-        r#"L={l}; E={e}; P={p}; off={offset}; hb=0; n=0; t=0.01; dt=1; fast=20; gone=0
+        r#"L={l}; E={e}; P={p}; off={offset}; hb=0; n=0; t=0.01; dt=1; fast=20; gone=0; pid=
 if [ -n "$W" ]; then t=0.1; dt=10; fast=0; fi
 trap : CHLD
 while :; do
@@ -206,8 +206,9 @@ while :; do
       off=$size
     fi
   fi
-  if [ -s "$P" ]; then
-    read -r pid < "$P"; st=
+  if [ -z "$pid" ] && [ -s "$P" ]; then read -r pid < "$P"; fi
+  if [ -n "$pid" ]; then
+    st=
     read -r _ _ st _ 2>/dev/null < "/proc/$pid/stat"
     if kill -0 "$pid" 2>/dev/null && [ "$st" != Z ]; then gone=0; else gone=$((gone + dt)); fi
     if [ "$gone" -ge 300 ] && [ ! -s "$E" ]; then printf 'LOST\n' >&2; exit 0; fi
@@ -917,6 +918,14 @@ mod tests {
         run_sh(&["-c", script], stdin)
     }
 
+    /// A temp dir holding both the scripts and the logs of one `build_script` run `id`.
+    fn stage_in_temp_dir(id: &str) -> (tempfile::TempDir, StagePaths) {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let p = StagePaths::new(&d, &d, "build_script", id);
+        (dir, p)
+    }
+
     /// `sh -s` with the program on stdin, as the exec runs it.
     fn sh_stdin(program: &[u8]) -> std::process::Output {
         run_sh(&["-s"], program)
@@ -925,9 +934,7 @@ mod tests {
     /// The in-pod scripts, run by the local sh: start detached, follow from offsets, exit code.
     #[test]
     fn launcher_and_follower_round_trip_with_resume() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display().to_string();
-        let p = StagePaths::new(&d, &d, "build_script", "abcd1234");
+        let (_dir, p) = stage_in_temp_dir("abcd1234");
         let script = b"echo one; printf 'two\\n'; echo err >&2; exit 42\n";
         let out = sh_stdin(&launcher_program(&p, script).unwrap());
         assert!(out.status.success(), "{out:?}");
@@ -946,9 +953,7 @@ mod tests {
     /// and non-UTF-8 bytes arrive unchanged; a NUL byte is refused with its offset.
     #[test]
     fn scripts_arrive_byte_for_byte() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display().to_string();
-        let p = StagePaths::new(&d, &d, "build_script", "b7e5");
+        let (_dir, p) = stage_in_temp_dir("b7e5");
         let mut script = b"#!/bin/sh\n# it's \"$HOME\" \\ `x` $'\\n' '' '\n: '\\''\n".to_vec();
         script.extend((1u8..=255).filter(|&b| b != b'\''));
         script.extend_from_slice(b"\nexit 0\n");
@@ -963,9 +968,7 @@ mod tests {
     /// starts the script again nor loses output.
     #[test]
     fn start_and_follow_in_one_exec() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display().to_string();
-        let p = StagePaths::new(&d, &d, "build_script", "5eed0001");
+        let (dir, p) = stage_in_temp_dir("5eed0001");
         let script = b"echo ran >> \"$(dirname \"$0\")/count\"; echo out; echo err >&2; exit 3\n";
         let program = start_and_follow_program(&p, script).unwrap();
         let out = sh_stdin(&program);
@@ -983,9 +986,7 @@ mod tests {
     #[test]
     fn programs_end_without_stdin_closing() {
         use std::io::Write as _;
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display().to_string();
-        let p = StagePaths::new(&d, &d, "build_script", "0pen");
+        let (_dir, p) = stage_in_temp_dir("0pen");
         for program in [
             launcher_program(&p, b"echo hi\n").unwrap(),
             start_and_follow_program(&p, b"echo hi\n").unwrap(),
@@ -1062,9 +1063,7 @@ mod tests {
     /// launch that follows starts nothing, and readers see the signal exit.
     #[test]
     fn kill_before_the_launch_means_the_stage_never_starts() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display().to_string();
-        let p = StagePaths::new(&d, &d, "build_script", "k0");
+        let (dir, p) = stage_in_temp_dir("k0");
         let t = Instant::now();
         assert!(sh(&kill_script(&p), b"").status.success());
         assert!(
@@ -1086,9 +1085,7 @@ mod tests {
 
     #[test]
     fn kill_script_stops_the_stage() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display().to_string();
-        let p = StagePaths::new(&d, &d, "build_script", "k1");
+        let (_dir, p) = stage_in_temp_dir("k1");
         let script = b"sleep 30; echo never\n";
         assert!(
             sh_stdin(&launcher_program(&p, script).unwrap())
@@ -1130,9 +1127,7 @@ mod tests {
     /// waiting for the job timeout, and the executor turns that into a system failure.
     #[test]
     fn a_script_whose_waiter_was_killed_is_reported_lost() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display().to_string();
-        let p = StagePaths::new(&d, &d, "build_script", "l1");
+        let (_dir, p) = stage_in_temp_dir("l1");
         let out = sh_stdin(&launcher_program(&p, b"sleep 0.5; echo late\n").unwrap());
         assert!(out.status.success(), "{out:?}");
         let pid = stage_pid(&p);
@@ -1163,9 +1158,7 @@ mod tests {
     /// A zombie nobody reaps (a container whose pid 1 does not reap orphans) counts as gone.
     #[test]
     fn an_unreaped_script_counts_as_gone() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display().to_string();
-        let p = StagePaths::new(&d, &d, "build_script", "l2");
+        let (_dir, p) = stage_in_temp_dir("l2");
         // A child of this test process that is never waited for: a zombie while the test runs.
         let zombie = std::process::Command::new("true").spawn().unwrap();
         std::fs::write(&p.started, "").unwrap();
@@ -1180,9 +1173,7 @@ mod tests {
     /// its exit code as usual.
     #[test]
     fn a_live_script_past_the_lost_delay_is_not_lost() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display().to_string();
-        let p = StagePaths::new(&d, &d, "build_script", "l3");
+        let (_dir, p) = stage_in_temp_dir("l3");
         let out = sh_stdin(&launcher_program(&p, b"sleep 3.5; echo done\n").unwrap());
         assert!(out.status.success(), "{out:?}");
         let out = follow_bounded(&p);
