@@ -24,9 +24,7 @@ async fn open(dir: &Path) -> anyhow::Result<(Arc<DedupStore>, Arc<Metrics>)> {
 }
 
 /// Store `body` under `key`, then read it back and compare.
-async fn put(store: &Arc<DedupStore>, dir: &Path, key: &str, body: &[u8]) -> anyhow::Result<()> {
-    let spool = dir.join("upload");
-    std::fs::write(&spool, body)?;
+async fn put(store: &Arc<DedupStore>, key: &str, body: &[u8]) -> anyhow::Result<()> {
     let obj = NewObject {
         bucket: "runner-cache".into(),
         key: key.into(),
@@ -34,7 +32,9 @@ async fn put(store: &Arc<DedupStore>, dir: &Path, key: &str, body: &[u8]) -> any
         content_type: None,
         metadata: Vec::new(),
     };
-    store.ingest(&spool, body.len() as u64, obj).await?;
+    store
+        .put_bytes(bytes::Bytes::copy_from_slice(body), obj)
+        .await?;
     let m = store
         .manifest("runner-cache", key)
         .await?
@@ -72,7 +72,7 @@ pub async fn versions(files: usize, versions: u32) -> anyhow::Result<(Row, Plot)
             ideal += new_data;
         }
         naive += z.len() as u64;
-        put(&store, dir.path(), &format!("project/1/deps-v{v}"), &z).await?;
+        put(&store, &format!("project/1/deps-v{v}"), &z).await?;
         stored = store.stats().await?.stored_bytes;
         let x = f64::from(v + 1);
         let mib = |b: u64| b as f64 / MIB as f64;
@@ -125,11 +125,11 @@ pub async fn mtime_only(files: usize) -> anyhow::Result<Row> {
     let dir = tempfile::tempdir()?;
     let (store, metrics) = open(dir.path()).await?;
     let mut tree = Tree::new(files);
-    put(&store, dir.path(), "project/1/deps", &tree.zip()).await?;
+    put(&store, "project/1/deps", &tree.zip()).await?;
     let before = metrics.dedup_bytes.load(Ordering::Relaxed);
     tree.touch_all();
     let second = tree.zip();
-    put(&store, dir.path(), "project/1/deps", &second).await?;
+    put(&store, "project/1/deps", &second).await?;
     let reused = metrics.dedup_bytes.load(Ordering::Relaxed) - before;
     Ok(Row {
         id: "P6",

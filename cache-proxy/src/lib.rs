@@ -65,6 +65,14 @@ pub fn gc_options(settings: &Settings) -> GcOptions {
     }
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Serve on `listener` until `shutdown` resolves, then finish in-flight requests.
 pub async fn serve(
     settings: Settings,
@@ -73,9 +81,25 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    if let Some(every) = settings.gc_interval {
-        let (d, s) = (dedup.clone(), settings.clone());
+    // Other replicas' new packs become dedup candidates here within a refresh interval.
+    let refresher = {
+        let d = dedup.clone();
         tokio::spawn(async move {
+            let mut tick = tokio::time::interval(dedup::INDEX_REFRESH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await; // open() has just refreshed
+            loop {
+                tick.tick().await;
+                if let Err(e) = d.refresh_index().await {
+                    tracing::warn!(error = %e, "chunk index refresh failed");
+                }
+            }
+        })
+    };
+    let _stop_refresher = AbortOnDrop(refresher);
+    let _stop_gc = settings.gc_interval.map(|every| {
+        let (d, s) = (dedup.clone(), settings.clone());
+        AbortOnDrop(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.tick().await; // the first tick fires immediately; skip it
             loop {
@@ -85,8 +109,8 @@ pub async fn serve(
                     Err(e) => tracing::warn!(error = %e, "gc failed"),
                 }
             }
-        });
-    }
+        }))
+    });
     let limits = settings.http.clone();
     let app = server::router(server::AppState::new(settings, dedup, metrics));
     conn::serve_connections(listener, app, &limits, shutdown)

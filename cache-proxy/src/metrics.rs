@@ -26,6 +26,10 @@ pub struct Metrics {
     pub dedup_bytes: AtomicU64,
     pub backend_errors: AtomicU64,
     pub corrupt_chunks: AtomicU64,
+    /// Manifest segment streams opened (GET decodes one; HEAD must not).
+    pub segment_streams: AtomicU64,
+    /// Manifest writes retried after the backend throttled (hot keys).
+    pub manifest_retries: AtomicU64,
 }
 
 impl Metrics {
@@ -134,6 +138,16 @@ impl Metrics {
                 "spotrun_cache_corrupt_chunks_total",
                 "Chunks whose digest did not match on read.",
                 &self.corrupt_chunks,
+            ),
+            (
+                "spotrun_cache_segment_streams_total",
+                "Manifest segment streams decoded (one per GET).",
+                &self.segment_streams,
+            ),
+            (
+                "spotrun_cache_manifest_retries_total",
+                "Manifest writes retried because the backend throttled them.",
+                &self.manifest_retries,
             ),
         ];
         for (name, help, c) in counters {

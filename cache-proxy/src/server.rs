@@ -10,15 +10,15 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
 use futures::StreamExt;
 use md5::Md5;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 
 use crate::auth::{self, PayloadMode, RequestParts};
 use crate::chunked::AwsChunkedDecoder;
 use crate::config::Settings;
-use crate::dedup::manifest::ManifestV1;
+use crate::dedup::manifest::Manifest;
 use crate::dedup::{DedupError, DedupStore, NewObject};
 use crate::metrics::Metrics;
 use crate::s3error::S3Error;
@@ -36,7 +36,7 @@ pub struct AppState {
     pub dedup: Arc<DedupStore>,
     pub metrics: Arc<Metrics>,
     #[allow(clippy::type_complexity)] // signature digest → (pinned at, manifest)
-    pins: Mutex<HashMap<[u8; 32], (Instant, Arc<ManifestV1>)>>,
+    pins: Mutex<HashMap<[u8; 32], (Instant, Arc<Manifest>)>>,
 }
 
 impl AppState {
@@ -203,7 +203,11 @@ fn auth_error(e: &AuthError) -> S3Error {
 
 fn dedup_error(e: &DedupError) -> S3Error {
     match e {
-        DedupError::Store(StoreError::Unavailable { .. }) => S3Error::slow_down(),
+        // Retryable: the backend is busy, or a concurrent GC took packs this upload reused.
+        DedupError::Store(StoreError::Unavailable { .. }) | DedupError::ReusedPacksGone(_) => {
+            tracing::warn!(error = %e, "retryable storage error");
+            S3Error::slow_down()
+        }
         other => {
             tracing::error!(error = %other, "storage error");
             S3Error::internal("We encountered an internal error. Please try again.")
@@ -479,7 +483,7 @@ async fn get_object(
     Ok(resp)
 }
 
-fn object_headers(h: &mut HeaderMap, m: &ManifestV1) {
+fn object_headers(h: &mut HeaderMap, m: &Manifest) {
     if let Ok(v) = HeaderValue::from_str(&m.header.etag) {
         h.insert(header::ETAG, v);
     }
@@ -564,18 +568,13 @@ async fn put_object(
         ));
     }
 
-    let spool = tempfile::NamedTempFile::new_in(st.dedup.spool_dir())
-        .map_err(|e| S3Error::internal(format!("spool: {e}")))?;
-    let std_file = spool
-        .reopen()
-        .map_err(|e| S3Error::internal(format!("spool: {e}")))?;
-    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(std_file));
+    // Chunked, hashed and uploaded while it arrives; published only after every check below.
+    let mut ingest = st.dedup.begin_ingest().await.map_err(|e| dedup_error(&e))?;
     let mut md5 = Md5::new();
     let mut sha = matches!(payload, PayloadMode::Sha256(_)).then(Sha256::new);
     let mut crc = crc32fast::Hasher::new();
     let mut size = 0u64;
     let mut stream = body.into_data_stream();
-    let mut decoded = Vec::new();
     let idle = st.settings.http.body_idle_timeout;
     // A body that stops arriving is cut after `idle`, so a slow client holds a connection for bounded time.
     while let Some(frame) = tokio::time::timeout(idle, stream.next())
@@ -592,13 +591,13 @@ async fn put_object(
             tracing::info!(error = %e, "upload body ended early");
             S3Error::bad_request("IncompleteBody", "You did not provide the number of bytes specified by the Content-Length HTTP header")
         })?;
-        let data: &[u8] = if let Some(dec) = decoder.as_mut() {
-            decoded.clear();
+        let data: Bytes = if let Some(dec) = decoder.as_mut() {
+            let mut decoded = Vec::new();
             dec.feed(&frame, &mut |d| decoded.extend_from_slice(d))
                 .map_err(|e| chunked_error(&e))?;
-            &decoded
+            Bytes::from(decoded)
         } else {
-            &frame
+            frame
         };
         size += data.len() as u64;
         if size > limit {
@@ -607,14 +606,12 @@ async fn put_object(
                 "Your proposed upload exceeds the maximum allowed object size.",
             ));
         }
-        md5.update(data);
-        crc.update(data);
+        md5.update(&data);
+        crc.update(&data);
         if let Some(s) = sha.as_mut() {
-            s.update(data);
+            s.update(&data);
         }
-        out.write_all(data)
-            .await
-            .map_err(|e| S3Error::internal(format!("spool write: {e}")))?;
+        ingest.write(data).await.map_err(|e| dedup_error(&e))?;
     }
     let mut checksums: Vec<(String, String)> = Vec::new();
     if let Some(dec) = decoder {
@@ -657,10 +654,7 @@ async fn put_object(
             "The Content-MD5 you specified did not match what we received.",
         ));
     }
-    out.flush()
-        .await
-        .map_err(|e| S3Error::internal(format!("spool flush: {e}")))?;
-    drop(out);
+    let staged = ingest.finish().await.map_err(|e| dedup_error(&e))?;
     Metrics::add(&st.metrics.logical_bytes_in, size);
 
     let metadata: Vec<(String, String)> = headers
@@ -683,7 +677,7 @@ async fn put_object(
         metadata,
     };
     st.dedup
-        .ingest(spool.path(), size, obj)
+        .publish(staged, obj)
         .await
         .map_err(|e| dedup_error(&e))?;
     let mut resp = StatusCode::OK.into_response();

@@ -75,6 +75,12 @@ pub struct ObjectHeader {
     /// `x-amz-meta-*` pairs, names lowercase without the prefix.
     pub metadata: Vec<(String, String)>,
     pub packs: Vec<String>,
+    /// Version 3: how many segments the segment stream holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segments: Option<u64>,
+    /// Version 3: the object holding the segment stream, when it is not embedded in the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,6 +315,311 @@ fn finish(
     Ok(ManifestV1 { header, segments })
 }
 
+/// Largest inline segment a version-3 stream holds: readers hold one segment at a time, so this
+/// bounds their memory (longer zip structure is split, and beyond a per-object budget chunked).
+pub const INLINE_SEG_MAX: usize = 1 << 20;
+/// Version-3 manifests whose segment stream compresses to at most this are one object; larger
+/// streams live in their own object (`ObjectHeader::body`) so HEAD and GC read only the header.
+pub const EMBED_MAX: usize = 64 << 10;
+/// Largest version-3 header (JSON): the pack list of a huge object stays far below it.
+const HEADER_MAX: usize = 64 << 20;
+
+/// Where a decoded manifest's segments are.
+#[derive(Debug, Clone)]
+pub enum SegmentSource {
+    /// Version 3, the DEFLATE segment stream following the header in the manifest object.
+    Embedded(bytes::Bytes),
+    /// Version 3, the segment stream in its own object (`ObjectHeader::body`).
+    External(String),
+    /// Versions 1 and 2 (written by earlier releases), decoded whole.
+    Legacy(std::sync::Arc<Vec<Segment>>),
+}
+
+/// A manifest as readers hold it: the header, and where to stream the segments from. Its memory does
+/// not depend on the number of segments (except for legacy versions).
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub header: ObjectHeader,
+    pub segments: SegmentSource,
+}
+
+impl Manifest {
+    /// Version 3 layout: `b"SRM"`, version byte `3`, u32-LE length + JSON header, then (when
+    /// `header.body` is `None`) the segment stream to the end of the object. Why: HEAD, GC and the
+    /// size of a pinned read need only the header; GET streams the segments.
+    #[must_use]
+    pub fn encode_v3(header: &ObjectHeader, embedded: &[u8]) -> Vec<u8> {
+        let json = serde_json::to_vec(header).expect("header serialises");
+        let mut out = Vec::with_capacity(8 + json.len() + embedded.len());
+        out.extend_from_slice(MAGIC);
+        out.push(3);
+        out.extend_from_slice(
+            &u32::try_from(json.len())
+                .expect("header under 4 GiB")
+                .to_le_bytes(),
+        );
+        out.extend_from_slice(&json);
+        out.extend_from_slice(embedded);
+        out
+    }
+
+    /// Decode any version; versions 1 and 2 are decoded whole (bounded as before), version 3 only
+    /// as far as its header.
+    #[allow(clippy::needless_pass_by_value)] // the embedded segment stream is a slice of it
+    pub fn decode(b: bytes::Bytes) -> Result<Self, ManifestError> {
+        if b.len() < 4 || &b[..3] != MAGIC {
+            return Err(ManifestError::Magic);
+        }
+        if b[3] != 3 {
+            let m = ManifestV1::decode(&b)?;
+            return Ok(Self {
+                header: m.header,
+                segments: SegmentSource::Legacy(std::sync::Arc::new(m.segments)),
+            });
+        }
+        let mut r = Reader { b: &b, i: 4 };
+        let hlen = u32::from_le_bytes(r.take(4)?.try_into().expect("4 bytes")) as usize;
+        if hlen > HEADER_MAX {
+            return Err(ManifestError::Malformed("header too large"));
+        }
+        let header: ObjectHeader = serde_json::from_slice(r.take(hlen)?)
+            .map_err(|_| ManifestError::Malformed("header JSON"))?;
+        if header.segments.is_none() {
+            return Err(ManifestError::Malformed(
+                "version 3 header without a segment count",
+            ));
+        }
+        let rest = b.slice(r.i..);
+        let segments = match &header.body {
+            Some(name) if rest.is_empty() => SegmentSource::External(name.clone()),
+            Some(_) => return Err(ManifestError::Malformed("trailing bytes")),
+            None => SegmentSource::Embedded(rest),
+        };
+        Ok(Self { header, segments })
+    }
+}
+
+impl Manifest {
+    /// Every segment, loading an external segment stream with `load` (tools and tests; memory grows
+    /// with the segment count).
+    pub fn collect_segments(
+        &self,
+        load: impl FnOnce(&str) -> std::io::Result<Vec<u8>>,
+    ) -> Result<Vec<Segment>, ManifestError> {
+        match &self.segments {
+            SegmentSource::Legacy(s) => Ok(s.as_ref().clone()),
+            SegmentSource::Embedded(b) => {
+                SegmentReader::new(std::io::Cursor::new(b.clone()), &self.header).collect()
+            }
+            SegmentSource::External(key) => {
+                let b =
+                    load(key).map_err(|_| ManifestError::Malformed("segment object missing"))?;
+                SegmentReader::new(std::io::Cursor::new(b), &self.header).collect()
+            }
+        }
+    }
+}
+
+/// Writes a version-3 segment stream: raw DEFLATE of, per segment, a tag byte `0` inline (varint
+/// len, bytes) or `1` chunk (varint pack index, zigzag varint of offset minus the end of the previous
+/// chunk, varint len, 32-byte SHA-256).
+pub struct SegmentWriter<W: Write> {
+    z: flate2::write::DeflateEncoder<W>,
+    prev_end: u64,
+    count: u64,
+    len: u64,
+    scratch: Vec<u8>,
+}
+
+impl<W: Write> SegmentWriter<W> {
+    pub fn new(w: W) -> Self {
+        Self {
+            z: flate2::write::DeflateEncoder::new(w, flate2::Compression::fast()),
+            prev_end: 0,
+            count: 0,
+            len: 0,
+            scratch: Vec::with_capacity(64),
+        }
+    }
+
+    /// Append an inline segment (at most `INLINE_SEG_MAX` bytes).
+    pub fn inline(&mut self, b: &[u8]) -> std::io::Result<()> {
+        assert!(
+            b.len() <= INLINE_SEG_MAX,
+            "inline segment of {} bytes",
+            b.len()
+        );
+        self.scratch.clear();
+        self.scratch.push(0);
+        put_varint(&mut self.scratch, b.len() as u64);
+        self.z.write_all(&self.scratch)?;
+        self.z.write_all(b)?;
+        self.count += 1;
+        self.len += b.len() as u64;
+        Ok(())
+    }
+
+    pub fn chunk(&mut self, c: &ChunkRef) -> std::io::Result<()> {
+        debug_assert!(c.offset <= MAX_OFFSET, "chunk offset {}", c.offset);
+        self.scratch.clear();
+        self.scratch.push(1);
+        put_varint(&mut self.scratch, u64::from(c.pack));
+        #[allow(clippy::cast_possible_wrap)] // offsets are at most 2^62 (MAX_OFFSET)
+        put_varint(
+            &mut self.scratch,
+            zigzag(c.offset as i64 - self.prev_end as i64),
+        );
+        put_varint(&mut self.scratch, u64::from(c.len));
+        self.scratch.extend_from_slice(&c.sha256);
+        self.z.write_all(&self.scratch)?;
+        self.prev_end = c.offset + u64::from(c.len);
+        self.count += 1;
+        self.len += u64::from(c.len);
+        Ok(())
+    }
+
+    /// Segments written and the object bytes they cover.
+    #[must_use]
+    pub fn counts(&self) -> (u64, u64) {
+        (self.count, self.len)
+    }
+
+    pub fn finish(self) -> std::io::Result<W> {
+        self.z.finish()
+    }
+}
+
+/// Reads a version-3 segment stream one segment at a time, checking it against its header: pack
+/// indexes in range, inline segments bounded, exactly `segments` of them adding up to `size`.
+pub struct SegmentReader<R: Read> {
+    z: std::io::BufReader<flate2::read::DeflateDecoder<R>>,
+    remaining: u64,
+    packs: usize,
+    size: u64,
+    pos: u64,
+    prev_end: u64,
+    failed: bool,
+}
+
+impl<R: Read> SegmentReader<R> {
+    pub fn new(r: R, header: &ObjectHeader) -> Self {
+        Self {
+            z: std::io::BufReader::with_capacity(64 << 10, flate2::read::DeflateDecoder::new(r)),
+            remaining: header.segments.unwrap_or(0),
+            packs: header.packs.len(),
+            size: header.size,
+            pos: 0,
+            prev_end: 0,
+            failed: false,
+        }
+    }
+
+    fn byte(&mut self) -> Result<u8, ManifestError> {
+        let mut b = [0u8; 1];
+        self.z
+            .read_exact(&mut b)
+            .map_err(|_| ManifestError::Malformed("segment stream truncated"))?;
+        Ok(b[0])
+    }
+
+    fn varint(&mut self) -> Result<u64, ManifestError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.byte()?;
+            v |= u64::from(byte & 0x7F) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(ManifestError::Malformed("varint too long"))
+    }
+
+    fn segment(&mut self) -> Result<Segment, ManifestError> {
+        let seg = match self.byte()? {
+            0 => {
+                let n = self.varint()?;
+                if n > INLINE_SEG_MAX as u64 {
+                    return Err(ManifestError::Malformed("inline segment too long"));
+                }
+                let mut b = vec![0; usize::try_from(n).expect("bounded")];
+                self.z
+                    .read_exact(&mut b)
+                    .map_err(|_| ManifestError::Malformed("segment stream truncated"))?;
+                Segment::Inline(b)
+            }
+            1 => {
+                let pack = u32::try_from(self.varint()?)
+                    .map_err(|_| ManifestError::Malformed("pack index"))?;
+                if pack as usize >= self.packs {
+                    return Err(ManifestError::Malformed("pack index out of range"));
+                }
+                let offset = self
+                    .prev_end
+                    .checked_add_signed(unzigzag(self.varint()?))
+                    .filter(|o| *o <= MAX_OFFSET)
+                    .ok_or(ManifestError::Malformed("chunk offset"))?;
+                let len = u32::try_from(self.varint()?)
+                    .map_err(|_| ManifestError::Malformed("chunk length"))?;
+                let mut sha256 = [0u8; 32];
+                self.z
+                    .read_exact(&mut sha256)
+                    .map_err(|_| ManifestError::Malformed("segment stream truncated"))?;
+                self.prev_end = offset + u64::from(len);
+                Segment::Chunk(ChunkRef {
+                    pack,
+                    offset,
+                    len,
+                    sha256,
+                })
+            }
+            _ => return Err(ManifestError::Malformed("unknown segment tag")),
+        };
+        self.pos = self
+            .pos
+            .checked_add(seg.len())
+            .filter(|p| *p <= self.size)
+            .ok_or(ManifestError::Malformed(
+                "segment lengths do not add up to the object size",
+            ))?;
+        Ok(seg)
+    }
+
+    fn end(&mut self) -> Result<(), ManifestError> {
+        if self.pos != self.size {
+            return Err(ManifestError::Malformed(
+                "segment lengths do not add up to the object size",
+            ));
+        }
+        let mut b = [0u8; 1];
+        match self.z.read(&mut b) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err(ManifestError::Malformed("trailing bytes in segment stream")),
+            Err(_) => Err(ManifestError::Malformed("segment stream")),
+        }
+    }
+}
+
+impl<R: Read> Iterator for SegmentReader<R> {
+    type Item = Result<Segment, ManifestError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let item = if self.remaining == 0 {
+            match self.end() {
+                Ok(()) => return None,
+                Err(e) => Err(e),
+            }
+        } else {
+            self.remaining -= 1;
+            self.segment()
+        };
+        self.failed = item.is_err();
+        Some(item)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,6 +635,8 @@ mod tests {
                 content_type: None,
                 metadata: vec![("cachekey".into(), "main".into())],
                 packs: vec!["p1".into()],
+                segments: None,
+                body: None,
             },
             segments: vec![
                 Segment::Inline(b"PK\x03\x04x".to_vec()),

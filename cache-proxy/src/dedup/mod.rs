@@ -1,46 +1,52 @@
-//! The dedup store: spooled bodies → zip-aware `FastCDC` chunks packed into large objects + one manifest
-//! per key; reads verify every chunk's SHA-256 before any byte of it is sent.
+//! The dedup store: bodies are chunked while they arrive (zip-aware `FastCDC`, SHA-256), new chunks
+//! packed into large objects, and each key gets a manifest, published last. Reads verify every
+//! chunk's SHA-256 before any byte of it is sent.
+//!
+//! Flows, one module each: `ingest` (streaming PUT), `read` (streaming GET), `index` (the chunk
+//! index), `gc` (expiry and sweep). Backend layout: `packs/<time><rand>` chunk packs and
+//! `packidx/<same>` their chunk lists; `manifests/<bucket>/<hh>/<sha256(key)>` one per key;
+//! `mbodies/<time><rand>` segment streams too large to embed in their manifest;
+//! `condemned/<pack>` GC tombstones; `reads/<manifest>` last-read markers.
 
+pub mod chunker;
+pub mod gc;
+pub mod index;
+pub mod ingest;
 pub mod manifest;
+pub mod read;
 pub mod zip;
+pub mod zipscan;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use futures::Stream;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::store::{BlobStore, StoreError};
-use manifest::{ChunkRef, ManifestError, ManifestV1, ObjectHeader, Segment};
-use zip::SpanKind;
+pub use chunker::{DATA_CDC, META_CDC};
+use index::ChunkIndex;
+pub use ingest::{Ingest, IngestStats, PACK_TARGET, Staged};
+use manifest::{EMBED_MAX, Manifest, ManifestError, ObjectHeader};
 
-/// `FastCDC` (min, avg, max) for entry data and plain bodies.
-pub const DATA_CDC: (u32, u32, u32) = (16 << 10, 64 << 10, 256 << 10);
-/// Smaller chunks for zip structure too large to keep inline (a central directory over `INLINE_MAX`).
-pub const META_CDC: (u32, u32, u32) = (1 << 10, 4 << 10, 16 << 10);
-/// Zip structure up to this size lives inline in the (deflated) manifest. The central directory holds
-/// every entry's mtime and CRC, so with 5 % of files changed nearly every 4 KiB chunk of it changed
-/// and was stored again (issue 5); inline it deflates to about a fifth. 8 MiB covers ~100k entries
-/// while keeping a manifest, which GET/HEAD read whole, small.
-pub const INLINE_MAX: u64 = 8 << 20;
-/// New chunks are appended to a pack until it reaches this size: 32 MiB keeps a GiB upload at ~32
-/// backend PUTs, far under the 1,100 requests/GiB budget.
-pub const PACK_TARGET: u64 = 32 << 20;
-/// One backend range read covers at most this much.
-const READ_SPAN_MAX: u64 = 8 << 20;
-/// Unneeded bytes we accept reading between two wanted chunks of the same pack to save a request.
-const READ_GAP_MAX: u64 = 256 << 10;
 /// How often an ingest re-reads the list of condemned packs (written by any process's GC). Safety
-/// needs `grace` > longest upload + this interval: see `DedupStore::gc`.
+/// needs `grace` > longest upload + this interval: see `gc`.
 const CONDEMNED_REFRESH: Duration = Duration::from_secs(30);
 /// Read markers (for expiry of unread keys) are rewritten at most this often per key.
 const READ_MARK_EVERY: Duration = Duration::from_hours(1);
+/// Local temporaries (spool files, the disk store's temp files) younger than this are never swept,
+/// whatever the GC's clock and grace say: they belong to writes in progress.
+const TEMP_MIN_AGE: Duration = Duration::from_hours(1);
+/// How often a server loads other replicas' new pack index objects.
+pub const INDEX_REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// Manifest writes throttled by the backend (GCS allows one write per second per object name) are
+/// retried this many times with jittered exponential backoff from `MANIFEST_RETRY_BASE`.
+const MANIFEST_ATTEMPTS: u32 = 10;
+const MANIFEST_RETRY_BASE: Duration = Duration::from_millis(100);
+const MANIFEST_RETRY_MAX: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DedupError {
@@ -54,17 +60,16 @@ pub enum DedupError {
     },
     #[error("local spool: {0}")]
     Spool(#[from] std::io::Error),
+    #[error(transparent)]
+    Index(#[from] index::IndexError),
     #[error("chunk {sha} in {pack} failed SHA-256 verification")]
     Corrupt { pack: String, sha: String },
-    #[error("refusing to sweep: manifest {0:?} could not be decoded (its packs would be lost)")]
-    UnreadableManifest(String),
-}
-
-#[derive(Debug, Clone)]
-struct Loc {
-    pack: Arc<str>,
-    offset: u64,
-    len: u32,
+    /// A stage of an ingest stopped because another one failed (or the ingest was cancelled).
+    #[error("ingest: {0}")]
+    Pipeline(&'static str),
+    /// Retryable: packs this body reused were deleted by another process's GC meanwhile.
+    #[error("{0} reused pack(s) were deleted by a concurrent gc; the upload must be retried")]
+    ReusedPacksGone(usize),
 }
 
 /// Attributes of an object being stored.
@@ -93,6 +98,8 @@ pub struct GcOptions {
 pub struct GcReport {
     pub manifests_live: usize,
     pub manifests_expired: usize,
+    /// Manifests that could not be decoded: skipped, and what they may reference kept.
+    pub manifests_unreadable: usize,
     pub packs_kept: usize,
     /// Unreferenced packs past grace marked for deletion by a later run (tombstones written).
     pub packs_condemned: usize,
@@ -100,6 +107,8 @@ pub struct GcReport {
     pub packs_rescued: usize,
     pub packs_deleted: usize,
     pub bytes_deleted: u64,
+    /// Segment objects of overwritten or expired versions.
+    pub bodies_deleted: usize,
     /// Leftovers of uploads interrupted by a crash: spool files and the store's temp files.
     pub temp_files_deleted: usize,
 }
@@ -107,8 +116,10 @@ pub struct GcReport {
 #[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
 pub struct Stats {
     pub keys: usize,
+    pub unreadable_manifests: usize,
     pub logical_bytes: u64,
     pub pack_bytes: u64,
+    /// Manifests, segment objects and pack index objects.
     pub manifest_bytes: u64,
     pub stored_bytes: u64,
     pub packs: usize,
@@ -119,20 +130,78 @@ pub struct Stats {
 #[derive(Debug)]
 pub struct DedupStore {
     blob: Arc<dyn BlobStore>,
-    index: std::sync::RwLock<HashMap<[u8; 32], Loc>>,
+    index: Arc<ChunkIndex>,
     spool_dir: PathBuf,
     metrics: Arc<Metrics>,
-    /// Ingests hold it shared from chunk lookup to manifest write; GC holds it exclusively, so a
-    /// chunk found in the index cannot be swept before the manifest referencing it exists.
-    gc_lock: tokio::sync::RwLock<()>,
     recent_reads: Mutex<HashMap<String, Instant>>,
     /// Packs some GC (this process or another) has condemned, and when the list was read; chunks in
     /// them are never reused.
     condemned: tokio::sync::Mutex<(Option<Instant>, Arc<HashSet<String>>)>,
+    /// How old that list (and a pack's existence check) may be, in milliseconds.
+    condemned_refresh_ms: std::sync::atomic::AtomicU64,
     /// Reused packs seen in the backend recently (saves a HEAD per pack per upload).
     verified: Mutex<HashMap<Arc<str>, Instant>>,
-    /// Permits for read-ahead groups beyond each read's first (`READ_AHEAD_BUDGET`).
+    /// Permits for read-ahead groups beyond each read's first.
     read_ahead: Arc<tokio::sync::Semaphore>,
+    /// Pack uploads in flight across all ingests.
+    pack_uploads: Arc<tokio::sync::Semaphore>,
+    /// Packs and segment objects that ingests of this process created or reused and have not
+    /// published yet: this process's GC keeps them whatever its grace period.
+    inflight: Inflight,
+}
+
+/// Names in use by unpublished ingests, counted (several ingests may reuse one pack).
+#[derive(Debug, Clone, Default)]
+pub struct Inflight(Arc<Mutex<HashMap<Arc<str>, usize>>>);
+
+impl Inflight {
+    #[must_use]
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.lock().expect("inflight lock").contains_key(name)
+    }
+}
+
+/// Holds names in `Inflight` until dropped.
+#[derive(Debug)]
+pub struct InflightGuard {
+    set: Inflight,
+    names: HashSet<Arc<str>>,
+}
+
+impl InflightGuard {
+    #[must_use]
+    pub fn new(set: &Inflight) -> Self {
+        Self {
+            set: set.clone(),
+            names: HashSet::new(),
+        }
+    }
+
+    pub fn hold(&mut self, name: &Arc<str>) {
+        if self.names.insert(name.clone()) {
+            *self
+                .set
+                .0
+                .lock()
+                .expect("inflight lock")
+                .entry(name.clone())
+                .or_default() += 1;
+        }
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        let mut set = self.set.0.lock().expect("inflight lock");
+        for n in &self.names {
+            if let Some(c) = set.get_mut(n) {
+                *c -= 1;
+                if *c == 0 {
+                    set.remove(n);
+                }
+            }
+        }
+    }
 }
 
 #[must_use]
@@ -149,154 +218,42 @@ fn read_marker_key(manifest_key: &str) -> String {
     format!("reads/{}", manifest_key.trim_start_matches("manifests/"))
 }
 
-/// The result of chunking one spooled body (blocking part of an ingest).
-struct Plan {
-    segments: Vec<PlannedSegment>,
-    packs: Vec<(Arc<str>, tempfile::NamedTempFile)>,
-    new_chunks: Vec<([u8; 32], Loc)>,
-    hits: u64,
-    misses: u64,
-    dedup_bytes: u64,
-    stored_bytes: u64,
-}
-
-enum PlannedSegment {
-    Inline(Vec<u8>),
-    Chunk(Loc, [u8; 32]),
-}
-
-struct PackWriter<'a> {
-    spool_dir: &'a Path,
-    current: Option<(Arc<str>, BufWriter<tempfile::NamedTempFile>, u64)>,
-    done: Vec<(Arc<str>, tempfile::NamedTempFile)>,
-}
-
-impl PackWriter<'_> {
-    fn append(&mut self, data: &[u8]) -> std::io::Result<Loc> {
-        if self.current.is_none() {
-            let name: Arc<str> = format!("packs/{:032x}", rand::random::<u128>()).into();
-            let file = tempfile::NamedTempFile::new_in(self.spool_dir)?;
-            self.current = Some((name, BufWriter::with_capacity(1 << 20, file), 0));
-        }
-        let (name, w, size) = self.current.as_mut().expect("just created");
-        w.write_all(data)?;
-        let loc = Loc {
-            pack: name.clone(),
-            offset: *size,
-            len: u32::try_from(data.len()).expect("chunks are small"),
-        };
-        *size += data.len() as u64;
-        if *size >= PACK_TARGET {
-            self.finish_current()?;
-        }
-        Ok(loc)
-    }
-
-    fn finish_current(&mut self) -> std::io::Result<()> {
-        if let Some((name, w, _)) = self.current.take() {
-            let file = w
-                .into_inner()
-                .map_err(std::io::IntoInnerError::into_error)?;
-            self.done.push((name, file));
-        }
-        Ok(())
-    }
-}
-
-fn plan_chunks(
-    spool: &Path,
-    size: u64,
-    spool_dir: &Path,
-    lookup: &dyn Fn(&[u8; 32]) -> Option<Loc>,
-) -> std::io::Result<Plan> {
-    let mut file = std::fs::File::open(spool)?;
-    let spans = match zip::zip_spans(&mut file, size) {
-        Ok(spans) => spans,
-        Err(e) => {
-            if !matches!(e, zip::ZipError::NotZip) {
-                tracing::info!(error = %e, "zip parse failed; chunking the body as plain data");
-            }
-            vec![zip::Span {
-                offset: 0,
-                len: size,
-                kind: SpanKind::Data,
-            }]
-        }
-    };
-    let mut plan = Plan {
-        segments: Vec::new(),
-        packs: Vec::new(),
-        new_chunks: Vec::new(),
-        hits: 0,
-        misses: 0,
-        dedup_bytes: 0,
-        stored_bytes: 0,
-    };
-    let mut local: HashMap<[u8; 32], Loc> = HashMap::new();
-    let mut packs = PackWriter {
-        spool_dir,
-        current: None,
-        done: Vec::new(),
-    };
-    for span in spans.into_iter().filter(|s| s.len > 0) {
-        file.seek(SeekFrom::Start(span.offset))?;
-        if span.kind == SpanKind::Literal && span.len <= INLINE_MAX {
-            let mut buf = vec![0; usize::try_from(span.len).expect("small")];
-            file.read_exact(&mut buf)?;
-            plan.segments.push(PlannedSegment::Inline(buf));
-            continue;
-        }
-        let (min, avg, max) = if span.kind == SpanKind::Data {
-            DATA_CDC
-        } else {
-            META_CDC
-        };
-        for chunk in fastcdc::v2020::StreamCDC::new((&mut file).take(span.len), min, avg, max) {
-            let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
-            let sha: [u8; 32] = Sha256::digest(&chunk.data).into();
-            let loc = if let Some(loc) = local.get(&sha).cloned().or_else(|| lookup(&sha)) {
-                plan.hits += 1;
-                plan.dedup_bytes += chunk.data.len() as u64;
-                loc
-            } else {
-                let loc = packs.append(&chunk.data)?;
-                plan.misses += 1;
-                plan.stored_bytes += chunk.data.len() as u64;
-                local.insert(sha, loc.clone());
-                plan.new_chunks.push((sha, loc.clone()));
-                loc
-            };
-            plan.segments.push(PlannedSegment::Chunk(loc, sha));
-        }
-    }
-    packs.finish_current()?;
-    plan.packs = packs.done;
-    for (_, f) in &plan.packs {
-        f.as_file().sync_all()?;
-    }
-    Ok(plan)
+/// The local chunk index of a store whose spool directory is `spool_dir` (a subdirectory: the
+/// spool's stale-file sweep only touches files directly in it).
+#[must_use]
+pub fn index_path(spool_dir: &Path) -> PathBuf {
+    spool_dir.join("index").join("chunks.redb")
 }
 
 impl DedupStore {
-    /// Open the store and rebuild the chunk index from the live manifests.
+    /// Open the store: the local chunk index under `spool_dir`, brought up to date with the pack
+    /// index objects written since its watermark (all of them when it is new).
     pub async fn open(
         blob: Arc<dyn BlobStore>,
         spool_dir: PathBuf,
         metrics: Arc<Metrics>,
     ) -> Result<Self, DedupError> {
         std::fs::create_dir_all(&spool_dir)?;
+        let path = index_path(&spool_dir);
+        let index = tokio::task::spawn_blocking(move || ChunkIndex::open(&path))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
         let this = Self {
             blob,
-            index: std::sync::RwLock::new(HashMap::new()),
+            index: Arc::new(index),
             spool_dir,
             metrics,
-            gc_lock: tokio::sync::RwLock::new(()),
             recent_reads: Mutex::new(HashMap::new()),
             condemned: tokio::sync::Mutex::new((None, Arc::new(HashSet::new()))),
+            condemned_refresh_ms: std::sync::atomic::AtomicU64::new(
+                u64::try_from(CONDEMNED_REFRESH.as_millis()).expect("small"),
+            ),
             verified: Mutex::new(HashMap::new()),
-            read_ahead: Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BUDGET)),
+            read_ahead: Arc::new(tokio::sync::Semaphore::new(read::READ_AHEAD_BUDGET)),
+            pack_uploads: Arc::new(tokio::sync::Semaphore::new(ingest::PACK_UPLOADS)),
+            inflight: Inflight::default(),
         };
-        this.reload_index().await?;
+        this.refresh_index().await?;
         Ok(this)
     }
 
@@ -310,200 +267,247 @@ impl DedupStore {
         &self.spool_dir
     }
 
-    /// Only chunks referenced by a live manifest are dedup candidates, so the index can be rebuilt
-    /// from manifests alone (no separate pack index objects to keep consistent).
-    pub async fn reload_index(&self) -> Result<(), DedupError> {
-        let mut fresh = HashMap::new();
-        for info in self.blob.list("manifests/").await? {
-            let Some(m) = self.load_manifest_at(&info.key).await? else {
+    /// How stale this process's view of condemned packs may get (default `CONDEMNED_REFRESH`); GC
+    /// safety across processes needs `grace` > longest upload + this. Tests shorten it.
+    pub fn set_condemned_refresh(&self, every: Duration) {
+        self.condemned_refresh_ms.store(
+            u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn condemned_refresh(&self) -> Duration {
+        Duration::from_millis(
+            self.condemned_refresh_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    #[must_use]
+    pub fn chunk_index(&self) -> &Arc<ChunkIndex> {
+        &self.index
+    }
+
+    /// Load pack index objects written since the watermark (by any replica); returns how many packs
+    /// were added. Listing starts `REFRESH_LOOKBACK` before the watermark: an index object appears
+    /// when its upload ends, after the time in its name.
+    pub async fn refresh_index(&self) -> Result<usize, DedupError> {
+        let ix = self.index.clone();
+        let watermark = tokio::task::spawn_blocking(move || ix.watermark())
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let start_after = watermark.as_deref().map(|w| {
+            let t = index::pack_of_index_key(w);
+            index::name_time(&t).map_or_else(String::new, |t| {
+                index::index_key_at(t.checked_sub(index::REFRESH_LOOKBACK).unwrap_or(t))
+            })
+        });
+        let listed = self
+            .blob
+            .list_after("packidx/", start_after.as_deref().unwrap_or(""))
+            .await?;
+        let mut added = 0;
+        let mut newest = watermark;
+        for obj in listed {
+            let pack = index::pack_of_index_key(&obj.key);
+            let ix = self.index.clone();
+            let p = pack.clone();
+            if tokio::task::spawn_blocking(move || ix.knows_pack(&p))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??
+            {
                 continue;
+            }
+            let bytes = match self.blob.get(&obj.key).await {
+                Ok(b) => b,
+                Err(StoreError::NotFound(_)) => continue, // deleted by GC meanwhile
+                Err(e) => return Err(e.into()),
             };
-            let packs: Vec<Arc<str>> = m
-                .header
-                .packs
-                .iter()
-                .map(|p| Arc::from(p.as_str()))
-                .collect();
-            for seg in &m.segments {
-                if let Segment::Chunk(c) = seg {
-                    fresh.insert(
-                        c.sha256,
-                        Loc {
-                            pack: packs[c.pack as usize].clone(),
-                            offset: c.offset,
-                            len: c.len,
-                        },
-                    );
+            let entries = match index::decode_pack_index(&obj.key, &bytes) {
+                Ok(e) => e,
+                Err(e) => {
+                    // A damaged index object only costs the dedup of its pack's chunks.
+                    tracing::warn!(error = %e, "skipping a pack index object");
+                    continue;
                 }
+            };
+            let ix = self.index.clone();
+            tokio::task::spawn_blocking(move || ix.add_pack(&pack, &entries))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
+            added += 1;
+            if newest.as_deref().is_none_or(|n| obj.key.as_str() > n) {
+                newest = Some(obj.key.clone());
             }
         }
-        *self.index.write().expect("index lock") = fresh;
-        Ok(())
+        if let Some(w) = newest {
+            let ix = self.index.clone();
+            tokio::task::spawn_blocking(move || ix.set_watermark(&w))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
+        }
+        Ok(added)
     }
 
-    async fn load_manifest_at(&self, mkey: &str) -> Result<Option<ManifestV1>, DedupError> {
-        let bytes = match self.blob.get(mkey).await {
-            Ok(b) => b,
-            Err(StoreError::NotFound(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        ManifestV1::decode(&bytes)
-            .map(Some)
-            .map_err(|source| DedupError::Manifest {
-                key: mkey.to_owned(),
-                source,
-            })
+    /// Never reuse `pack` again (its deletion is under way or done).
+    async fn forget_pack(&self, pack: &str) {
+        self.verified.lock().expect("verified lock").remove(pack);
+        let (ix, p) = (self.index.clone(), pack.to_owned());
+        match tokio::task::spawn_blocking(move || ix.forget_pack(&p)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(pack, error = %e, "could not mark a pack gone in the local index");
+            }
+            Err(e) => {
+                tracing::warn!(pack, error = %e, "could not mark a pack gone in the local index");
+            }
+        }
     }
 
-    /// The current manifest of a key, if any.
+    /// The current manifest of a key, if any (its header; segments are streamed by `read`).
     pub async fn manifest(
         &self,
         bucket: &str,
         key: &str,
-    ) -> Result<Option<Arc<ManifestV1>>, DedupError> {
-        let m = self.load_manifest_at(&manifest_key(bucket, key)).await?;
+    ) -> Result<Option<Arc<Manifest>>, DedupError> {
+        let mkey = manifest_key(bucket, key);
+        let bytes = match self.blob.get(&mkey).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let m = Manifest::decode(bytes).map_err(|source| DedupError::Manifest {
+            key: mkey.clone(),
+            source,
+        })?;
         // A hash collision on the manifest name would show up as a different key inside.
-        Ok(
-            m.filter(|m| m.header.bucket == bucket && m.header.key == key)
-                .map(Arc::new),
-        )
+        Ok((m.header.bucket == bucket && m.header.key == key).then(|| Arc::new(m)))
     }
 
-    /// Chunk a fully received, verified body from `spool` and publish it: packs first, manifest last.
-    pub async fn ingest(
-        &self,
-        spool: &Path,
-        size: u64,
+    /// Ingest a body held in memory and publish it (tests, tools and benchmarks).
+    pub async fn put_bytes(
+        self: &Arc<Self>,
+        body: Bytes,
         obj: NewObject,
-    ) -> Result<ManifestV1, DedupError> {
-        let _gc_guard = self.gc_lock.read().await;
-        let plan = loop {
-            let (spool, spool_dir) = (spool.to_owned(), self.spool_dir.clone());
-            let condemned = self.condemned_packs().await?;
-            let index_snapshot = self.index_reader(condemned);
-            let plan = tokio::task::spawn_blocking(move || {
-                plan_chunks(&spool, size, &spool_dir, &*index_snapshot)
-            })
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))??;
-            // Another process's GC may have deleted packs this index still points at: never publish
-            // a manifest over a missing pack. Forgetting them makes the second plan store afresh.
-            let missing = self.missing_reused_packs(&plan).await?;
-            if missing.is_empty() {
-                break plan;
-            }
+    ) -> Result<ObjectHeader, DedupError> {
+        let mut ing = self.begin_ingest().await?;
+        let mut at = 0;
+        while at < body.len() {
+            let n = (body.len() - at).min(256 << 10);
+            ing.write(body.slice(at..at + n)).await?;
+            at += n;
+        }
+        let staged = ing.finish().await?;
+        self.publish(staged, obj).await
+    }
+
+    /// Make a staged body the key's current version: check the packs it reuses, write its segment
+    /// object if it does not embed, then the manifest (last; retried while the backend throttles).
+    pub async fn publish(
+        &self,
+        mut staged: Staged,
+        obj: NewObject,
+    ) -> Result<ObjectHeader, DedupError> {
+        let missing = self.missing_reused_packs(&staged.reused).await?;
+        if !missing.is_empty() {
             tracing::warn!(
                 packs = missing.len(),
-                "reused packs are gone from the backend (deleted by another process's gc); re-chunking"
+                "reused packs are gone from the backend (deleted by another process's gc)"
             );
-            self.index
-                .write()
-                .expect("index lock")
-                .retain(|_, loc| !missing.contains(&loc.pack));
-        };
-        for (name, file) in &plan.packs {
+            for p in &missing {
+                self.forget_pack(p).await;
+            }
+            return Err(DedupError::ReusedPacksGone(missing.len()));
+        }
+        let seg_len = staged.segments.as_file().metadata()?.len();
+        let mut embedded = Vec::new();
+        let body = if seg_len <= EMBED_MAX as u64 {
+            embedded = std::fs::read(staged.segments.path())?;
+            None
+        } else {
+            let name = format!(
+                "mbodies/{}",
+                index::new_pack_name(SystemTime::now()).trim_start_matches("packs/")
+            );
+            staged.inflight.hold(&Arc::from(name.as_str()));
             self.blob
-                .put_file(name, file.path())
+                .put_file(&name, staged.segments.path())
                 .await
                 .inspect_err(|_| Metrics::add(&self.metrics.backend_errors, 1))?;
-        }
-        Metrics::add(&self.metrics.chunk_hits, plan.hits);
-        Metrics::add(&self.metrics.chunk_misses, plan.misses);
-        Metrics::add(&self.metrics.dedup_bytes, plan.dedup_bytes);
-        Metrics::add(&self.metrics.stored_bytes_in, plan.stored_bytes);
-
-        let mut pack_names: Vec<String> = Vec::new();
-        let mut pack_ids: HashMap<Arc<str>, u32> = HashMap::new();
-        let segments = plan
-            .segments
-            .into_iter()
-            .map(|s| match s {
-                PlannedSegment::Inline(b) => Segment::Inline(b),
-                PlannedSegment::Chunk(loc, sha256) => {
-                    let pack = *pack_ids.entry(loc.pack.clone()).or_insert_with(|| {
-                        pack_names.push(loc.pack.to_string());
-                        u32::try_from(pack_names.len() - 1).expect("fewer than 4G packs")
-                    });
-                    Segment::Chunk(ChunkRef {
-                        pack,
-                        offset: loc.offset,
-                        len: loc.len,
-                        sha256,
-                    })
-                }
-            })
-            .collect();
-        let manifest = ManifestV1 {
-            header: ObjectHeader {
-                bucket: obj.bucket,
-                key: obj.key,
-                size,
-                etag: obj.etag,
-                last_modified: unix_secs(SystemTime::now()),
-                content_type: obj.content_type,
-                metadata: obj.metadata,
-                packs: pack_names,
-            },
-            segments,
+            Some(name)
         };
-        let mkey = manifest_key(&manifest.header.bucket, &manifest.header.key);
-        self.blob
-            .put_bytes(&mkey, Bytes::from(manifest.encode()))
-            .await
-            .inspect_err(|_| Metrics::add(&self.metrics.backend_errors, 1))?;
-        let mut index = self.index.write().expect("index lock");
-        for (sha, loc) in plan.new_chunks {
-            index.entry(sha).or_insert(loc);
+        let header = ObjectHeader {
+            bucket: obj.bucket,
+            key: obj.key,
+            size: staged.size,
+            etag: obj.etag,
+            last_modified: unix_secs(SystemTime::now()),
+            content_type: obj.content_type,
+            metadata: obj.metadata,
+            packs: staged.packs,
+            segments: Some(staged.segment_count),
+            body,
+        };
+        let encoded = Bytes::from(Manifest::encode_v3(&header, &embedded));
+        let mkey = manifest_key(&header.bucket, &header.key);
+        self.put_manifest(&mkey, encoded).await?;
+        let st = staged.stats;
+        Metrics::add(&self.metrics.chunk_hits, st.chunks_reused);
+        Metrics::add(&self.metrics.chunk_misses, st.chunks_new);
+        Metrics::add(&self.metrics.dedup_bytes, st.bytes_reused);
+        Metrics::add(&self.metrics.stored_bytes_in, st.bytes_new);
+        Ok(header)
+    }
+
+    /// Write a manifest; a throttled or unavailable backend (a hot key written by many jobs: GCS
+    /// answers 429 to a second write of one name within a second) is retried with jittered
+    /// exponential backoff. Concurrent writers of one key all succeed; the last one wins.
+    async fn put_manifest(&self, mkey: &str, encoded: Bytes) -> Result<(), DedupError> {
+        let mut delay = MANIFEST_RETRY_BASE;
+        for attempt in 1..=MANIFEST_ATTEMPTS {
+            match self.blob.put_bytes(mkey, encoded.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Unavailable { .. }) if attempt < MANIFEST_ATTEMPTS => {
+                    Metrics::add(&self.metrics.manifest_retries, 1);
+                    let jitter = rand::random::<f64>() * 0.5 + 0.75;
+                    tokio::time::sleep(delay.mul_f64(jitter)).await;
+                    delay = (delay * 2).min(MANIFEST_RETRY_MAX);
+                }
+                Err(e) => {
+                    Metrics::add(&self.metrics.backend_errors, 1);
+                    return Err(e.into());
+                }
+            }
         }
-        Ok(manifest)
+        unreachable!("the last attempt returns")
     }
 
-    #[allow(clippy::type_complexity)] // a one-off closure type
-    fn index_reader(
+    /// Reused packs that are not (recently verified to be) in the backend. (A pack condemned since
+    /// the lookup is fine: this manifest, published before the deleting GC run marks, rescues it.)
+    async fn missing_reused_packs(
         &self,
-        condemned: Arc<HashSet<String>>,
-    ) -> Box<dyn Fn(&[u8; 32]) -> Option<Loc> + Send> {
-        // A snapshot keeps the blocking chunker off the lock; chunks added meanwhile are only a missed
-        // dedup opportunity, never an error.
-        let snapshot: HashMap<[u8; 32], Loc> = self.index.read().expect("index lock").clone();
-        Box::new(move |sha| {
-            snapshot
-                .get(sha)
-                .filter(|loc| !condemned.contains(&*loc.pack))
-                .cloned()
-        })
-    }
-
-    /// Packs an ingest plan reuses that are not (recently verified to be) in the backend.
-    async fn missing_reused_packs(&self, plan: &Plan) -> Result<HashSet<Arc<str>>, DedupError> {
-        let new: HashSet<&Arc<str>> = plan.packs.iter().map(|(n, _)| n).collect();
-        let reused: HashSet<Arc<str>> = plan
-            .segments
-            .iter()
-            .filter_map(|s| match s {
-                PlannedSegment::Chunk(loc, _) if !new.contains(&loc.pack) => Some(loc.pack.clone()),
-                _ => None,
-            })
-            .collect();
+        reused: &HashSet<Arc<str>>,
+    ) -> Result<HashSet<Arc<str>>, DedupError> {
         let mut missing = HashSet::new();
         for pack in reused {
             let fresh = self
                 .verified
                 .lock()
                 .expect("verified lock")
-                .get(&pack)
-                .is_some_and(|t| t.elapsed() < CONDEMNED_REFRESH);
+                .get(pack)
+                .is_some_and(|t| t.elapsed() < self.condemned_refresh());
             if fresh {
                 continue;
             }
-            if self.blob.head(&pack).await?.is_some() {
+            if self.blob.head(pack).await?.is_some() {
                 let mut verified = self.verified.lock().expect("verified lock");
                 if verified.len() > 100_000 {
-                    verified.retain(|_, t| t.elapsed() < CONDEMNED_REFRESH);
+                    let every = self.condemned_refresh();
+                    verified.retain(|_, t| t.elapsed() < every);
                 }
-                verified.insert(pack, Instant::now());
+                verified.insert(pack.clone(), Instant::now());
             } else {
-                missing.insert(pack);
+                missing.insert(pack.clone());
             }
         }
         Ok(missing)
@@ -513,7 +517,10 @@ impl DedupStore {
     /// `CONDEMNED_REFRESH`.
     async fn condemned_packs(&self) -> Result<Arc<HashSet<String>>, DedupError> {
         let mut slot = self.condemned.lock().await;
-        if slot.0.is_some_and(|at| at.elapsed() < CONDEMNED_REFRESH) {
+        if slot
+            .0
+            .is_some_and(|at| at.elapsed() < self.condemned_refresh())
+        {
             return Ok(slot.1.clone());
         }
         let set: HashSet<String> = self
@@ -525,84 +532,6 @@ impl DedupStore {
             .collect();
         *slot = (Some(Instant::now()), Arc::new(set));
         Ok(slot.1.clone())
-    }
-
-    /// Stream bytes `start..end` of a manifest's object. A corrupt chunk ends the stream with an error
-    /// (the connection is cut short), so no wrong byte is ever presented as a complete body.
-    pub fn read(
-        self: &Arc<Self>,
-        m: Arc<ManifestV1>,
-        start: u64,
-        end: u64,
-    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(2);
-        let this = Arc::clone(self);
-        tokio::spawn(async move {
-            if let Err(e) = this.pump(&m, start, end, &tx).await {
-                tracing::error!(bucket = %m.header.bucket, key = %m.header.key, error = %e, "aborting object read");
-                let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
-            }
-        });
-        futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        })
-    }
-
-    /// Sends the window `start..end`: inline segments as they are, chunks fetched in groups (one
-    /// backend range read per run of neighbouring chunks of a pack) and verified. Each group is
-    /// fetched and verified (SHA-256 on a blocking thread) by its own task, up to `READ_AHEAD`
-    /// groups at once, so the backend's latency and the hashing overlap with the client's download;
-    /// a read holds at most `READ_AHEAD` groups of `READ_SPAN_MAX` bytes, and all reads together
-    /// at most one group each plus `READ_AHEAD_BUDGET`.
-    async fn pump(
-        &self,
-        m: &ManifestV1,
-        start: u64,
-        end: u64,
-        tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
-    ) -> Result<(), DedupError> {
-        let mut items = plan_read(m, start, end).into_iter();
-        let mut queue = ReadQueue::default();
-        loop {
-            while queue.fetches < READ_AHEAD {
-                // The first group needs no permit (every read progresses); read-ahead does.
-                let permit = if queue.fetches == 0 {
-                    None
-                } else {
-                    match self.read_ahead.clone().try_acquire_owned() {
-                        Ok(p) => Some(p),
-                        Err(_) => break,
-                    }
-                };
-                match items.next() {
-                    Some(ReadItem::Inline(b)) => queue.items.push_back(Ahead::Ready(vec![b])),
-                    Some(ReadItem::Group(g)) => {
-                        queue.fetches += 1;
-                        queue.items.push_back(Ahead::Fetch(
-                            tokio::spawn(fetch_group(self.blob.clone(), self.metrics.clone(), g)),
-                            permit,
-                        ));
-                    }
-                    None => break,
-                }
-            }
-            let (parts, _permit) = match queue.items.pop_front() {
-                None => return Ok(()),
-                Some(Ahead::Ready(parts)) => (parts, None),
-                Some(Ahead::Fetch(task, permit)) => {
-                    queue.fetches -= 1;
-                    let parts = task
-                        .await
-                        .map_err(|e| DedupError::Spool(std::io::Error::other(e)))??;
-                    (parts, permit)
-                }
-            };
-            for part in parts {
-                if tx.send(Ok(part)).await.is_err() {
-                    return Ok(()); // the client went away; the queue's drop stops the fetches
-                }
-            }
-        }
     }
 
     /// Remember that a key was read (for expiry), writing a marker object at most hourly per key.
@@ -630,173 +559,15 @@ impl DedupStore {
             tracing::warn!(error = %e, "could not record read time");
         }
     }
-
-    /// Mark live packs from manifests (after expiry and size cap), sweep unreferenced packs past grace.
-    pub async fn gc(&self, opts: &GcOptions) -> Result<GcReport, DedupError> {
-        let _guard = self.gc_lock.write().await;
-        let mut report = GcReport::default();
-        let markers: HashMap<String, SystemTime> = self
-            .blob
-            .list("reads/")
-            .await?
-            .into_iter()
-            .map(|o| (o.key, o.modified))
-            .collect();
-        let mut live: Vec<(String, ManifestV1, SystemTime)> = Vec::new();
-        for info in self.blob.list("manifests/").await? {
-            let m = match self.load_manifest_at(&info.key).await {
-                Ok(Some(m)) => m,
-                Ok(None) => continue,
-                Err(DedupError::Manifest { .. }) => {
-                    return Err(DedupError::UnreadableManifest(info.key));
-                }
-                Err(e) => return Err(e),
-            };
-            let written = SystemTime::UNIX_EPOCH + Duration::from_secs(m.header.last_modified);
-            let last_used = markers
-                .get(&read_marker_key(&info.key))
-                .copied()
-                .map_or(written, |r| r.max(written));
-            live.push((info.key, m, last_used));
-        }
-        // Most recently used first; expire and cap from the tail.
-        live.sort_by_key(|e| std::cmp::Reverse(e.2));
-        let mut logical = 0u64;
-        let mut keep = Vec::new();
-        for (mkey, m, last_used) in live {
-            let too_old = opts
-                .expire_unread
-                .is_some_and(|max| opts.now.duration_since(last_used).unwrap_or_default() > max);
-            let over_cap = opts
-                .max_logical_bytes
-                .is_some_and(|cap| logical + m.header.size > cap);
-            if too_old || over_cap {
-                tracing::info!(bucket = %m.header.bucket, key = %m.header.key, too_old, over_cap, "expiring cache key");
-                self.blob.delete(&mkey).await?;
-                self.blob.delete(&read_marker_key(&mkey)).await?;
-                report.manifests_expired += 1;
-            } else {
-                logical += m.header.size;
-                keep.push(m);
-            }
-        }
-        report.manifests_live = keep.len();
-        let referenced: HashSet<&str> = keep
-            .iter()
-            .flat_map(|m| m.header.packs.iter().map(String::as_str))
-            .collect();
-        // Two phases, so that several processes (replicas, the CLI) can share a backend: an
-        // unreferenced pack past grace is first condemned (a tombstone object), and deleted by a later
-        // run only if it is still unreferenced once the tombstone is older than grace. Ingests stop
-        // reusing chunks of condemned packs within CONDEMNED_REFRESH, so a manifest written after the
-        // mark phase of the deleting run can only reference the pack if its upload took longer than
-        // grace - CONDEMNED_REFRESH; such manifests written earlier are seen and rescue the pack.
-        let tombstones: HashMap<String, SystemTime> = self
-            .blob
-            .list("condemned/")
-            .await?
-            .into_iter()
-            .map(|o| {
-                (
-                    format!("packs/{}", o.key.trim_start_matches("condemned/")),
-                    o.modified,
-                )
-            })
-            .collect();
-        let mut seen: HashSet<String> = HashSet::new();
-        for pack in self.blob.list("packs/").await? {
-            seen.insert(pack.key.clone());
-            let tombstone = tombstones.get(&pack.key);
-            if referenced.contains(pack.key.as_str()) {
-                if tombstone.is_some() {
-                    self.blob.delete(&tombstone_key(&pack.key)).await?;
-                    report.packs_rescued += 1;
-                }
-                report.packs_kept += 1;
-                continue;
-            }
-            let age = opts.now.duration_since(pack.modified).unwrap_or_default();
-            match tombstone {
-                _ if age < opts.grace => report.packs_kept += 1,
-                None => {
-                    self.blob
-                        .put_bytes(&tombstone_key(&pack.key), Bytes::new())
-                        .await?;
-                    report.packs_condemned += 1;
-                    report.packs_kept += 1;
-                }
-                Some(at) if opts.now.duration_since(*at).unwrap_or_default() >= opts.grace => {
-                    self.blob.delete(&pack.key).await?;
-                    self.blob.delete(&tombstone_key(&pack.key)).await?;
-                    report.packs_deleted += 1;
-                    report.bytes_deleted += pack.size;
-                }
-                Some(_) => report.packs_kept += 1,
-            }
-        }
-        // Tombstones of packs that are gone (deleted by a run that crashed before this cleanup).
-        for pack in tombstones.keys().filter(|p| !seen.contains(*p)) {
-            self.blob.delete(&tombstone_key(pack)).await?;
-        }
-        // This process stops reusing what it just condemned at once.
-        *self.condemned.lock().await = (None, Arc::new(HashSet::new()));
-        let stale = opts
-            .now
-            .checked_sub(opts.grace)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        let spool_dir = self.spool_dir.clone();
-        report.temp_files_deleted +=
-            tokio::task::spawn_blocking(move || sweep_stale_files(&spool_dir, stale))
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))??;
-        report.temp_files_deleted += self.blob.sweep_temp(stale).await?;
-        // Forget chunks of expired keys too: they may be swept by a later run.
-        let mut fresh = HashMap::new();
-        for m in &keep {
-            for seg in &m.segments {
-                if let Segment::Chunk(c) = seg {
-                    let pack = &m.header.packs[c.pack as usize];
-                    fresh.insert(
-                        c.sha256,
-                        Loc {
-                            pack: Arc::from(pack.as_str()),
-                            offset: c.offset,
-                            len: c.len,
-                        },
-                    );
-                }
-            }
-        }
-        *self.index.write().expect("index lock") = fresh;
-        Ok(report)
-    }
-
-    /// Logical vs stored bytes.
-    pub async fn stats(&self) -> Result<Stats, DedupError> {
-        let mut st = Stats::default();
-        for info in self.blob.list("manifests/").await? {
-            st.manifest_bytes += info.size;
-            if let Some(m) = self.load_manifest_at(&info.key).await? {
-                st.keys += 1;
-                st.logical_bytes += m.header.size;
-            }
-        }
-        for pack in self.blob.list("packs/").await? {
-            st.packs += 1;
-            st.pack_bytes += pack.size;
-        }
-        st.stored_bytes = st.pack_bytes + st.manifest_bytes;
-        #[allow(clippy::cast_precision_loss)] // a ratio for humans
-        if st.stored_bytes > 0 {
-            st.dedup_ratio = st.logical_bytes as f64 / st.stored_bytes as f64;
-        }
-        Ok(st)
-    }
 }
 
-/// Delete regular files in `dir` last modified before `stale` (files of live uploads are written
-/// continuously, so only leftovers of crashed ones are that old). Returns how many were deleted.
-pub fn sweep_stale_files(dir: &Path, stale: SystemTime) -> std::io::Result<usize> {
+/// Delete regular files in `dir` last modified before `stale`, except those `keep` names (files of
+/// uploads in progress). Returns how many were deleted.
+pub fn sweep_stale_files(
+    dir: &Path,
+    stale: SystemTime,
+    keep: &dyn Fn(&Path) -> bool,
+) -> std::io::Result<usize> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -806,7 +577,7 @@ pub fn sweep_stale_files(dir: &Path, stale: SystemTime) -> std::io::Result<usize
     for entry in entries {
         let entry = entry?;
         let meta = entry.metadata()?;
-        if meta.is_file() && meta.modified()? < stale {
+        if meta.is_file() && meta.modified()? < stale && !keep(&entry.path()) {
             match std::fs::remove_file(entry.path()) {
                 Ok(()) => n += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -817,180 +588,6 @@ pub fn sweep_stale_files(dir: &Path, stale: SystemTime) -> std::io::Result<usize
     Ok(n)
 }
 
-/// The part of a segment at `pos..pos+len` that falls inside `start..end`, as offsets into the segment.
-/// Groups in flight per read: the one being sent and up to three more, which keeps a read from
-/// one backend close to a direct read (P3). Groups beyond the first take a permit from
-/// `READ_AHEAD_BUDGET`, so many concurrent reads cannot hold more than that many extra groups.
-const READ_AHEAD: usize = 4;
-/// Extra in-flight groups across all reads (× `READ_SPAN_MAX` = 256 MiB at most).
-const READ_AHEAD_BUDGET: usize = 32;
-
-/// One step of a read: bytes from the manifest, or a backend range read of chunks.
-enum ReadItem {
-    Inline(Bytes),
-    Group(ReadGroup),
-}
-
-/// One backend range read and the chunks in it that the window needs.
-struct ReadGroup {
-    pack: String,
-    offset: u64,
-    len: u64,
-    chunks: Vec<WantedChunk>,
-}
-
-/// A chunk of a group the window needs.
-struct WantedChunk {
-    /// Offset in the group's read.
-    rel: usize,
-    len: usize,
-    sha256: [u8; 32],
-    /// The part of the chunk inside the window.
-    window: (usize, usize),
-}
-
-/// The reads that produce bytes `start..end` of `m`, in order.
-#[allow(clippy::many_single_char_names)] // offsets a/z/i/j read like the maths they are
-fn plan_read(m: &ManifestV1, start: u64, end: u64) -> Vec<ReadItem> {
-    let segs = &m.segments;
-    let mut out = Vec::new();
-    let mut pos = 0u64;
-    let mut i = 0;
-    while i < segs.len() && pos < end {
-        let seg_len = segs[i].len();
-        if pos + seg_len <= start {
-            pos += seg_len;
-            i += 1;
-            continue;
-        }
-        match &segs[i] {
-            Segment::Inline(b) => {
-                let (a, z) = window(pos, seg_len, start, end);
-                out.push(ReadItem::Inline(Bytes::copy_from_slice(&b[a..z])));
-                pos += seg_len;
-                i += 1;
-            }
-            Segment::Chunk(first) => {
-                // Group following chunks of the same pack into one backend read.
-                let mut j = i + 1;
-                let mut group_end_off = first.offset + u64::from(first.len);
-                let mut group_pos_end = pos + seg_len;
-                while j < segs.len() && group_pos_end < end {
-                    let Segment::Chunk(next) = &segs[j] else {
-                        break;
-                    };
-                    let next_end = next.offset + u64::from(next.len);
-                    if next.pack != first.pack
-                        || next.offset < group_end_off
-                        || next.offset - group_end_off > READ_GAP_MAX
-                        || next_end - first.offset > READ_SPAN_MAX
-                    {
-                        break;
-                    }
-                    group_end_off = next_end;
-                    group_pos_end += u64::from(next.len);
-                    j += 1;
-                }
-                let mut chunks = Vec::new();
-                for seg in &segs[i..j] {
-                    let Segment::Chunk(c) = seg else {
-                        unreachable!("group holds chunks only")
-                    };
-                    let seg_len = u64::from(c.len);
-                    if pos + seg_len > start && pos < end {
-                        let rel = usize::try_from(c.offset - first.offset)
-                            .expect("bounded by READ_SPAN_MAX");
-                        chunks.push(WantedChunk {
-                            rel,
-                            len: c.len as usize,
-                            sha256: c.sha256,
-                            window: window(pos, seg_len, start, end),
-                        });
-                    }
-                    pos += seg_len;
-                }
-                out.push(ReadItem::Group(ReadGroup {
-                    pack: m.header.packs[first.pack as usize].clone(),
-                    offset: first.offset,
-                    len: group_end_off - first.offset,
-                    chunks,
-                }));
-                i = j;
-            }
-        }
-    }
-    out
-}
-
-/// Reads one group and verifies every chunk the window needs (SHA-256 on a blocking thread);
-/// returns the window's part of each of those chunks, in order (slices of one buffer, no copy).
-async fn fetch_group(
-    blob: Arc<dyn BlobStore>,
-    metrics: Arc<Metrics>,
-    g: ReadGroup,
-) -> Result<Vec<Bytes>, DedupError> {
-    let data = blob
-        .get_range(&g.pack, g.offset, g.len)
-        .await
-        .inspect_err(|_| Metrics::add(&metrics.backend_errors, 1))?;
-    tokio::task::spawn_blocking(move || {
-        let mut out = Vec::with_capacity(g.chunks.len());
-        for c in &g.chunks {
-            let intact = data
-                .get(c.rel..c.rel + c.len)
-                .is_some_and(|bytes| <[u8; 32]>::from(Sha256::digest(bytes)) == c.sha256);
-            if !intact {
-                Metrics::add(&metrics.corrupt_chunks, 1);
-                return Err(DedupError::Corrupt {
-                    pack: g.pack.clone(),
-                    sha: hex::encode(c.sha256),
-                });
-            }
-            let (a, z) = c.window;
-            out.push(data.slice(c.rel + a..c.rel + z));
-        }
-        Ok(out)
-    })
-    .await
-    .map_err(|e| DedupError::Spool(std::io::Error::other(e)))?
-}
-
-/// What a read sends next: bytes at hand, or a group being fetched.
-enum Ahead {
-    Ready(Vec<Bytes>),
-    /// The permit (for read-ahead groups) is held until the group's bytes are sent.
-    Fetch(
-        tokio::task::JoinHandle<Result<Vec<Bytes>, DedupError>>,
-        Option<tokio::sync::OwnedSemaphorePermit>,
-    ),
-}
-
-/// The read's queue; dropping it (client gone, error) stops the fetches still running.
-#[derive(Default)]
-struct ReadQueue {
-    items: std::collections::VecDeque<Ahead>,
-    fetches: usize,
-}
-
-impl Drop for ReadQueue {
-    fn drop(&mut self) {
-        for item in &self.items {
-            if let Ahead::Fetch(task, _) = item {
-                task.abort();
-            }
-        }
-    }
-}
-
-fn window(pos: u64, len: u64, start: u64, end: u64) -> (usize, usize) {
-    let a = start.saturating_sub(pos).min(len);
-    let z = (end - pos).min(len);
-    (
-        usize::try_from(a).expect("segment offsets fit usize"),
-        usize::try_from(z).expect("segment offsets fit usize"),
-    )
-}
-
 #[must_use]
 pub fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -998,6 +595,7 @@ pub fn unix_secs(t: SystemTime) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::many_single_char_names)] // test bodies: z, h, m, a, b
 mod tests {
     use super::*;
     use crate::store::disk::DiskStore;
@@ -1022,10 +620,10 @@ mod tests {
         }
     }
 
-    async fn put(s: &DedupStore, dir: &Path, key: &str, body: &[u8]) -> ManifestV1 {
-        let p = dir.join(format!("body-{}", rand::random::<u64>()));
-        std::fs::write(&p, body).unwrap();
-        s.ingest(&p, body.len() as u64, obj(key)).await.unwrap()
+    async fn put(s: &Arc<DedupStore>, _dir: &Path, key: &str, body: &[u8]) -> ObjectHeader {
+        s.put_bytes(Bytes::copy_from_slice(body), obj(key))
+            .await
+            .unwrap()
     }
 
     async fn get(
@@ -1074,7 +672,7 @@ mod tests {
         let all = s
             .read_ahead
             .clone()
-            .acquire_many_owned(u32::try_from(READ_AHEAD_BUDGET).unwrap())
+            .acquire_many_owned(u32::try_from(read::READ_AHEAD_BUDGET).unwrap())
             .await
             .unwrap();
         assert_eq!(
@@ -1090,7 +688,7 @@ mod tests {
             let _first = st.next().await.unwrap().unwrap();
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while s.read_ahead.available_permits() < READ_AHEAD_BUDGET {
+        while s.read_ahead.available_permits() < read::READ_AHEAD_BUDGET {
             assert!(
                 Instant::now() < deadline,
                 "read-ahead permits were not returned"
@@ -1124,7 +722,7 @@ mod tests {
         let (dir, s) = store().await;
         let body = noise(1 << 20, 2);
         let m = put(&s, dir.path(), "k", &body).await;
-        let pack = dir.path().join("data").join(&m.header.packs[0]);
+        let pack = dir.path().join("data").join(&m.packs[0]);
         let mut bytes = std::fs::read(&pack).unwrap();
         bytes[500_000] ^= 0xFF;
         std::fs::write(&pack, bytes).unwrap();
@@ -1192,8 +790,9 @@ mod tests {
             let blob = Arc::new(DiskStore::open(dir.path().join("data")).unwrap());
             DedupStore::open(blob, dir.path().join(spool), Arc::new(Metrics::default()))
         };
-        let a = Arc::new(open("spool-a").await.unwrap());
+        let a = open("spool-a").await.unwrap();
         let b = open("spool-b").await.unwrap();
+        let a = Arc::new(a);
         let (old, new) = (noise(1 << 20, 5), noise(1 << 20, 6));
         put(&a, dir.path(), "k", &old).await;
         put(&a, dir.path(), "k", &new).await; // `old`'s pack is unreferenced, still in a's index
@@ -1225,7 +824,312 @@ mod tests {
         assert_eq!(b.gc(&gc).await.unwrap().packs_deleted, 1);
         a.condemned.lock().await.1 = Arc::new(HashSet::new()); // as if listed before the condemning
         a.verified.lock().unwrap().clear();
+        let err = a
+            .put_bytes(Bytes::from(gone.clone()), obj("k4"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DedupError::ReusedPacksGone(1)), "{err}");
+        assert!(
+            a.manifest("b", "k4").await.unwrap().is_none(),
+            "nothing published"
+        );
+        // The gone pack is forgotten, so the client's retry stores the chunks afresh.
         put(&a, dir.path(), "k4", &gone).await;
         assert_eq!(get(&a, "k4", 0, 1 << 20).await.unwrap(), gone);
+    }
+
+    /// A disk store that counts range reads and, like GCS, refuses a second write of one manifest
+    /// name within a second (`Unavailable`, what a 429 becomes).
+    #[derive(Debug)]
+    struct Throttled {
+        inner: DiskStore,
+        ranges: std::sync::atomic::AtomicU64,
+        last_write: Mutex<HashMap<String, Instant>>,
+        refused: std::sync::atomic::AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl BlobStore for Throttled {
+        async fn put_file(&self, key: &str, path: &Path) -> Result<(), StoreError> {
+            self.inner.put_file(key, path).await
+        }
+        async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+            if key.starts_with("manifests/") {
+                let mut last = self.last_write.lock().unwrap();
+                if last
+                    .get(key)
+                    .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+                {
+                    self.refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Err(StoreError::unavailable("put", key, "429 SlowDown"));
+                }
+                last.insert(key.to_owned(), Instant::now());
+            }
+            self.inner.put_bytes(key, data).await
+        }
+        async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+            self.ranges
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.get_range(key, offset, len).await
+        }
+        async fn head(&self, key: &str) -> Result<Option<crate::store::ObjectInfo>, StoreError> {
+            self.inner.head(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<crate::store::ObjectInfo>, StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), StoreError> {
+            self.inner.delete(key).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+    }
+
+    async fn throttled_store() -> (tempfile::TempDir, Arc<Throttled>, Arc<DedupStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = Arc::new(Throttled {
+            inner: DiskStore::open(dir.path().join("data")).unwrap(),
+            ranges: 0.into(),
+            last_write: Mutex::new(HashMap::new()),
+            refused: 0.into(),
+        });
+        let s = DedupStore::open(
+            blob.clone(),
+            dir.path().join("spool"),
+            Arc::new(Metrics::default()),
+        )
+        .await
+        .unwrap();
+        (dir, blob, Arc::new(s))
+    }
+
+    /// A stored zip of `n` small entries (deflated text, distinct per entry).
+    fn many_entry_zip(n: usize) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut w = ::zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts = ::zip::write::SimpleFileOptions::default()
+            .compression_method(::zip::CompressionMethod::Stored);
+        for i in 0..n {
+            w.start_file(format!("node_modules/pkg{i}/index.js"), opts)
+                .unwrap();
+            write!(w, "module.exports = {i}; // {}", "x".repeat(i % 200)).unwrap();
+        }
+        w.finish().unwrap().into_inner()
+    }
+
+    /// A zip of many entries round-trips byte-identical; its header alone answers HEAD (no segment
+    /// stream decoded); a whole GET needs about one range read per 8 MiB, not one per entry.
+    #[tokio::test]
+    async fn a_many_entry_zip_reads_back_with_few_range_reads_and_head_decodes_no_segments() {
+        let (dir, blob, s) = throttled_store().await;
+        let z = many_entry_zip(20_000);
+        let h = put(&s, dir.path(), "deps.zip", &z).await;
+        assert!(
+            h.segments.unwrap() > 40_000,
+            "a segment per header and entry"
+        );
+        let before = s
+            .metrics
+            .segment_streams
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let m = s.manifest("b", "deps.zip").await.unwrap().unwrap();
+        assert_eq!(m.header.size, z.len() as u64);
+        assert_eq!(
+            s.metrics
+                .segment_streams
+                .load(std::sync::atomic::Ordering::Relaxed),
+            before,
+            "the header answers HEAD"
+        );
+        assert!(
+            matches!(m.segments, manifest::SegmentSource::External(_)),
+            "a 40k-segment stream lives in its own object"
+        );
+        let reads_before = blob.ranges.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(get(&s, "deps.zip", 0, z.len() as u64).await.unwrap(), z);
+        let reads = blob.ranges.load(std::sync::atomic::Ordering::Relaxed) - reads_before;
+        // One pack of ~1 MiB of entry data: a few reads for the data, a few for the segment object.
+        assert!(reads <= 8, "{reads} range reads for {} entries", 20_000);
+        let (a, b) = (123_457_usize, z.len() - 99_999);
+        assert_eq!(
+            get(&s, "deps.zip", a as u64, b as u64).await.unwrap(),
+            &z[a..b]
+        );
+    }
+
+    /// An upload that is cut (dropped before `finish`) or fails its checks (dropped after `finish`)
+    /// publishes nothing; GC reclaims the packs it uploaded.
+    #[tokio::test]
+    async fn a_cut_upload_publishes_nothing_and_gc_reclaims_its_packs() {
+        let (_dir, s) = store().await;
+        let body = noise(40 << 20, 11);
+        let mut ing = s.begin_ingest().await.unwrap();
+        for part in body[..36 << 20].chunks(1 << 20) {
+            ing.write(Bytes::copy_from_slice(part)).await.unwrap();
+        }
+        drop(ing); // the client went away
+        let mut ing = s.begin_ingest().await.unwrap();
+        ing.write(Bytes::from(body.clone())).await.unwrap();
+        let staged = ing.finish().await.unwrap();
+        assert!(
+            staged.stats.packs_uploaded >= 2,
+            "packs went up while the body arrived"
+        );
+        drop(staged); // e.g. a Content-MD5 mismatch
+        assert!(s.manifest("b", "k").await.unwrap().is_none());
+        assert!(s.blob().list("manifests/").await.unwrap().is_empty());
+        // Uploads cancelled mid-way may finish a moment later; wait for them to settle.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let packs = s.blob().list("packs/").await.unwrap().len();
+        assert!(packs >= 2, "{packs}");
+        let opts = GcOptions {
+            grace: Duration::from_mins(1),
+            expire_unread: None,
+            max_logical_bytes: None,
+            now: SystemTime::now() + Duration::from_mins(2),
+        };
+        assert_eq!(s.gc(&opts).await.unwrap().packs_condemned, packs);
+        assert_eq!(s.gc(&opts).await.unwrap().packs_deleted, packs);
+        assert!(s.blob().list("packs/").await.unwrap().is_empty());
+        assert!(s.blob().list("packidx/").await.unwrap().is_empty());
+    }
+
+    /// The local index is a cache of the backend's pack index objects: deleted, it is rebuilt at
+    /// start and makes the same dedup decisions.
+    #[tokio::test]
+    async fn a_deleted_local_index_is_rebuilt_with_the_same_dedup_decisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || async {
+            let blob = Arc::new(DiskStore::open(dir.path().join("data")).unwrap());
+            Arc::new(
+                DedupStore::open(blob, dir.path().join("spool"), Arc::new(Metrics::default()))
+                    .await
+                    .unwrap(),
+            )
+        };
+        let (a, b) = (noise(3 << 20, 21), noise(3 << 20, 22));
+        let mixed: Vec<u8> = [&a[..1 << 20], &b[..], &a[2 << 20..]].concat();
+        let decide = |s: Arc<DedupStore>| {
+            let mixed = mixed.clone();
+            async move {
+                let mut ing = s.begin_ingest().await.unwrap();
+                ing.write(Bytes::from(mixed)).await.unwrap();
+                ing.finish().await.unwrap().stats
+            }
+        };
+        let s = open().await;
+        put(&s, dir.path(), "a", &a).await;
+        put(&s, dir.path(), "b", &b).await;
+        // The first decision uploads the chunks new at the joins (indexed, unpublished); from then on
+        // every chunk is known.
+        decide(s.clone()).await;
+        let warm = decide(s.clone()).await;
+        drop(s);
+        std::fs::remove_dir_all(dir.path().join("spool/index")).unwrap();
+        let s = open().await;
+        assert!(s.blob().list("packidx/").await.unwrap().len() >= 2);
+        assert!(
+            s.chunk_index().len().unwrap() > 60,
+            "reloaded from the index objects"
+        );
+        let cold = decide(s).await;
+        assert_eq!(
+            (cold.chunks_reused, cold.chunks_new, cold.bytes_new),
+            (warm.chunks_reused, warm.chunks_new, warm.bytes_new)
+        );
+        assert!(cold.chunks_reused > 40 && cold.bytes_new == 0, "{cold:?}");
+    }
+
+    /// Concurrent PUTs of one key against a backend that throttles a second write of a name within a
+    /// second (GCS): all succeed, and the key holds one of the bodies, whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_puts_of_one_hot_key_all_succeed_through_throttling() {
+        let (dir, blob, s) = throttled_store().await;
+        let bodies: Vec<Vec<u8>> = (0..4).map(|i| noise(200_000, 30 + i)).collect();
+        let mut tasks = Vec::new();
+        for b in &bodies {
+            let (s, b) = (s.clone(), b.clone());
+            tasks.push(tokio::spawn(async move {
+                s.put_bytes(Bytes::from(b), obj("hot")).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().expect("every writer succeeds");
+        }
+        assert!(
+            blob.refused.load(std::sync::atomic::Ordering::Relaxed) > 0,
+            "the backend throttled some writes"
+        );
+        let got = get(&s, "hot", 0, 200_000).await.unwrap();
+        assert!(bodies.contains(&got));
+        // The last write wins: a later PUT (after the throttle window) is what reads return.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        put(&s, dir.path(), "hot", &bodies[0]).await;
+        assert_eq!(get(&s, "hot", 0, 200_000).await.unwrap(), bodies[0]);
+    }
+
+    /// A zip of empty entries separated by megabytes of junk (issue 16): inline structure stops at
+    /// the per-object budget, the manifest stays small and decodes, and the body reads back.
+    #[tokio::test]
+    async fn gap_filled_zips_make_manifests_that_decode() {
+        let (dir, s) = store().await;
+        let gap = noise(chunker::INLINE_RUN_MAX - 1000, 41);
+        let mut body = Vec::new();
+        for i in 0..10u8 {
+            body.extend_from_slice(b"PK\x03\x04");
+            body.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            body.extend_from_slice(&[0; 12]);
+            body.extend_from_slice(&[1, 0, 0, 0, b'a' + i]);
+            body.extend_from_slice(&gap);
+        }
+        let h = put(&s, dir.path(), "gaps.zip", &body).await;
+        let mkey = manifest_key("b", "gaps.zip");
+        let m_size = s.blob().get(&mkey).await.unwrap().len();
+        assert!(m_size < 64 << 10, "manifest of {m_size} bytes");
+        assert!(h.segments.is_some());
+        assert_eq!(
+            get(&s, "gaps.zip", 0, body.len() as u64).await.unwrap(),
+            body
+        );
+    }
+
+    /// One unreadable manifest does not stop GC: it is reported, and every pack written before it
+    /// is kept; other keys' garbage is still collected.
+    #[tokio::test]
+    async fn gc_skips_an_unreadable_manifest_and_keeps_what_it_may_reference() {
+        let (dir, s) = store().await;
+        put(&s, dir.path(), "victim", &noise(1 << 20, 51)).await;
+        std::fs::write(
+            dir.path().join("data").join(manifest_key("b", "victim")),
+            b"SRM\x03garbage",
+        )
+        .unwrap();
+        let opts = GcOptions {
+            grace: Duration::from_mins(1),
+            expire_unread: None,
+            max_logical_bytes: None,
+            now: SystemTime::now() + Duration::from_mins(2),
+        };
+        let r = s.gc(&opts).await.unwrap();
+        assert_eq!(
+            (r.manifests_unreadable, r.packs_condemned, r.packs_kept),
+            (1, 0, 1)
+        );
+        let err = s.manifest("b", "victim").await.unwrap_err();
+        assert!(err.to_string().contains("manifest"), "{err}");
+        // A store reopened over it starts fine.
+        let blob = Arc::new(DiskStore::open(dir.path().join("data")).unwrap());
+        DedupStore::open(
+            blob,
+            dir.path().join("spool2"),
+            Arc::new(Metrics::default()),
+        )
+        .await
+        .unwrap();
     }
 }

@@ -132,9 +132,12 @@ impl DiskStore {
                 if rel.starts_with(".tmp") {
                     continue;
                 }
-                let meta = entry
-                    .metadata()
-                    .map_err(|e| Self::io_err("list", prefix, e))?;
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    // Deleted between the directory read and now (a concurrent GC or overwrite).
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Self::io_err("list", prefix, e)),
+                };
                 if meta.is_dir() {
                     // Only descend where the prefix can still match.
                     let dir_prefix = format!("{rel}/");
@@ -247,7 +250,7 @@ impl BlobStore for DiskStore {
     async fn sweep_temp(&self, stale: std::time::SystemTime) -> Result<usize, StoreError> {
         let dir = self.root.join(".tmp");
         blocking(move || {
-            crate::dedup::sweep_stale_files(&dir, stale)
+            crate::dedup::sweep_stale_files(&dir, stale, &|_| false)
                 .map_err(|e| StoreError::unavailable("sweep_temp", ".tmp", e))
         })
         .await

@@ -69,6 +69,18 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError>;
     /// Every object whose key starts with `prefix`.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
+    /// Objects whose key starts with `prefix` and sorts after `start_after` (S3's `start-after`),
+    /// in key order.
+    async fn list_after(
+        &self,
+        prefix: &str,
+        start_after: &str,
+    ) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut all = self.list(prefix).await?;
+        all.retain(|o| o.key.as_str() > start_after);
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(all)
+    }
     /// Delete; deleting a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Cheap reachability probe for `/readyz`.

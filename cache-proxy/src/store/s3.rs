@@ -320,8 +320,17 @@ impl BlobStore for S3Store {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        self.list_after(prefix, "").await
+    }
+
+    async fn list_after(
+        &self,
+        prefix: &str,
+        start_after: &str,
+    ) -> Result<Vec<ObjectInfo>, StoreError> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
+        let start = (!start_after.is_empty()).then(|| self.full(start_after));
         loop {
             let _p = self.permit("list", prefix).await?;
             let page = self
@@ -329,6 +338,7 @@ impl BlobStore for S3Store {
                 .list_objects_v2()
                 .bucket(&self.bucket)
                 .prefix(self.full(prefix))
+                .set_start_after(if token.is_none() { start.clone() } else { None })
                 .set_continuation_token(token.take())
                 .send()
                 .await

@@ -202,13 +202,8 @@ async fn gc_protocol_model() {
             let mut tasks = Vec::new();
             for (key, body) in &batch {
                 let (s, key, body) = (store.clone(), key.clone(), body.clone());
-                let spool = dir.path().join(format!("body-{round}-{key}"));
                 tasks.push(tokio::spawn(async move {
-                    std::fs::write(&spool, &body).unwrap();
-                    s.ingest(&spool, body.len() as u64, obj(&key))
-                        .await
-                        .unwrap();
-                    std::fs::remove_file(&spool).unwrap();
+                    s.put_bytes(body.into(), obj(&key)).await.unwrap();
                 }));
             }
             for _ in 0..gcs {
@@ -239,11 +234,11 @@ async fn gc_protocol_model() {
                 );
             }
             for info in blob.list("manifests/").await.unwrap() {
-                let m = spotrun_cache_proxy::dedup::manifest::ManifestV1::decode(
-                    &blob.get(&info.key).await.unwrap(),
+                let m = spotrun_cache_proxy::dedup::manifest::Manifest::decode(
+                    blob.get(&info.key).await.unwrap(),
                 )
                 .unwrap();
-                for seg in &m.segments {
+                for seg in &store.all_segments(Arc::new(m.clone())).await.unwrap() {
                     if let Segment::Chunk(c) = seg {
                         let pack = &m.header.packs[c.pack as usize];
                         assert!(

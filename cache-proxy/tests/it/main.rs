@@ -21,5 +21,7 @@ mod faults;
 mod fuzz_regressions;
 mod gcs_metadata;
 mod hostile;
+mod hot_keys;
 mod presign_boto3;
+mod replicas;
 mod runner_sequence;

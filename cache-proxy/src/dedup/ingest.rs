@@ -1,0 +1,449 @@
+//! Streaming ingest: the body is classified (zip structure vs data), chunked, hashed and deduplicated
+//! while it arrives, and new chunks are packed and uploaded while the body is still arriving.
+//!
+//! ```text
+//!  write(Bytes) ─► [boundary thread] zip scan + FastCDC ─► [hash thread] SHA-256, index lookup,
+//!                                                          pack files, segment stream
+//!                                                                │ full packs
+//!                                                                ▼
+//!                                   [uploader] up to PACKS_IN_FLIGHT per ingest, PACK_UPLOADS in all
+//! ```
+//! Every queue is bounded, so a slow backend slows the client (TCP backpressure) instead of growing
+//! memory. Memory per ingest: body queue ≤ 8 frames, chunker ≤ 256 KiB of data (or one zip
+//! structure run up to `INLINE_RUN_MAX`), piece queue ≤ 32 chunks (≤ 8 MiB), pack and segment
+//! writers 1 MiB buffers: about 10 MiB at worst, 2 MiB typical. Packs are spooled to local files of
+//! at most `PACK_TARGET`, at most `PACKS_IN_FLIGHT + 2` per ingest. Nothing is published here:
+//! `finish` returns a `Staged` body that `DedupStore::publish` turns into a manifest after the
+//! caller verified its digests; packs of an ingest that is dropped or fails stay unreferenced
+//! and GC reclaims them.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use super::chunker::{Piece, RunChunker};
+use super::index::{ChunkIndex, Loc, encode_pack_index, new_pack_name, pack_index_key};
+use super::manifest::{ChunkRef, SegmentWriter};
+use super::zipscan::ZipScanner;
+use super::{DedupError, DedupStore, Inflight, InflightGuard};
+use crate::metrics::Metrics;
+use crate::store::BlobStore;
+
+/// New chunks are appended to a pack until it reaches this size: 16 MiB keeps a GiB of new data at
+/// 128 pack PUTs + 128 index PUTs, far under the 1,100 requests/GiB budget, while a 64 MiB body
+/// already uploads four packs in parallel.
+pub const PACK_TARGET: u64 = 16 << 20;
+/// Packs one ingest uploads at once (parallel streams are what make a remote backend fast).
+pub const PACKS_IN_FLIGHT: usize = 4;
+/// Pack uploads in flight across all ingests of this process.
+pub const PACK_UPLOADS: usize = 16;
+/// Body frames queued for the boundary thread.
+const BODY_QUEUE: usize = 8;
+/// Chunks queued for the hash thread.
+const PIECE_QUEUE: usize = 32;
+
+/// A body chunked, its new packs uploaded, its segment stream spooled: ready to publish.
+#[derive(Debug)]
+pub struct Staged {
+    pub(super) size: u64,
+    pub(super) packs: Vec<String>,
+    /// Packs this body reuses that it did not upload itself.
+    pub(super) reused: HashSet<Arc<str>>,
+    pub(super) segments: tempfile::NamedTempFile,
+    pub(super) segment_count: u64,
+    /// Keeps this body's packs from this process's GC until it is published or dropped.
+    pub(super) inflight: InflightGuard,
+    pub stats: IngestStats,
+}
+
+/// What an ingest found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IngestStats {
+    pub chunks_reused: u64,
+    pub chunks_new: u64,
+    pub bytes_reused: u64,
+    pub bytes_new: u64,
+    pub packs_uploaded: u64,
+}
+
+/// A running ingest; see the module docs. Dropping it cancels the uploads still running.
+pub struct Ingest {
+    tx: Option<mpsc::Sender<Bytes>>,
+    task: Option<tokio::task::JoinHandle<Result<Staged, DedupError>>>,
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+impl Ingest {
+    /// Hand the next body bytes over (waits while the pipeline is full).
+    pub async fn write(&mut self, data: Bytes) -> Result<(), DedupError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let tx = self.tx.as_ref().expect("write after finish");
+        if tx.send(data).await.is_err() {
+            // The pipeline stopped early: report why.
+            self.tx = None;
+            return Err(self.join().await.err().unwrap_or(DedupError::Pipeline(
+                "ingest pipeline ended before the body did",
+            )));
+        }
+        Ok(())
+    }
+
+    /// The body is complete: wait for the chunking and the uploads.
+    pub async fn finish(mut self) -> Result<Staged, DedupError> {
+        self.tx = None;
+        self.join().await
+    }
+
+    async fn join(&mut self) -> Result<Staged, DedupError> {
+        let task = self.task.take().expect("joined once");
+        task.await.map_err(|e| {
+            DedupError::Pipeline(if e.is_panic() {
+                "ingest panicked"
+            } else {
+                "ingest cancelled"
+            })
+        })?
+    }
+}
+
+/// A full pack on its way to the backend.
+struct FinishedPack {
+    name: Arc<str>,
+    file: tempfile::NamedTempFile,
+    entries: Vec<([u8; 32], u32)>,
+}
+
+struct OpenPack {
+    name: Arc<str>,
+    index: u32,
+    file: BufWriter<tempfile::NamedTempFile>,
+    size: u64,
+    entries: Vec<([u8; 32], u32)>,
+}
+
+/// Everything the hash thread needs, moved into it.
+struct HashJob {
+    index: Arc<ChunkIndex>,
+    condemned: Arc<HashSet<String>>,
+    spool_dir: PathBuf,
+    inflight: Inflight,
+}
+
+struct HashOutcome {
+    size: u64,
+    packs: Vec<String>,
+    reused: HashSet<Arc<str>>,
+    segments: tempfile::NamedTempFile,
+    segment_count: u64,
+    inflight: InflightGuard,
+    stats: IngestStats,
+}
+
+impl DedupStore {
+    /// Start ingesting a body.
+    pub async fn begin_ingest(self: &Arc<Self>) -> Result<Ingest, DedupError> {
+        let condemned = self.condemned_packs().await?;
+        let (tx, body_rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
+        let job = HashJob {
+            index: self.index.clone(),
+            condemned,
+            spool_dir: self.spool_dir.clone(),
+            inflight: self.inflight.clone(),
+        };
+        let task = tokio::spawn(run_pipeline(
+            body_rx,
+            job,
+            self.blob.clone(),
+            self.pack_uploads.clone(),
+            self.metrics.clone(),
+        ));
+        Ok(Ingest {
+            tx: Some(tx),
+            task: Some(task),
+        })
+    }
+}
+
+/// The first error that is a cause, not a consequence (a closed queue) of another stage's failure.
+fn first_cause(results: Vec<Result<(), DedupError>>) -> Result<(), DedupError> {
+    let mut consequence = None;
+    for r in results {
+        match r {
+            Ok(()) => {}
+            Err(e @ DedupError::Pipeline(_)) => consequence = consequence.or(Some(e)),
+            Err(e) => return Err(e),
+        }
+    }
+    consequence.map_or(Ok(()), Err)
+}
+
+async fn run_pipeline(
+    body_rx: mpsc::Receiver<Bytes>,
+    job: HashJob,
+    blob: Arc<dyn BlobStore>,
+    global: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+) -> Result<Staged, DedupError> {
+    let (piece_tx, piece_rx) = std::sync::mpsc::sync_channel::<Piece>(PIECE_QUEUE);
+    let (pack_tx, pack_rx) = mpsc::channel::<FinishedPack>(1);
+    let index = job.index.clone();
+    let boundary = tokio::task::spawn_blocking(move || boundary_loop(body_rx, &piece_tx));
+    let hash_thread = tokio::task::spawn_blocking(move || hash_loop(&piece_rx, &pack_tx, &job));
+    let uploaded = upload_loop(pack_rx, blob, global, index, metrics).await;
+    let boundary = boundary
+        .await
+        .unwrap_or(Err(DedupError::Pipeline("chunker panicked")));
+    let hashed = hash_thread
+        .await
+        .unwrap_or(Err(DedupError::Pipeline("hasher panicked")));
+    let (hashed, hash_result) = match hashed {
+        Ok(h) => (Some(h), Ok(())),
+        Err(e) => (None, Err(e)),
+    };
+    let (packs_uploaded, upload_result) = match uploaded {
+        Ok(n) => (n, Ok(())),
+        Err(e) => (0, Err(e)),
+    };
+    first_cause(vec![upload_result, hash_result, boundary])?;
+    let h = hashed.expect("no error, so the hasher finished");
+    let mut stats = h.stats;
+    stats.packs_uploaded = packs_uploaded;
+    Ok(Staged {
+        size: h.size,
+        packs: h.packs,
+        reused: h.reused,
+        segments: h.segments,
+        segment_count: h.segment_count,
+        inflight: h.inflight,
+        stats,
+    })
+}
+
+/// Boundary thread: zip classification and content-defined cuts.
+fn boundary_loop(
+    mut body_rx: mpsc::Receiver<Bytes>,
+    piece_tx: &std::sync::mpsc::SyncSender<Piece>,
+) -> Result<(), DedupError> {
+    let closed = |_| DedupError::Pipeline("hash thread stopped");
+    let mut scanner = ZipScanner::new();
+    let mut chunker = RunChunker::new();
+    let mut send = |p: Piece| piece_tx.send(p).map_err(closed);
+    let mut emit = |kind, bytes: &[u8]| chunker.push(kind, bytes, &mut send);
+    while let Some(data) = body_rx.blocking_recv() {
+        scanner.feed(&data, &mut emit)?;
+    }
+    scanner.finish(&mut emit)?;
+    chunker.finish(&mut send)
+}
+
+/// Hash thread: SHA-256 per chunk, dedup decision, pack files and the segment stream.
+fn hash_loop(
+    piece_rx: &std::sync::mpsc::Receiver<Piece>,
+    pack_tx: &mpsc::Sender<FinishedPack>,
+    job: &HashJob,
+) -> Result<HashOutcome, DedupError> {
+    let reader = job.index.reader()?;
+    let mut inflight = InflightGuard::new(&job.inflight);
+    let segment_file = tempfile::NamedTempFile::new_in(&job.spool_dir)?;
+    inflight.hold(&Arc::from(segment_file.path().to_string_lossy()));
+    let mut seg = SegmentWriter::new(BufWriter::with_capacity(1 << 20, segment_file));
+    let mut local: HashMap<[u8; 32], (u32, u64, u32)> = HashMap::new();
+    let mut packs: Vec<String> = Vec::new();
+    let mut pack_ids: HashMap<Arc<str>, u32> = HashMap::new();
+    let mut reused: HashSet<Arc<str>> = HashSet::new();
+    let mut current: Option<OpenPack> = None;
+    let mut stats = IngestStats::default();
+    let mut pack_id = |name: &Arc<str>, packs: &mut Vec<String>| -> u32 {
+        *pack_ids.entry(name.clone()).or_insert_with(|| {
+            packs.push(name.to_string());
+            u32::try_from(packs.len() - 1).expect("fewer than 4G packs")
+        })
+    };
+    let usable = |loc: &Loc| !job.condemned.contains(&*loc.pack) && !job.index.is_dead(&loc.pack);
+    while let Ok(piece) = piece_rx.recv() {
+        let chunk = match piece {
+            Piece::Inline(b) => {
+                seg.inline(&b)?;
+                continue;
+            }
+            Piece::Chunk(c) => c,
+        };
+        let sha: [u8; 32] = Sha256::digest(&chunk).into();
+        let len = u32::try_from(chunk.len()).expect("chunks are small");
+        let (pack, offset) = if let Some(&(pack, offset, _)) = local.get(&sha) {
+            stats.chunks_reused += 1;
+            stats.bytes_reused += u64::from(len);
+            (pack, offset)
+        } else if let Some(loc) = reader
+            .get(&sha)
+            .map_err(|e| {
+                DedupError::Index(super::index::IndexError::Local {
+                    path: "chunk index".into(),
+                    source: e.into(),
+                })
+            })?
+            .filter(|l| l.len == len && usable(l))
+        {
+            stats.chunks_reused += 1;
+            stats.bytes_reused += u64::from(len);
+            let id = pack_id(&loc.pack, &mut packs);
+            inflight.hold(&loc.pack);
+            reused.insert(loc.pack);
+            (id, loc.offset)
+        } else {
+            if current.is_none() {
+                let name: Arc<str> = new_pack_name(SystemTime::now()).into();
+                inflight.hold(&name);
+                let index = pack_id(&name, &mut packs);
+                let file = tempfile::NamedTempFile::new_in(&job.spool_dir)?;
+                inflight.hold(&Arc::from(file.path().to_string_lossy()));
+                current = Some(OpenPack {
+                    name,
+                    index,
+                    file: BufWriter::with_capacity(1 << 20, file),
+                    size: 0,
+                    entries: Vec::new(),
+                });
+            }
+            let p = current.as_mut().expect("just opened");
+            p.file.write_all(&chunk)?;
+            let at = (p.index, p.size);
+            p.size += u64::from(len);
+            p.entries.push((sha, len));
+            local.insert(sha, (at.0, at.1, len));
+            stats.chunks_new += 1;
+            stats.bytes_new += u64::from(len);
+            if p.size >= PACK_TARGET {
+                send_pack(current.take().expect("open"), pack_tx)?;
+            }
+            at
+        };
+        seg.chunk(&ChunkRef {
+            pack,
+            offset,
+            len,
+            sha256: sha,
+        })?;
+    }
+    if let Some(p) = current.take() {
+        send_pack(p, pack_tx)?;
+    }
+    let (segment_count, size) = seg.counts();
+    let segments = seg
+        .finish()?
+        .into_inner()
+        .map_err(std::io::IntoInnerError::into_error)?;
+    Ok(HashOutcome {
+        size,
+        packs,
+        reused,
+        segments,
+        segment_count,
+        inflight,
+        stats,
+    })
+}
+
+fn send_pack(p: OpenPack, pack_tx: &mpsc::Sender<FinishedPack>) -> Result<(), DedupError> {
+    let file = p
+        .file
+        .into_inner()
+        .map_err(std::io::IntoInnerError::into_error)?;
+    pack_tx
+        .blocking_send(FinishedPack {
+            name: p.name,
+            file,
+            entries: p.entries,
+        })
+        .map_err(|_| DedupError::Pipeline("pack uploader stopped"))
+}
+
+/// Uploads packs as they fill, several at once; returns how many. The first failure stops the
+/// ingest (dropping the queue makes the hash thread stop).
+async fn upload_loop(
+    mut pack_rx: mpsc::Receiver<FinishedPack>,
+    blob: Arc<dyn BlobStore>,
+    global: Arc<Semaphore>,
+    index: Arc<ChunkIndex>,
+    metrics: Arc<Metrics>,
+) -> Result<u64, DedupError> {
+    let mut uploads: JoinSet<Result<(), DedupError>> = JoinSet::new();
+    let mut done = 0u64;
+    loop {
+        tokio::select! {
+            // A failed upload ends the ingest at once, not after the body.
+            Some(r) = uploads.join_next(), if !uploads.is_empty() => {
+                r.map_err(|_| DedupError::Pipeline("pack upload panicked"))??;
+                done += 1;
+            }
+            pack = pack_rx.recv(), if uploads.len() < PACKS_IN_FLIGHT => {
+                let Some(pack) = pack else { break };
+                let permit = global.clone().acquire_owned().await.expect("never closed");
+                let (blob, index, metrics) = (blob.clone(), index.clone(), metrics.clone());
+                uploads.spawn(async move {
+                    let _permit = permit;
+                    upload_pack(&*blob, &index, pack)
+                        .await
+                        .inspect_err(|_| Metrics::add(&metrics.backend_errors, 1))
+                });
+            }
+        }
+    }
+    while let Some(r) = uploads.join_next().await {
+        r.map_err(|_| DedupError::Pipeline("pack upload panicked"))??;
+        done += 1;
+    }
+    Ok(done)
+}
+
+/// Pack, then its index object, then this replica's local index.
+async fn upload_pack(
+    blob: &dyn BlobStore,
+    index: &Arc<ChunkIndex>,
+    pack: FinishedPack,
+) -> Result<(), DedupError> {
+    blob.put_file(&pack.name, pack.file.path()).await?;
+    blob.put_bytes(
+        &pack_index_key(&pack.name),
+        Bytes::from(encode_pack_index(&pack.entries)),
+    )
+    .await?;
+    let mut offset = 0u64;
+    let entries: Vec<([u8; 32], u64, u32)> = pack
+        .entries
+        .iter()
+        .map(|(sha, len)| {
+            let at = offset;
+            offset += u64::from(*len);
+            (*sha, at, *len)
+        })
+        .collect();
+    let (index, name) = (index.clone(), pack.name.clone());
+    // The local index is a hint: a failure here costs dedup hits, never data.
+    match tokio::task::spawn_blocking(move || index.add_pack(&name, &entries)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(pack = %pack.name, error = %e, "could not add a pack to the local chunk index");
+        }
+        Err(e) => {
+            tracing::warn!(pack = %pack.name, error = %e, "could not add a pack to the local chunk index");
+        }
+    }
+    Ok(())
+}
