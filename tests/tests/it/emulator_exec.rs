@@ -15,7 +15,9 @@ use tokio::io::AsyncReadExt as _;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
-use super::emulator_support::{gke, pod, pod_phase, raw, sleeper, wait_pod, wait_running};
+use super::emulator_support::{
+    gke, pod, pod_phase, raw, sleeper, spawn_pod_watcher, wait_pod, wait_running,
+};
 
 async fn run(pods: &Api<Pod>, name: &str, script: &str) -> (String, Option<String>) {
     let mut p = pods
@@ -299,16 +301,7 @@ async fn large_stdin_reaches_the_container_and_watchers_survive_dropped_watches(
     wait_running(&pods, "copy").await;
     // A kube-rs watcher keeps going across dropped watch connections (it re-lists or resumes).
     emu.faults().close_watches_every(Duration::from_millis(150));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let wp = pods.clone();
-    let watch_task = tokio::spawn(async move {
-        let mut w = kube::runtime::watcher(wp, kube::runtime::watcher::Config::default()).boxed();
-        while let Some(ev) = w.next().await {
-            if let Ok(kube::runtime::watcher::Event::Apply(p)) = ev {
-                let _ = tx.send(p);
-            }
-        }
-    });
+    let mut watch = spawn_pod_watcher(pods.clone(), kube::runtime::watcher::Config::default());
     // 4 MiB through stdin, as a script/tar upload would do.
     let payload: Vec<u8> = (0..4 * 1024 * 1024u32)
         .map(|i| u8::try_from(i % 251).unwrap())
@@ -368,9 +361,12 @@ async fn large_stdin_reaches_the_container_and_watchers_survive_dropped_watches(
     )
     .await
     .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let mut seen = false;
-    while let Ok(Some(p)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+    while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, watch.events.recv()).await {
+        let kube::runtime::watcher::Event::Apply(p) = ev else {
+            continue;
+        };
         if p.metadata
             .labels
             .unwrap_or_default()
@@ -383,7 +379,7 @@ async fn large_stdin_reaches_the_container_and_watchers_survive_dropped_watches(
         }
     }
     assert!(seen, "the watcher saw the change despite dropped watches");
-    watch_task.abort();
+    watch.stop().await;
     emu.faults().close_watches_every(Duration::ZERO);
     emu.shutdown().await;
 }

@@ -10,6 +10,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Api;
 use kube::api::{PostParams, WatchEvent, WatchParams};
+use kube::runtime::WatchStreamExt as _;
 use serde_json::json;
 
 use super::emulator_support::{gke, pod, pod_phase, sleeper, wait_pod, wait_running};
@@ -260,13 +261,16 @@ async fn streaming_list_watches_end_their_initial_events() {
     )
     .await
     .unwrap();
+    // Polled inline and bounded by the timeout below; the backoff keeps a failing request from
+    // being retried in a loop that never yields (issue 17).
     let mut w = kube::runtime::watcher(
         pods.clone(),
         kube::runtime::watcher::Config::default().streaming_lists(),
     )
+    .default_backoff()
     .boxed();
     let mut got = Vec::new();
-    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(5), w.next()).await {
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(15), w.next()).await {
         match ev.unwrap() {
             kube::runtime::watcher::Event::Init => got.push("init".to_string()),
             kube::runtime::watcher::Event::InitApply(p) => got.push(p.metadata.name.unwrap()),
