@@ -151,10 +151,13 @@ async fn a_stage_whose_exit_code_was_never_recorded_is_a_system_failure() {
     );
 }
 
+/// One API request in five fails, deterministically (every 5th, alternating 500 and 429): a job
+/// makes more than five requests, so recovery is always exercised (issue 17: random 20 %
+/// sometimes injected nothing once jobs made few calls).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_errors_on_20_percent_of_requests_do_not_change_the_job() {
     let env = Env::start("").await;
-    env.emu.faults().fail_ratio(20, &[500, 429]);
+    env.emu.faults().fail_every(5, &[500, 429]);
     let out = env
         .runner()
         .run(
@@ -166,17 +169,24 @@ async fn api_errors_on_20_percent_of_requests_do_not_change_the_job() {
     env.emu.faults().clear();
     assert_eq!(out.result, JobResult::Success, "{}", out.log);
     assert!(out.log.contains("resilient-output"));
+    // kube-rs retries a 429 by itself; a 500 reaches the executor.
+    let injected = env.emu.audit().iter().filter(|a| a.code == 500).count();
+    assert!(injected >= 1, "no 500 was injected");
     // Failed requests may hit plain calls (api_retry), watches (watch_error) or execs
-    // (exec_reconnect); at least one recovery must have happened.
-    let recovered = env.events().iter().any(|e| {
-        matches!(
-            e["event"].as_str(),
-            Some("api_retry" | "watch_error" | "exec_reconnect")
-        )
-    });
+    // (exec_reconnect); each must have been recovered from.
+    let recovered = env
+        .events()
+        .iter()
+        .filter(|e| {
+            matches!(
+                e["event"].as_str(),
+                Some("api_retry" | "watch_error" | "exec_reconnect")
+            )
+        })
+        .count();
     assert!(
-        recovered,
-        "no failed request was injected or recovered from"
+        recovered >= 1,
+        "{injected} requests failed with 500 but no recovery was logged"
     );
 }
 

@@ -19,7 +19,8 @@
 //! - Exec runs through `nsenter` into the container's mount and pid namespaces; processes it
 //!   leaves behind survive the session and die with the container.
 //! - HTTP control endpoint (for the `kube-emulator` binary; JSON bodies): `POST /emulator/fail-next`
-//!   `{count, verb?, resource?, status, retryAfter?}`, `/emulator/fail-ratio` `{percent, statuses}`,
+//!   `{count, verb?, resource?, status, retryAfter?}`, `/emulator/fail-every` `{every, statuses}`,
+//!   `/emulator/fail-ratio` `{percent, statuses, seed?}`,
 //!   `/emulator/clear`, `/emulator/close-watches`, `/emulator/close-watches-every` `{seconds}`,
 //!   `/emulator/cut-exec` `{bytes, sessions?}`, `/emulator/preempt-node` `{name}`,
 //!   `/emulator/delay-scheduling` `{seconds}`, `/emulator/delay-pulls` `{seconds}`,

@@ -46,6 +46,29 @@ async fn fail_next_and_ratio() {
     let audit = emu.audit();
     assert_eq!(audit.iter().filter(|a| a.code == 503).count(), 1);
     assert_eq!(audit.iter().filter(|a| a.code == 500).count(), 2);
+
+    // Deterministic modes: every n-th request, or a seeded ratio that replays the same failures.
+    let codes = async |n: usize| {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(match pods.get_opt("x").await {
+                Ok(_) => 200,
+                Err(kube::Error::Api(s)) => s.code,
+                Err(e) => panic!("{e}"),
+            });
+        }
+        out
+    };
+    emu.faults().fail_every(3, &[500, 409]);
+    assert_eq!(codes(6).await, [200, 200, 500, 200, 200, 409]);
+    emu.faults().fail_every(0, &[]);
+    emu.faults().fail_ratio_seeded(50, &[500], 17);
+    let first = codes(16).await;
+    emu.faults().fail_ratio_seeded(50, &[500], 17);
+    assert_eq!(codes(16).await, first);
+    assert!(first.contains(&200) && first.contains(&500), "{first:?}");
+    emu.faults().clear();
+    assert_eq!(codes(3).await, [200, 200, 200]);
     emu.shutdown().await;
 }
 
