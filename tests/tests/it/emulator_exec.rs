@@ -47,12 +47,15 @@ async fn detached_process_outlives_the_session_and_dies_with_the_pod() {
     .unwrap();
     pods.create(&PostParams::default(), &p).await.unwrap();
     wait_running(&pods, "bg").await;
+    // The detached sleep's argument is unique to this test process: the host-wide scan below must
+    // not pick up the same test's sleeper from another run on the machine.
+    let secs = format!("300.{}", std::process::id());
     // One detached without redirection (still holding the session's stdout), one with nohup + redirection.
     // The session must end when its command does, not when the detached `sleep 300` does: the
     // bound sits far from both (no timing assert on how fast it ends).
     let (out, st) = tokio::time::timeout(
         Duration::from_secs(60),
-        run(&pods, "bg", "sleep 300 & nohup sh -c 'while true; do date +%s%N >> /logs/tick; sleep 0.05; done' >/dev/null 2>&1 & echo started"),
+        run(&pods, "bg", &format!("sleep {secs} & nohup sh -c 'while true; do date +%s%N >> /logs/tick; sleep 0.05; done' >/dev/null 2>&1 & echo started")),
     )
     .await
     .expect("the session ended when its command did");
@@ -83,14 +86,14 @@ async fn detached_process_outlives_the_session_and_dies_with_the_pod() {
     let (host_pids, _) = run(
         &pods,
         "bg",
-        "ps -o pid,args 2>/dev/null | grep -c 'sleep 300' || true",
+        &format!("ps -o pid,args 2>/dev/null | grep -c 'sleep {secs}' || true"),
     )
     .await;
     assert!(
         n(&host_pids) >= 1,
         "sleep visible inside the container: {host_pids}"
     );
-    let before: Vec<u32> = sleepers_on_host();
+    let before: Vec<u32> = sleepers_on_host(&secs);
     assert!(!before.is_empty());
     pods.delete("bg", &DeleteParams::default()).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -104,7 +107,8 @@ async fn detached_process_outlives_the_session_and_dies_with_the_pod() {
         while pid_alive(pid) {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "detached process {pid} outlived the pod"
+                "detached process {pid} outlived the pod: {}",
+                std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -112,15 +116,16 @@ async fn detached_process_outlives_the_session_and_dies_with_the_pod() {
     emu.shutdown().await;
 }
 
-/// Host pids of `sleep 300` processes started by this test's container (unique argv).
-fn sleepers_on_host() -> Vec<u32> {
+/// Host pids of `sleep SECS` processes (SECS unique to this test process).
+fn sleepers_on_host(secs: &str) -> Vec<u32> {
+    let argv = format!("sleep\0{secs}\0");
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if cmd == b"sleep\x00300\x00" {
+        if cmd == argv.as_bytes() {
             out.push(pid);
         }
     }
