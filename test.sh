@@ -8,7 +8,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # Every proxy and executor log the tests produce is captured here, then scanned for secrets.
 SPOTRUN_LOG_CAPTURE_DIR="$(mktemp -d -t spotrun-logs.XXXXXX)"
 export SPOTRUN_LOG_CAPTURE_DIR
-cargo test --workspace --locked
+# cargo-nextest: each test in its own process, each bounded by .config/nextest.toml (a hang fails
+# naming its test); then the doc tests, which nextest does not run.
+cargo nextest run --workspace --locked
+cargo test --doc --workspace --locked
 cargo run -q --locked -p spotrun-testkit --bin spotrun-log-scan -- "$SPOTRUN_LOG_CAPTURE_DIR"
 # Each fuzz target for 60 s (SPOTRUN_FUZZ_SECS); SPOTRUN_SKIP_FUZZ=1 skips it locally.
 [ "${SPOTRUN_SKIP_FUZZ:-0}" = 1 ] || bash .ci/fuzz

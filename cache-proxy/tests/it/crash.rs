@@ -46,7 +46,10 @@ impl Server {
         let mut cmd = self.command();
         cmd.arg("serve");
         self.child = Some(cmd.spawn().expect("start the proxy binary"));
-        for _ in 0..500 {
+        // A liveness bound by the clock, not a count of tries (each try takes longer under load);
+        // a restart after SIGKILL may first recover its store.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while tokio::time::Instant::now() < deadline {
             if let Ok(Some(r)) = try_raw(self.addr, "GET", "/healthz", &[]).await
                 && r.status == 200
             {
@@ -54,7 +57,7 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("the proxy did not come up within 10 s");
+        panic!("the proxy did not come up within 60 s");
     }
 
     fn kill(&mut self) {

@@ -207,8 +207,9 @@ async fn gcs_with_metadata_server_tokens_round_trips_without_keys() {
 /// A token close to expiry is replaced before use; the old one can then be revoked.
 #[tokio::test]
 async fn gcs_token_is_refreshed_before_it_expires() {
-    // 302 s: "fresh" (more than the 300 s refresh margin left) for the first 2 s only.
-    let g = start(vec![("ya29.short-lived".into(), 302)]).await;
+    // 305 s: "fresh" (more than the 300 s refresh margin left) for the first 5 s only, which
+    // leaves a loaded machine room to make the first request with it.
+    let g = start(vec![("ya29.short-lived".into(), 305)]).await;
     let client = g.proxy.client();
     client
         .put_object()
@@ -219,7 +220,7 @@ async fn gcs_token_is_refreshed_before_it_expires() {
         .await
         .unwrap();
     assert_eq!(g.state.lock().unwrap().fetches, 1);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(5500)).await;
     // From now on only the next token opens the bucket.
     g.state.lock().unwrap().valid.remove("ya29.short-lived");
     client
@@ -245,7 +246,7 @@ async fn gcs_token_is_refreshed_before_it_expires() {
 /// passes once the server answers again.
 #[tokio::test]
 async fn gcs_metadata_server_down_is_503_slowdown_then_recovers() {
-    let g = start(vec![("ya29.expiring".into(), 302)]).await;
+    let g = start(vec![("ya29.expiring".into(), 305)]).await;
     let client = g.proxy.client();
     client
         .put_object()
@@ -255,7 +256,7 @@ async fn gcs_metadata_server_down_is_503_slowdown_then_recovers() {
         .send()
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(5500)).await;
     g.state.lock().unwrap().down = true;
     let body = noise(256 << 10, 5);
     let (put, _) = presign(&client, "PUT", "k-down", None).await;

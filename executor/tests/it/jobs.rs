@@ -255,10 +255,11 @@ async fn image_pull_failure_is_a_build_failure_naming_the_image() {
         out.log
     );
     // Fail fast: the emulator reports ErrImagePull as soon as the pod is scheduled; a generous
-    // liveness bound (not a benchmark) proves prepare did not sit out a timeout.
+    // liveness bound (not a benchmark, far below the 1800 s prepare timeout it must not sit out)
+    // that a loaded machine cannot break.
     let prepare = out.stage("prepare").expect("prepare ran");
     assert!(
-        prepare.duration < Duration::from_secs(15),
+        prepare.duration < Duration::from_secs(120),
         "prepare took {:?}",
         prepare.duration
     );

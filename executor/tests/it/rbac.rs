@@ -28,6 +28,14 @@ async fn audit_derived_verb_list_equals_the_committed_file() {
             .name("rbac-preempt")
             .script(&["sleep 30"])
             .build();
+        let node_watches = |env: &Env| {
+            env.emu
+                .audit()
+                .iter()
+                .filter(|a| a.verb == "watch" && a.resource == "nodes")
+                .count()
+        };
+        let watches_before = node_watches(&env);
         let runner = env.runner();
         let handle = tokio::spawn(async move { runner.run(&job).await });
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -38,7 +46,10 @@ async fn audit_derived_verb_list_equals_the_committed_file() {
                 .filter(|l| l.contains("\"stage_start\"") && l.contains("build_script"))
                 .count();
             // Job 7001 and every earlier attempt also logged a build_script start.
-            if started >= usize::try_from(id - 7000).unwrap() {
+            // The stage's monitor watches the node some time after the stage starts: the
+            // preemption waits for that watch, which the verb list must contain.
+            if started >= usize::try_from(id - 7000).unwrap() && node_watches(&env) > watches_before
+            {
                 if let Some(n) = env
                     .events()
                     .iter()
@@ -49,10 +60,12 @@ async fn audit_derived_verb_list_equals_the_committed_file() {
                     break n;
                 }
             }
-            assert!(Instant::now() < deadline);
+            assert!(
+                Instant::now() < deadline,
+                "job {id}: build_script never started or its node was never watched"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        tokio::time::sleep(Duration::from_millis(300)).await;
         env.emu.faults().preempt_node(&node);
         let out = handle.await.unwrap();
         assert!(

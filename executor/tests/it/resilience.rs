@@ -16,7 +16,7 @@ async fn preemption_mid_build_falls_back_to_on_demand_on_retry() {
         .await;
         let job = JobBuilder::new(6001)
             .name("integration")
-            .script(&["echo started", "sleep 30"])
+            .script(&["echo started", "sleep 600"])
             .build();
         let runner = env.runner();
         let faults = env.emu.faults();
@@ -41,7 +41,12 @@ async fn preemption_mid_build_falls_back_to_on_demand_on_retry() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let preempted_at = Instant::now();
         faults.preempt_node(&node);
-        let out = handle.await.unwrap();
+        // A liveness bound only, far from both outcomes (noticed: seconds; missed: the 600 s
+        // sleep); the latency itself is a benchmark figure.
+        let out = tokio::time::timeout(Duration::from_secs(120), handle)
+            .await
+            .expect("the preemption was noticed")
+            .unwrap();
         let took = preempted_at.elapsed();
         assert!(
             matches!(out.result, JobResult::SystemFailure { .. }),
@@ -57,8 +62,6 @@ async fn preemption_mid_build_falls_back_to_on_demand_on_retry() {
         let stage = out.stage("build_script").expect("build_script ran");
         assert_eq!(stage.exit_code, Some(2));
         println!("preemption → binary exit: {took:?} (fallback {fallback})");
-        // A liveness bound only; the latency itself is a benchmark figure.
-        assert!(took < Duration::from_secs(10), "took {took:?}");
         // The retry: a new job id, same project, pipeline and job name.
         let retry = JobBuilder::new(6002)
             .name("integration")
@@ -151,10 +154,13 @@ async fn a_stage_whose_exit_code_was_never_recorded_is_a_system_failure() {
     );
 }
 
+/// One API request in five fails, deterministically (every 5th, alternating 500 and 429): a job
+/// makes more than five requests, so recovery is always exercised (issue 17: random 20 %
+/// sometimes injected nothing once jobs made few calls).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_errors_on_20_percent_of_requests_do_not_change_the_job() {
     let env = Env::start("").await;
-    env.emu.faults().fail_ratio(20, &[500, 429]);
+    env.emu.faults().fail_every(5, &[500, 429]);
     let out = env
         .runner()
         .run(
@@ -166,17 +172,24 @@ async fn api_errors_on_20_percent_of_requests_do_not_change_the_job() {
     env.emu.faults().clear();
     assert_eq!(out.result, JobResult::Success, "{}", out.log);
     assert!(out.log.contains("resilient-output"));
+    // kube-rs retries a 429 by itself; a 500 reaches the executor.
+    let injected = env.emu.audit().iter().filter(|a| a.code == 500).count();
+    assert!(injected >= 1, "no 500 was injected");
     // Failed requests may hit plain calls (api_retry), watches (watch_error) or execs
-    // (exec_reconnect); at least one recovery must have happened.
-    let recovered = env.events().iter().any(|e| {
-        matches!(
-            e["event"].as_str(),
-            Some("api_retry" | "watch_error" | "exec_reconnect")
-        )
-    });
+    // (exec_reconnect); each must have been recovered from.
+    let recovered = env
+        .events()
+        .iter()
+        .filter(|e| {
+            matches!(
+                e["event"].as_str(),
+                Some("api_retry" | "watch_error" | "exec_reconnect")
+            )
+        })
+        .count();
     assert!(
-        recovered,
-        "no failed request was injected or recovered from"
+        recovered >= 1,
+        "{injected} requests failed with 500 but no recovery was logged"
     );
 }
 
@@ -194,9 +207,10 @@ async fn sigterm_during_run_kills_remote_processes_and_cleanup_leaves_nothing() 
     };
     let out = env.runner().run_with(&job, Some(cancel)).await;
     let stage = out.stage("build_script").expect("ran");
+    // The executor bounds its cancel to about 3 s; not needing the runner's SIGKILL (10 s after
+    // SIGTERM here) is the property, with room for a loaded machine.
     let exit_after = stage.exit_after_sigterm.expect("was signalled");
-    assert!(exit_after < Duration::from_secs(5), "{exit_after:?}");
-    assert!(!stage.killed);
+    assert!(!stage.killed, "SIGKILL was needed: {exit_after:?}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!marker.exists(), "the stage kept running in the pod");
     assert!(
@@ -396,11 +410,13 @@ async fn sigterm_at_ten_random_points_then_cleanup_leaves_no_pod_or_secret() {
     println!("seed {seed} (rerun with SPOTRUN_TEST_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let env = Env::start("").await;
-    // Image pulls take a second, so prepare lasts long enough to be hit anywhere; every exec
-    // takes 150 ms to start (a real one crosses API server, kubelet and runtime), so the short
-    // stages the runner generates (one exec, ~15 ms in a release build) last long enough too.
-    env.emu.faults().delay_pulls(Duration::from_secs(1));
-    env.emu.faults().delay_execs(Duration::from_millis(150));
+    // Image pulls take 1.5 s, so prepare lasts long enough to be hit anywhere; every exec takes
+    // 400 ms to start (a real one crosses API server, kubelet and runtime), so the short stages
+    // the runner generates (one exec, ~15 ms in a release build) last long enough too. Each
+    // latest signal time stays 250 ms or more inside its stage: a timer firing late on a loaded
+    // machine still lands in the stage.
+    env.emu.faults().delay_pulls(Duration::from_millis(1500));
+    env.emu.faults().delay_execs(Duration::from_millis(400));
     // (stage, latest signal time): every point lands while its stage still runs.
     let points = [
         ("prepare", 800),

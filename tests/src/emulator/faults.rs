@@ -4,7 +4,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
 use tokio::sync::watch;
 
 use super::NodeSpec;
@@ -18,10 +19,28 @@ struct FailRule {
     retry_after: Option<u32>,
 }
 
+/// Every `every`-th API request fails, with `statuses` taken in turn.
+#[derive(Debug)]
+struct FailEvery {
+    every: u32,
+    statuses: Vec<u16>,
+    seen: u64,
+    failed: usize,
+}
+
+/// `percent` % of API requests fail, drawn from a seeded generator (a failure can be replayed).
+#[derive(Debug)]
+struct FailRatio {
+    percent: u32,
+    statuses: Vec<u16>,
+    rng: StdRng,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct FaultState {
     fail_next: Vec<FailRule>,
-    fail_ratio: Option<(u32, Vec<u16>)>,
+    fail_every: Option<FailEvery>,
+    fail_ratio: Option<FailRatio>,
     exec_cuts: Vec<ExecFault>,
     pub(crate) scheduling_delay: Duration,
     pub(crate) pull_delay: Duration,
@@ -79,17 +98,47 @@ impl Faults {
         });
     }
 
-    /// `percent` % of all API requests fail with a status picked at random from `statuses`.
-    /// `fail_ratio(0, ..)` turns it off.
+    /// Every `n`-th API request (the `n`-th, the `2n`-th, ...) fails with the next of `statuses`
+    /// in turn: a test that makes at least `n` requests always sees a failure, at the same
+    /// request in every run. `fail_every(0, ..)` turns it off.
+    pub fn fail_every(&self, n: u32, statuses: &[u16]) {
+        self.lock().fail_every = (n > 0 && !statuses.is_empty()).then(|| FailEvery {
+            every: n,
+            statuses: statuses.to_vec(),
+            seen: 0,
+            failed: 0,
+        });
+    }
+
+    /// `percent` % of all API requests fail with a status picked at random from `statuses`,
+    /// seeded from `SPOTRUN_TEST_SEED` or at random; the seed is printed so a failure can be
+    /// replayed. `fail_ratio(0, ..)` turns it off. Whether any request fails depends on how many
+    /// a test makes: to exercise recovery for sure, use [`Faults::fail_every`].
     pub fn fail_ratio(&self, percent: u32, statuses: &[u16]) {
-        self.lock().fail_ratio =
-            (percent > 0 && !statuses.is_empty()).then(|| (percent.min(100), statuses.to_vec()));
+        let seed = std::env::var("SPOTRUN_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        if percent > 0 {
+            eprintln!("emulator fail_ratio seed {seed} (rerun with SPOTRUN_TEST_SEED={seed})");
+        }
+        self.fail_ratio_seeded(percent, statuses, seed);
+    }
+
+    /// [`Faults::fail_ratio`] with an explicit seed.
+    pub fn fail_ratio_seeded(&self, percent: u32, statuses: &[u16], seed: u64) {
+        self.lock().fail_ratio = (percent > 0 && !statuses.is_empty()).then(|| FailRatio {
+            percent: percent.min(100),
+            statuses: statuses.to_vec(),
+            rng: StdRng::seed_from_u64(seed),
+        });
     }
 
     /// Clears injected request failures and exec cuts.
     pub fn clear(&self) {
         let mut s = self.lock();
         s.fail_next.clear();
+        s.fail_every = None;
         s.fail_ratio = None;
         s.exec_cuts.clear();
     }
@@ -209,11 +258,18 @@ impl Faults {
             s.fail_next.retain(|r| r.remaining > 0);
             return Some(out);
         }
-        if let Some((pct, statuses)) = &s.fail_ratio {
-            let mut rng = rand::rng();
-            if rng.random_range(0..100) < *pct {
-                return Some((statuses[rng.random_range(0..statuses.len())], None));
+        if let Some(e) = &mut s.fail_every {
+            e.seen += 1;
+            if e.seen % u64::from(e.every) == 0 {
+                let status = e.statuses[e.failed % e.statuses.len()];
+                e.failed += 1;
+                return Some((status, None));
             }
+        }
+        if let Some(r) = &mut s.fail_ratio
+            && r.rng.random_range(0..100) < r.percent
+        {
+            return Some((r.statuses[r.rng.random_range(0..r.statuses.len())], None));
         }
         None
     }

@@ -19,7 +19,8 @@
 //! - Exec runs through `nsenter` into the container's mount and pid namespaces; processes it
 //!   leaves behind survive the session and die with the container.
 //! - HTTP control endpoint (for the `kube-emulator` binary; JSON bodies): `POST /emulator/fail-next`
-//!   `{count, verb?, resource?, status, retryAfter?}`, `/emulator/fail-ratio` `{percent, statuses}`,
+//!   `{count, verb?, resource?, status, retryAfter?}`, `/emulator/fail-every` `{every, statuses}`,
+//!   `/emulator/fail-ratio` `{percent, statuses, seed?}`,
 //!   `/emulator/clear`, `/emulator/close-watches`, `/emulator/close-watches-every` `{seconds}`,
 //!   `/emulator/cut-exec` `{bytes, sessions?}`, `/emulator/preempt-node` `{name}`,
 //!   `/emulator/delay-scheduling` `{seconds}`, `/emulator/delay-pulls` `{seconds}`,
@@ -396,7 +397,18 @@ impl Emulator {
 
     /// Stops serving, kills every container process and removes the state dir.
     pub async fn shutdown(mut self) {
-        self.stop_now();
+        // The server, scheduler and fault tasks end at their next await once aborted; waiting
+        // for them means none outlives the test (a panic in one fails it).
+        for t in self.stop_now() {
+            let ended = tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("an emulator task ends within 10 s of abort()");
+            if let Err(e) = ended
+                && e.is_panic()
+            {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
         let handles: Vec<_> = self
             .shared
             .pods
@@ -410,9 +422,12 @@ impl Emulator {
         }
     }
 
-    fn stop_now(&mut self) {
+    /// Stops everything now; returns the aborted tasks (to wait for, if the caller can).
+    fn stop_now(&mut self) -> Vec<tokio::task::JoinHandle<()>> {
         self.shared.stopping.cancel();
-        for t in self.tasks.drain(..) {
+        self.shared.faults.close_watches_every(Duration::ZERO);
+        let tasks: Vec<_> = self.tasks.drain(..).collect();
+        for t in &tasks {
             t.abort();
         }
         let handles: Vec<_> = self
@@ -426,12 +441,13 @@ impl Emulator {
         for h in handles {
             h.kill_all_now();
         }
+        tasks
     }
 }
 
 impl Drop for Emulator {
     fn drop(&mut self) {
-        self.stop_now();
+        let _ = self.stop_now();
     }
 }
 

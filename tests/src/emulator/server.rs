@@ -856,7 +856,7 @@ async fn control(shared: &Arc<Shared>, req: Request<Incoming>, path: &str) -> Re
             u16::try_from(v["status"].as_u64().unwrap_or(500)).unwrap_or(500),
             v["retryAfter"].as_u64().and_then(|s| u32::try_from(s).ok()),
         ),
-        ("POST", "fail-ratio") => {
+        ("POST", "fail-ratio" | "fail-every") => {
             let statuses: Vec<u16> = v["statuses"].as_array().map_or_else(
                 || vec![500],
                 |a| {
@@ -865,10 +865,12 @@ async fn control(shared: &Arc<Shared>, req: Request<Incoming>, path: &str) -> Re
                         .collect()
                 },
             );
-            f.fail_ratio(
-                u32::try_from(v["percent"].as_u64().unwrap_or(0)).unwrap_or(0),
-                &statuses,
-            );
+            let n = |k: &str| u32::try_from(v[k].as_u64().unwrap_or(0)).unwrap_or(0);
+            match (op, v["seed"].as_u64()) {
+                ("fail-every", _) => f.fail_every(n("every"), &statuses),
+                (_, Some(seed)) => f.fail_ratio_seeded(n("percent"), &statuses, seed),
+                (_, None) => f.fail_ratio(n("percent"), &statuses),
+            }
         }
         ("POST", "clear") => f.clear(),
         ("POST", "close-watches") => f.close_watches(),

@@ -10,6 +10,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Api;
 use kube::api::{PostParams, WatchEvent, WatchParams};
+use kube::runtime::WatchStreamExt as _;
 use serde_json::json;
 
 use super::emulator_support::{gke, pod, pod_phase, sleeper, wait_pod, wait_running};
@@ -45,6 +46,29 @@ async fn fail_next_and_ratio() {
     let audit = emu.audit();
     assert_eq!(audit.iter().filter(|a| a.code == 503).count(), 1);
     assert_eq!(audit.iter().filter(|a| a.code == 500).count(), 2);
+
+    // Deterministic modes: every n-th request, or a seeded ratio that replays the same failures.
+    let codes = async |n: usize| {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(match pods.get_opt("x").await {
+                Ok(_) => 200,
+                Err(kube::Error::Api(s)) => s.code,
+                Err(e) => panic!("{e}"),
+            });
+        }
+        out
+    };
+    emu.faults().fail_every(3, &[500, 409]);
+    assert_eq!(codes(6).await, [200, 200, 500, 200, 200, 409]);
+    emu.faults().fail_every(0, &[]);
+    emu.faults().fail_ratio_seeded(50, &[500], 17);
+    let first = codes(16).await;
+    emu.faults().fail_ratio_seeded(50, &[500], 17);
+    assert_eq!(codes(16).await, first);
+    assert!(first.contains(&200) && first.contains(&500), "{first:?}");
+    emu.faults().clear();
+    assert_eq!(codes(3).await, [200, 200, 200]);
     emu.shutdown().await;
 }
 
@@ -59,7 +83,7 @@ async fn close_watches_ends_streams() {
         .boxed();
     tokio::time::sleep(Duration::from_millis(100)).await;
     emu.faults().close_watches();
-    let end = tokio::time::timeout(Duration::from_secs(5), async {
+    let end = tokio::time::timeout(Duration::from_secs(15), async {
         while w.next().await.is_some() {}
     })
     .await;
@@ -70,7 +94,7 @@ async fn close_watches_ends_streams() {
         .await
         .unwrap()
         .boxed();
-    let ev = tokio::time::timeout(Duration::from_secs(5), w.next())
+    let ev = tokio::time::timeout(Duration::from_secs(15), w.next())
         .await
         .unwrap()
         .unwrap()
@@ -155,7 +179,10 @@ async fn delays_deadlines_restarts_and_the_control_endpoint() {
     let emu = gke().await;
     let client = emu.client().await;
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
-    emu.faults().delay_scheduling(Duration::from_millis(600));
+    // The scheduling delay is long enough that the get right after the create sees the pod
+    // unbound however slow the machine; the elapsed-time check is a lower bound (the delays
+    // happened), which load cannot break.
+    emu.faults().delay_scheduling(Duration::from_millis(2000));
     emu.faults().delay_pulls(Duration::from_millis(300));
     let t0 = std::time::Instant::now();
     pods.create(
@@ -164,12 +191,11 @@ async fn delays_deadlines_restarts_and_the_control_endpoint() {
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let p = pods.get("slow").await.unwrap();
     assert!(p.spec.unwrap().node_name.is_none(), "not bound yet");
     wait_running(&pods, "slow").await;
     assert!(
-        t0.elapsed() >= Duration::from_millis(900),
+        t0.elapsed() >= Duration::from_millis(2300),
         "{:?}",
         t0.elapsed()
     );
@@ -260,13 +286,16 @@ async fn streaming_list_watches_end_their_initial_events() {
     )
     .await
     .unwrap();
+    // Polled inline and bounded by the timeout below; the backoff keeps a failing request from
+    // being retried in a loop that never yields (issue 17).
     let mut w = kube::runtime::watcher(
         pods.clone(),
         kube::runtime::watcher::Config::default().streaming_lists(),
     )
+    .default_backoff()
     .boxed();
     let mut got = Vec::new();
-    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(5), w.next()).await {
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(15), w.next()).await {
         match ev.unwrap() {
             kube::runtime::watcher::Event::Init => got.push("init".to_string()),
             kube::runtime::watcher::Event::InitApply(p) => got.push(p.metadata.name.unwrap()),

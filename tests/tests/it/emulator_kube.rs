@@ -14,23 +14,16 @@ use kube::{Api, ResourceExt as _};
 use serde_json::json;
 use tokio::io::AsyncReadExt as _;
 
-use super::emulator_support::{gke, pod, pod_phase, sleeper, wait_pod, wait_running};
+use super::emulator_support::{
+    gke, pod, pod_phase, sleeper, spawn_pod_watcher, wait_pod, wait_running,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_rs_create_watch_exec_delete() {
     let emu = gke().await;
     let client = emu.client().await;
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let w = pods.clone();
-    let watch_task = tokio::spawn(async move {
-        let mut s = watcher(w, watcher::Config::default()).boxed();
-        while let Some(ev) = s.next().await {
-            if let Ok(ev) = ev {
-                let _ = tx.send(ev);
-            }
-        }
-    });
+    let mut watch = spawn_pod_watcher(pods.clone(), watcher::Config::default());
     let created = pods
         .create(
             &PostParams::default(),
@@ -137,7 +130,7 @@ async fn kube_rs_create_watch_exec_delete() {
     assert!(obj.metadata.deletion_timestamp.is_some());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let mut saw_delete = false;
-    while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+    while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, watch.events.recv()).await {
         if let watcher::Event::Delete(p) = ev
             && p.name_any() == "job-1"
         {
@@ -147,7 +140,7 @@ async fn kube_rs_create_watch_exec_delete() {
     }
     assert!(saw_delete, "the watcher saw the pod deleted");
     assert!(pods.get_opt("job-1").await.unwrap().is_none());
-    watch_task.abort();
+    watch.stop().await;
     assert_eq!(emu.panics(), 0);
     let audit = emu.audit();
     assert!(
@@ -430,4 +423,21 @@ async fn logs_follow_and_tail_and_delete_collection() {
             .any(|a| a.verb == "deletecollection" && a.resource == "configmaps")
     );
     emu.shutdown().await;
+}
+
+/// Issue 17: a spawned pod watcher whose requests all fail (here: its apiserver is gone) backs
+/// off between attempts, so aborting it takes effect and the test ends instead of spinning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawned_watcher_stops_after_its_apiserver_is_gone() {
+    let emu = gke().await;
+    let pods: Api<Pod> = Api::default_namespaced(emu.client().await);
+    let mut watch = spawn_pod_watcher(pods, watcher::Config::default());
+    let first = tokio::time::timeout(Duration::from_secs(15), watch.events.recv())
+        .await
+        .expect("the watcher's initial list");
+    assert!(matches!(first, Some(watcher::Event::Init)), "{first:?}");
+    emu.shutdown().await;
+    // Every retry now fails at once; stop() panics if the task does not end within 10 s.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    watch.stop().await;
 }

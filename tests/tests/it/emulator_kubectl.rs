@@ -8,6 +8,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use spotrun_testkit::emulator::Emulator;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 use super::emulator_support::gke;
 
@@ -146,26 +147,37 @@ async fn kubectl_apply_get_exec_logs_delete_watch() {
     let mut watch = tokio::process::Command::new(KUBECTL)
         .args(["get", "pods", "-w", "--output-watch-events"])
         .env("KUBECONFIG", emu.kubeconfig_path())
+        .env_remove("KUBERNETES_SERVICE_HOST")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Read the watch's lines as they come: the delete starts once kubectl has listed the pod,
+    // and the watch ends once it has printed the deletion (no sleeps guessing kubectl's pace).
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    let mut read_until = async |what: &str| {
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains(what) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(found, Ok(true), "no {what:?} line from kubectl -w:\n{seen}");
+        seen.clone()
+    };
+    read_until("ADDED      web").await;
     let o = kubectl(&emu, &["delete", "pod", "web"]).await;
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "pod \"web\" deleted\n");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    watch.start_kill().unwrap();
-    let wo = watch.wait_with_output().await.unwrap();
-    let seen = String::from_utf8_lossy(&wo.stdout).to_string();
-    assert!(
-        seen.contains("ADDED      web"),
-        "{seen}{}",
-        String::from_utf8_lossy(&wo.stderr)
-    );
+    let seen = read_until("DELETED    web").await;
+    watch.kill().await.unwrap();
     assert!(seen.contains("MODIFIED   web"), "{seen}");
-    assert!(seen.contains("DELETED    web"), "{seen}");
 
     let o = kubectl(&emu, &["get", "pod", "web"]).await;
     assert!(!o.status.success());

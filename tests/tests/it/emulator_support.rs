@@ -6,10 +6,12 @@
 
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use http_body_util::BodyExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::wait::{await_condition, conditions};
+use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::{Value, json};
 use spotrun_testkit::emulator::{Emulator, EmulatorConfig};
 
@@ -17,6 +19,48 @@ pub async fn gke() -> Emulator {
     Emulator::start(EmulatorConfig::gke())
         .await
         .expect("emulator starts")
+}
+
+/// A kube-rs pod watcher in its own task, forwarding every event to `events`.
+///
+/// A watcher without a backoff retries a failed request at once; when the request fails without
+/// ever waiting (the runtime shutting down, a refused loopback connection) the task never yields,
+/// so `abort()` never takes effect and the test hangs at 100 % CPU (issue 17). Hence the backoff,
+/// and [`PodWatch::stop`], which aborts the task and waits until it has ended.
+pub struct PodWatch {
+    pub events: tokio::sync::mpsc::UnboundedReceiver<watcher::Event<Pod>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub fn spawn_pod_watcher(pods: Api<Pod>, config: watcher::Config) -> PodWatch {
+    let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        // Errors (a dropped watch, a failed re-list) are retried after the backoff's delay.
+        let mut stream = watcher(pods, config).default_backoff().boxed();
+        while let Some(ev) = stream.next().await {
+            if let Ok(ev) = ev
+                && tx.send(ev).is_err()
+            {
+                break;
+            }
+        }
+    });
+    PodWatch { events, task }
+}
+
+impl PodWatch {
+    /// Aborts the watcher and waits until its task has ended (a panic in it fails the test).
+    pub async fn stop(self) {
+        self.task.abort();
+        let ended = tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the pod watcher task ends within 10 s of abort()");
+        if let Err(e) = ended
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
 }
 
 /// A pod whose containers idle (`sleep`) unless given a command.

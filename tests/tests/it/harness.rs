@@ -166,7 +166,8 @@ async fn abort_sends_sigterm_skips_later_stages_and_still_cleans_up() {
     assert_eq!(out.result, JobResult::Canceled);
     let rec = out.stage("build_script").unwrap();
     assert!(
-        rec.exit_after_sigterm.unwrap() < Duration::from_secs(5),
+        // Far below the script's 30 s sleep: the stage ended on SIGTERM, not on its own.
+        rec.exit_after_sigterm.unwrap() < Duration::from_secs(20),
         "{rec:?}"
     );
     assert!(!rec.killed);
