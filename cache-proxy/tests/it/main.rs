@@ -23,3 +23,4 @@ mod gcs_metadata;
 mod hostile;
 mod presign_boto3;
 mod runner_sequence;
+mod side_channels;
