@@ -30,6 +30,8 @@ pub enum ProxyStore {
 pub struct ProxyProcess {
     child: Child,
     pub addr: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz` (not on the S3 port).
+    pub ops_addr: SocketAddr,
     dir: tempfile::TempDir,
 }
 
@@ -38,10 +40,10 @@ impl ProxyProcess {
         let dir = tempfile::Builder::new()
             .prefix("spotrun-bench-proxy")
             .tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let free = || -> anyhow::Result<SocketAddr> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+        };
+        let (addr, ops_addr) = (free()?, free()?);
         let store_toml = match store {
             ProxyStore::Disk => format!(
                 "kind = \"disk\"\npath = \"{}\"\n",
@@ -58,7 +60,7 @@ impl ProxyProcess {
             ),
         };
         let config = format!(
-            "listen = \"{addr}\"\nregion = \"us-east-1\"\nbuckets = [\"{BUCKET}\"]\nspool_dir = \"{spool}\"\n\
+            "listen = \"{addr}\"\nops_listen = \"{ops_addr}\"\nregion = \"us-east-1\"\nbuckets = [\"{BUCKET}\"]\nspool_dir = \"{spool}\"\n\
              [[access_keys]]\nid = \"{ACCESS_KEY}\"\nsecret = \"{SECRET_KEY}\"\n[store]\n{store_toml}\
              [gc]\ninterval_secs = 0\n",
             spool = dir.path().join("spool").display()
@@ -75,7 +77,12 @@ impl ProxyProcess {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        let mut this = Self { child, addr, dir };
+        let mut this = Self {
+            child,
+            addr,
+            ops_addr,
+            dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {

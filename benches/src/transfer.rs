@@ -292,7 +292,7 @@ pub async fn run(opts: &TransferOptions, proxy_bin: &Path) -> anyhow::Result<(Ve
 
 /// One counter from the proxy's `/metrics`.
 async fn scrape(http: &Http, proxy: &ProxyProcess, name: &str) -> Option<f64> {
-    let url = format!("http://{}/metrics", proxy.addr);
+    let url = format!("http://{}/metrics", proxy.ops_addr);
     let done = http
         .send("GET", &url, &[], full(Bytes::new()), 0)
         .await

@@ -10,6 +10,11 @@ use crate::sigv4;
 
 /// Longest chunk header or trailer line we accept; real ones are under 200 bytes.
 const MAX_LINE: usize = 4096;
+/// Most trailer lines we accept. SDKs send one checksum plus, when signed, `x-amz-trailer-signature`;
+/// without a cap, an endless trailer of `a:b` lines grew memory ~20x faster than it was sent (issue 16).
+pub const MAX_TRAILERS: usize = 8;
+/// Most trailer bytes (lines with their CRLF) we accept; a CRC64 checksum plus a signature is ~150.
+pub const MAX_TRAILER_BYTES: usize = 4096;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChunkedError {
@@ -19,6 +24,10 @@ pub enum ChunkedError {
     ChunkSignature,
     #[error("aws-chunked trailer signature is missing or does not match")]
     TrailerSignature,
+    #[error("aws-chunked body has more than {limit} trailer lines")]
+    TooManyTrailers { limit: usize },
+    #[error("aws-chunked trailers exceed {limit} bytes")]
+    TrailersTooLarge { limit: usize },
 }
 
 /// The signing context of a signed aws-chunked body (seed = the request's own signature).
@@ -60,6 +69,9 @@ pub struct AwsChunkedDecoder {
     chunk_sig: Option<String>,
     trailers: Vec<(String, String)>,
     trailer_sig: Option<String>,
+    /// Trailer lines and bytes (with CRLF) seen so far, signature line included.
+    trailer_lines: usize,
+    trailer_bytes: usize,
     decoded_len: u64,
 }
 
@@ -81,6 +93,8 @@ impl AwsChunkedDecoder {
             chunk_sig: None,
             trailers: Vec::new(),
             trailer_sig: None,
+            trailer_lines: 0,
+            trailer_bytes: 0,
             decoded_len: 0,
         }
     }
@@ -140,6 +154,7 @@ impl AwsChunkedDecoder {
                         self.state = State::Done;
                         continue;
                     }
+                    self.count_trailer_line(line.len())?;
                     let (name, value) = line.split_once(':').ok_or_else(|| {
                         ChunkedError::Malformed(format!("bad trailer line {line:?}"))
                     })?;
@@ -191,6 +206,23 @@ impl AwsChunkedDecoder {
             }
         }
         Ok(self.trailers)
+    }
+
+    /// Enforce [`MAX_TRAILERS`] and [`MAX_TRAILER_BYTES`] before a trailer line is kept.
+    fn count_trailer_line(&mut self, len: usize) -> Result<(), ChunkedError> {
+        self.trailer_lines += 1;
+        self.trailer_bytes += len + 2;
+        if self.trailer_lines > MAX_TRAILERS {
+            return Err(ChunkedError::TooManyTrailers {
+                limit: MAX_TRAILERS,
+            });
+        }
+        if self.trailer_bytes > MAX_TRAILER_BYTES {
+            return Err(ChunkedError::TrailersTooLarge {
+                limit: MAX_TRAILER_BYTES,
+            });
+        }
+        Ok(())
     }
 
     fn take_line(&mut self) -> Result<Option<String>, ChunkedError> {
@@ -279,6 +311,34 @@ mod tests {
                 vec![("x-amz-checksum-crc32".into(), "DUoRhQ==".into())]
             );
         }
+    }
+
+    /// Regression (issue 16): `a:b` trailer lines were kept without limit.
+    #[test]
+    fn trailer_flood_is_cut_at_the_line_limit() {
+        let mut dec = AwsChunkedDecoder::new(None, false);
+        let mut body = b"0\r\n".to_vec();
+        body.extend(b"a:b\r\n".repeat(MAX_TRAILERS));
+        decode_all(&mut dec, &body, 7).unwrap();
+        assert_eq!(
+            decode_all(&mut dec, b"a:b\r\n", 7),
+            Err(ChunkedError::TooManyTrailers {
+                limit: MAX_TRAILERS
+            })
+        );
+        let mut dec = AwsChunkedDecoder::new(None, false);
+        let long = format!("0\r\nx-amz-meta:{}\r\n", "v".repeat(MAX_LINE - 20));
+        decode_all(&mut dec, long.as_bytes(), 64).unwrap();
+        assert_eq!(
+            decode_all(&mut dec, &long.as_bytes()[3..], 64),
+            Err(ChunkedError::TrailersTooLarge {
+                limit: MAX_TRAILER_BYTES
+            })
+        );
+        assert_eq!(
+            ChunkedError::TooManyTrailers { limit: 8 }.to_string(),
+            "aws-chunked body has more than 8 trailer lines"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::bodyrate::MinRate;
 use crate::store::s3::{S3Auth, S3Settings};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,8 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<String>,
+    /// Address of the operations endpoints (`/metrics`, `/healthz`, `/readyz`); never the S3 port.
+    pub ops_listen: Option<String>,
     pub region: Option<String>,
     pub buckets: Option<Vec<String>>,
     pub spool_dir: Option<PathBuf>,
@@ -63,8 +66,9 @@ pub struct AccessKey {
 
 impl std::fmt::Debug for AccessKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Ids are shown only by their last characters, like in the request log.
         f.debug_struct("AccessKey")
-            .field("id", &self.id)
+            .field("id", &crate::sigv4::access_key_hint(&self.id))
             .field("bucket", &self.bucket)
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
@@ -144,6 +148,13 @@ pub struct HttpFile {
     pub max_connections: usize,
     /// Largest request head (request line + headers) in bytes; larger gets 431.
     pub max_header_bytes: usize,
+    /// Connections still sending a request head (not yet authenticated) may hold at most this many
+    /// of `max_connections`; beyond it the one waiting longest is closed. Default: a quarter.
+    pub max_connections_awaiting_headers: Option<usize>,
+    /// An upload body slower than this on average over `min_upload_rate_window_secs` gets 400
+    /// `RequestTimeout`; 0 = no minimum.
+    pub min_upload_bytes_per_sec: u64,
+    pub min_upload_rate_window_secs: u64,
 }
 
 impl Default for HttpFile {
@@ -154,6 +165,9 @@ impl Default for HttpFile {
             body_idle_timeout_secs: d.body_idle_timeout.as_secs(),
             max_connections: d.max_connections,
             max_header_bytes: d.max_header_bytes,
+            max_connections_awaiting_headers: None,
+            min_upload_bytes_per_sec: d.min_upload_rate.min_bytes_per_sec,
+            min_upload_rate_window_secs: d.min_upload_rate.window.as_secs(),
         }
     }
 }
@@ -165,6 +179,8 @@ pub struct HttpLimits {
     pub body_idle_timeout: Duration,
     pub max_connections: usize,
     pub max_header_bytes: usize,
+    pub max_connections_awaiting_headers: usize,
+    pub min_upload_rate: MinRate,
 }
 
 impl Default for HttpLimits {
@@ -174,6 +190,13 @@ impl Default for HttpLimits {
             body_idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
             max_header_bytes: 64 << 10,
+            max_connections_awaiting_headers: 256,
+            // Apache's mod_reqtimeout defaults to MinRate=500 bytes/s for bodies; a runner on a
+            // cluster network sends MB/s, so 1 KiB/s over 30 s only ever cuts a dribbling client.
+            min_upload_rate: MinRate {
+                min_bytes_per_sec: 1024,
+                window: Duration::from_secs(30),
+            },
         }
     }
 }
@@ -188,6 +211,7 @@ const MIN_HEADER_BYTES: usize = 8 << 10;
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub listen: Option<String>,
+    pub ops_listen: Option<String>,
     pub region: Option<String>,
     pub buckets: Option<Vec<String>>,
     pub store_dir: Option<PathBuf>,
@@ -206,6 +230,8 @@ pub enum StoreChoice {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz` (unauthenticated, so not on the S3 port: issue 16).
+    pub ops_listen: SocketAddr,
     pub region: String,
     pub buckets: Vec<String>,
     pub access_keys: Vec<AccessKey>,
@@ -294,9 +320,22 @@ pub fn resolve(
         .listen
         .or(file.listen)
         .unwrap_or_else(|| "0.0.0.0:9000".into());
-    let listen = listen_s
+    let listen: SocketAddr = listen_s
         .parse()
         .map_err(|e| invalid("listen", format!("{listen_s:?}: {e}")))?;
+    let ops_s = over
+        .ops_listen
+        .or(file.ops_listen)
+        .unwrap_or_else(|| "0.0.0.0:9090".into());
+    let ops_listen: SocketAddr = ops_s
+        .parse()
+        .map_err(|e| invalid("ops_listen", format!("{ops_s:?}: {e}")))?;
+    if ops_listen == listen && listen.port() != 0 {
+        return Err(invalid(
+            "ops_listen",
+            "must differ from `listen`: the S3 port serves no operations endpoints",
+        ));
+    }
     let region = over
         .region
         .or(file.region)
@@ -437,12 +476,28 @@ pub fn resolve(
             format!("must be at least {MIN_HEADER_BYTES}"),
         ));
     }
+    let max_awaiting = h
+        .max_connections_awaiting_headers
+        .unwrap_or((h.max_connections / 4).max(1));
+    if max_awaiting == 0 || max_awaiting > h.max_connections {
+        return Err(invalid(
+            "http.max_connections_awaiting_headers",
+            "must be between 1 and http.max_connections",
+        ));
+    }
+    if h.min_upload_bytes_per_sec > 0 && h.min_upload_rate_window_secs == 0 {
+        return Err(invalid(
+            "http.min_upload_rate_window_secs",
+            "must be at least 1 second while http.min_upload_bytes_per_sec is set",
+        ));
+    }
     let max_object_bytes = file.max_object_bytes.unwrap_or(DEFAULT_MAX_OBJECT_BYTES);
     if max_object_bytes == 0 {
         return Err(invalid("max_object_bytes", "must be positive"));
     }
     Ok(Settings {
         listen,
+        ops_listen,
         region,
         buckets,
         access_keys,
@@ -454,6 +509,11 @@ pub fn resolve(
             body_idle_timeout: Duration::from_secs(h.body_idle_timeout_secs),
             max_connections: h.max_connections,
             max_header_bytes: h.max_header_bytes,
+            max_connections_awaiting_headers: max_awaiting,
+            min_upload_rate: MinRate {
+                min_bytes_per_sec: h.min_upload_bytes_per_sec,
+                window: Duration::from_secs(h.min_upload_rate_window_secs),
+            },
         },
         gc_interval: (gc.interval_secs > 0).then(|| Duration::from_secs(gc.interval_secs)),
         gc_grace: Duration::from_secs(gc.grace_secs),
@@ -480,6 +540,7 @@ mod tests {
         assert_eq!(s.access_keys.len(), 2);
         assert!(matches!(s.store, StoreChoice::Disk(_)));
         assert_eq!(s.max_object_bytes, 20 << 30);
+        assert_eq!(s.ops_listen, "0.0.0.0:9090".parse().unwrap());
         assert_eq!(
             s.http,
             HttpLimits {
@@ -487,6 +548,11 @@ mod tests {
                 body_idle_timeout: Duration::from_secs(60),
                 max_connections: 1024,
                 max_header_bytes: 65536,
+                max_connections_awaiting_headers: 256,
+                min_upload_rate: MinRate {
+                    min_bytes_per_sec: 1024,
+                    window: Duration::from_secs(30),
+                },
             }
         );
     }
@@ -500,6 +566,29 @@ mod tests {
         let file = parse_file(&format!("{base}[http]\nmax_connections = 0\n")).unwrap();
         let err = resolve(file, Overrides::default(), &no_env).unwrap_err();
         assert!(err.to_string().contains("`http.max_connections`"), "{err}");
+        let file = parse_file(&format!(
+            "{base}[http]\nmax_connections = 8\nmax_connections_awaiting_headers = 9\n"
+        ))
+        .unwrap();
+        let err = resolve(file, Overrides::default(), &no_env).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`http.max_connections_awaiting_headers`"),
+            "{err}"
+        );
+        let file = parse_file(&format!("{base}[http]\nmax_connections = 8\n")).unwrap();
+        let s = resolve(file, Overrides::default(), &no_env).unwrap();
+        assert_eq!(s.http.max_connections_awaiting_headers, 2, "a quarter");
+        let file = parse_file(&format!("{base}[http]\nmin_upload_rate_window_secs = 0\n")).unwrap();
+        let err = resolve(file, Overrides::default(), &no_env).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`http.min_upload_rate_window_secs`"),
+            "{err}"
+        );
+        let file = parse_file(&format!("ops_listen = \"0.0.0.0:9000\"\n{base}")).unwrap();
+        let err = resolve(file, Overrides::default(), &no_env).unwrap_err();
+        assert!(err.to_string().contains("`ops_listen`"), "{err}");
         let s = resolve(parse_file(base).unwrap(), Overrides::default(), &no_env).unwrap();
         assert_eq!(s.max_object_bytes, DEFAULT_MAX_OBJECT_BYTES);
         assert_eq!(s.http, HttpLimits::default());

@@ -1,18 +1,25 @@
 //! The connection layer: accepts TCP connections under a limit and serves HTTP/1.1 on each, bounding
-//! what a slow, oversized or flooding client can cost (header read timeout, header size, write stalls).
+//! what a slow, oversized or flooding client can cost (header read timeout, header size, write stalls,
+//! and the share of slots held by connections that have not sent a request head yet).
 
+use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use axum::body::{Body, HttpBody};
+use bytes::Bytes;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpLimits;
 
@@ -20,15 +27,20 @@ use crate::config::HttpLimits;
 /// finish and return once every connection closed.
 ///
 /// Overflow policy: at `max_connections` we stop calling `accept`, so further clients wait in the
-/// kernel's backlog (and get refused once it is full) instead of costing memory here.
+/// kernel's backlog (and get refused once it is full) instead of costing memory here. Of those
+/// slots, at most `max_connections_awaiting_headers` may be waiting for a request head (a new
+/// connection, or a kept-alive one between requests); past that, the one that has waited longest
+/// is closed. A legitimate client sends its head within milliseconds, so the oldest waiter is a
+/// dribbler (issue 16: slow headers without a URL held every slot).
 pub async fn serve_connections(
     listener: TcpListener,
     app: axum::Router,
-    limits: &HttpLimits,
+    limits: HttpLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let max = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let permits = Arc::new(Semaphore::new(max as usize));
+    let waiters = Arc::new(HeadWaiters::new(limits.max_connections_awaiting_headers));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -50,7 +62,12 @@ pub async fn serve_connections(
         };
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(WriteStallTimeout::new(stream, limits.body_idle_timeout));
-        let svc = TowerToHyperService::new(app.clone());
+        let slot = Arc::new(ConnSlot::new(waiters.clone()));
+        slot.await_head();
+        let svc = TrackHeads {
+            inner: TowerToHyperService::new(app.clone()),
+            slot: slot.clone(),
+        };
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -67,11 +84,15 @@ pub async fn serve_connections(
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 }
+                () = slot.evict.cancelled() => {
+                    tracing::debug!("closed a connection that waited longest for a request head");
+                }
                 () = async { drop(stop.wait_for(|s| *s).await) } => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
             }
+            slot.head_arrived();
         });
     }
     drop(listener);
@@ -79,6 +100,147 @@ pub async fn serve_connections(
     // Every connection holds a permit until it is done.
     let _ = permits.acquire_many(max).await;
     Ok(())
+}
+
+/// Connections waiting for a request head, oldest first, at most `cap` of them.
+#[derive(Debug)]
+struct HeadWaiters {
+    cap: usize,
+    /// Ticket (increasing, so the first is the oldest) → how to close that connection.
+    waiting: Mutex<(u64, BTreeMap<u64, CancellationToken>)>,
+}
+
+impl HeadWaiters {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            waiting: Mutex::new((0, BTreeMap::new())),
+        }
+    }
+
+    /// Add a waiter; closes the oldest ones while over `cap`. Returns its ticket.
+    fn enter(&self, evict: &CancellationToken) -> u64 {
+        let mut guard = self.waiting.lock().expect("head waiters lock");
+        let (next, waiting) = &mut *guard;
+        let ticket = *next;
+        *next += 1;
+        waiting.insert(ticket, evict.clone());
+        while waiting.len() > self.cap {
+            if let Some((_, oldest)) = waiting.pop_first() {
+                oldest.cancel();
+            }
+        }
+        ticket
+    }
+
+    fn leave(&self, ticket: u64) {
+        self.waiting
+            .lock()
+            .expect("head waiters lock")
+            .1
+            .remove(&ticket);
+    }
+}
+
+/// One connection's place among the head waiters.
+#[derive(Debug)]
+struct ConnSlot {
+    waiters: Arc<HeadWaiters>,
+    ticket: Mutex<Option<u64>>,
+    evict: CancellationToken,
+}
+
+impl ConnSlot {
+    fn new(waiters: Arc<HeadWaiters>) -> Self {
+        Self {
+            waiters,
+            ticket: Mutex::new(None),
+            evict: CancellationToken::new(),
+        }
+    }
+
+    /// The connection now waits for a request head (new, or done with its last response).
+    fn await_head(&self) {
+        let mut t = self.ticket.lock().expect("slot lock");
+        if t.is_none() {
+            *t = Some(self.waiters.enter(&self.evict));
+        }
+    }
+
+    /// A request head arrived (or the connection ended).
+    fn head_arrived(&self) {
+        if let Some(ticket) = self.ticket.lock().expect("slot lock").take() {
+            self.waiters.leave(ticket);
+        }
+    }
+}
+
+/// The app as a hyper service that tells the connection's [`ConnSlot`] when a request head arrived
+/// and when its response is done (the connection then waits for the next head).
+struct TrackHeads<S> {
+    inner: S,
+    slot: Arc<ConnSlot>,
+}
+
+impl<S, F> hyper::service::Service<hyper::Request<Incoming>> for TrackHeads<S>
+where
+    S: hyper::service::Service<
+            hyper::Request<Incoming>,
+            Response = hyper::Response<Body>,
+            Error = Infallible,
+            Future = F,
+        >,
+    F: Future<Output = Result<hyper::Response<Body>, Infallible>> + Send + 'static,
+{
+    type Response = hyper::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
+        self.slot.head_arrived();
+        let fut = self.inner.call(req);
+        let done = ResponseDone(Some(self.slot.clone()));
+        Box::pin(async move {
+            let resp = fut.await?;
+            Ok(resp.map(|inner| Body::new(TrackedBody { inner, _done: done })))
+        })
+    }
+}
+
+/// Marks the connection as waiting for its next head when dropped (response sent, or abandoned).
+struct ResponseDone(Option<Arc<ConnSlot>>);
+
+impl Drop for ResponseDone {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            slot.await_head();
+        }
+    }
+}
+
+struct TrackedBody {
+    inner: Body,
+    _done: ResponseDone,
+}
+
+impl HttpBody for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A TCP stream whose writes fail with `TimedOut` after making no progress for `limit`: a client that

@@ -1,11 +1,13 @@
 //! spotrun cache proxy: an S3-compatible endpoint for gitlab-runner's cache that stores bodies deduplicated.
 
 pub mod auth;
+pub mod bodyrate;
 pub mod chunked;
 pub mod config;
 pub mod conn;
 pub mod dedup;
 pub mod metrics;
+pub mod ops;
 pub mod s3error;
 pub mod server;
 pub mod sigv4;
@@ -73,12 +75,24 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Serve on `listener` until `shutdown` resolves, then finish in-flight requests.
+/// The sockets `serve` answers on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// S3 requests, from job pods and the runner manager.
+    pub s3: tokio::net::TcpListener,
+    /// `/metrics`, `/healthz`, `/readyz`, for kubelet and Prometheus only.
+    pub ops: tokio::net::TcpListener,
+}
+
+/// Connections the operations listener serves at once (probes and scrapes; a few per replica).
+const OPS_MAX_CONNECTIONS: usize = 64;
+
+/// Serve on `listeners` until `shutdown` resolves, then finish in-flight requests.
 pub async fn serve(
     settings: Settings,
     dedup: Arc<DedupStore>,
     metrics: Arc<Metrics>,
-    listener: tokio::net::TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     // Other replicas' new packs become dedup candidates here within a refresh interval.
@@ -112,8 +126,31 @@ pub async fn serve(
         }))
     });
     let limits = settings.http.clone();
+    let ops_limits = config::HttpLimits {
+        max_connections: OPS_MAX_CONNECTIONS,
+        max_connections_awaiting_headers: OPS_MAX_CONNECTIONS / 4,
+        ..limits.clone()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let ops_app = ops::router(
+        metrics.clone(),
+        ops::Readiness::of_backend(dedup.clone(), ops::READY_TTL),
+    );
+    let ops = tokio::spawn(conn::serve_connections(
+        listeners.ops,
+        ops_app,
+        ops_limits,
+        stopped(stop_rx.clone()),
+    ));
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
     let app = server::router(server::AppState::new(settings, dedup, metrics));
-    conn::serve_connections(listener, app, &limits, shutdown)
-        .await
-        .map_err(RunError::Serve)
+    let s3 = conn::serve_connections(listeners.s3, app, limits, stopped(stop_rx)).await;
+    let ops = ops.await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    s3.and(ops).map_err(RunError::Serve)
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use spotrun_cache_proxy::config::{self, FileConfig, Overrides};
 use spotrun_cache_proxy::metrics::Metrics;
-use spotrun_cache_proxy::{RunError, gc_options, open_dedup, serve};
+use spotrun_cache_proxy::{Listeners, RunError, gc_options, open_dedup, serve};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,6 +22,9 @@ struct Cli {
     /// Listen address, e.g. 0.0.0.0:9000.
     #[arg(long, env = "SPOTRUN_CACHE_LISTEN", global = true)]
     listen: Option<String>,
+    /// Address of /metrics, /healthz and /readyz (default 0.0.0.0:9090; never the S3 port).
+    #[arg(long, env = "SPOTRUN_CACHE_OPS_LISTEN", global = true)]
+    ops_listen: Option<String>,
     /// Use a local-disk store in DIR (overrides [store]).
     #[arg(long, env = "SPOTRUN_CACHE_STORE", global = true, value_name = "DIR")]
     store: Option<PathBuf>,
@@ -97,6 +100,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let over = Overrides {
         listen: cli.listen,
+        ops_listen: cli.ops_listen,
         region: cli.region,
         buckets: (!cli.buckets.is_empty()).then_some(cli.buckets),
         store_dir: cli.store,
@@ -109,14 +113,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let dedup = open_dedup(&settings, metrics.clone()).await?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            let listener = tokio::net::TcpListener::bind(settings.listen)
-                .await
-                .map_err(|source| RunError::Listen {
-                    addr: settings.listen,
-                    source,
-                })?;
-            tracing::info!(addr = %settings.listen, store = ?settings.store, "serving");
-            serve(settings, dedup, metrics, listener, shutdown_signal()).await?;
+            let bind = |addr| async move {
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RunError::Listen { addr, source })
+            };
+            let listeners = Listeners {
+                s3: bind(settings.listen).await?,
+                ops: bind(settings.ops_listen).await?,
+            };
+            tracing::info!(addr = %settings.listen, ops_addr = %settings.ops_listen, store = ?settings.store, "serving");
+            serve(settings, dedup, metrics, listeners, shutdown_signal()).await?;
         }
         Command::Gc => {
             let report = dedup.gc(&gc_options(&settings)).await?;

@@ -1,4 +1,5 @@
-//! The HTTP front: S3 GET/HEAD/PUT on `/<bucket>/<key>`, plus `/metrics`, `/healthz` and `/readyz`.
+//! The HTTP front: S3 GET/HEAD/PUT on `/<bucket>/<key>`. Every path is an S3 path here; the
+//! operations endpoints live on their own listener (`ops`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,19 +10,20 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use bytes::Bytes;
 use futures::StreamExt;
 use md5::Md5;
 use sha2::{Digest, Sha256};
 
 use crate::auth::{self, PayloadMode, RequestParts};
+use crate::bodyrate::{BodyRateError, MinRateStream};
 use crate::chunked::AwsChunkedDecoder;
 use crate::config::Settings;
 use crate::dedup::manifest::Manifest;
 use crate::dedup::{DedupError, DedupStore, NewObject};
 use crate::metrics::Metrics;
 use crate::s3error::S3Error;
+pub use crate::sigv4::access_key_hint;
 use crate::sigv4::{self, AuthError};
 use crate::store::StoreError;
 
@@ -52,29 +54,7 @@ impl AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .fallback(s3)
-        .with_state(state)
-}
-
-async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(),
-    )
-}
-
-async fn readyz(State(st): State<Arc<AppState>>) -> Response {
-    match st.dedup.blob().ping().await {
-        Ok(()) => "ready\n".into_response(),
-        Err(e) => {
-            tracing::warn!(error = %e, "backend not reachable");
-            (StatusCode::SERVICE_UNAVAILABLE, "backend unavailable\n").into_response()
-        }
-    }
+    Router::new().fallback(s3).with_state(state)
 }
 
 fn request_id() -> String {
@@ -113,25 +93,6 @@ async fn s3(State(st): State<Arc<AppState>>, req: Request) -> Response {
 }
 
 type Handled = Result<(Response, Option<String>), S3Error>;
-
-/// `…` plus the last four characters of an access key id: enough to tell configured keys apart in
-/// logs without writing the id itself there.
-#[must_use]
-pub fn access_key_hint(id: &str) -> String {
-    let tail: String = id
-        .chars()
-        .rev()
-        .take(4)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    if id.chars().count() <= 4 {
-        "…".to_owned()
-    } else {
-        format!("…{tail}")
-    }
-}
 
 /// Headers that must appear at most once: with two, the signed value and the used value could differ.
 const SINGLETON_HEADERS: &[&str] = &[
@@ -338,7 +299,10 @@ async fn handle(st: &AppState, req: Request) -> (&'static str, Handled) {
             )
             .await
         }
-        "PutObject" => put_object(st, bucket, key, &parts.headers, authd.payload, body).await,
+        "PutObject" => match check_body_framing(&parts.headers, &authd.payload) {
+            Ok(()) => put_object(st, bucket, key, &parts.headers, authd.payload, body).await,
+            Err(e) => Err(e),
+        },
         "GetBucketLocation" => Ok(location(&st.settings.region)),
         "HeadBucket" => Ok(StatusCode::OK.into_response()),
         _ => Err(S3Error::not_implemented(&format!(
@@ -532,15 +496,13 @@ async fn put_object(
     use base64::Engine as _;
     let decoded_len: Option<u64> =
         header_str(headers, "x-amz-decoded-content-length").and_then(|v| v.parse().ok());
-    let is_chunked = matches!(payload, PayloadMode::Chunked { .. })
-        || header_str(headers, "content-encoding")
-            .is_some_and(|v| v.split(',').any(|p| p.trim() == "aws-chunked"));
+    // aws-chunked framing only where the signed payload hash declares it (`check_body_framing`
+    // refused `Content-Encoding: aws-chunked` on anything else).
     let mut decoder = match &payload {
         PayloadMode::Chunked {
             signer,
             signed_trailer,
         } => Some(AwsChunkedDecoder::new(signer.clone(), *signed_trailer)),
-        _ if is_chunked => Some(AwsChunkedDecoder::new(None, false)),
         _ => None,
     };
     if decoder.is_some() && decoded_len.is_none() {
@@ -574,7 +536,7 @@ async fn put_object(
     let mut sha = matches!(payload, PayloadMode::Sha256(_)).then(Sha256::new);
     let mut crc = crc32fast::Hasher::new();
     let mut size = 0u64;
-    let mut stream = body.into_data_stream();
+    let mut stream = MinRateStream::new(body.into_data_stream(), st.settings.http.min_upload_rate);
     let idle = st.settings.http.body_idle_timeout;
     // A body that stops arriving is cut after `idle`, so a slow client holds a connection for bounded time.
     while let Some(frame) = tokio::time::timeout(idle, stream.next())
@@ -587,10 +549,7 @@ async fn put_object(
             )
         })?
     {
-        let frame = frame.map_err(|e| {
-            tracing::info!(error = %e, "upload body ended early");
-            S3Error::bad_request("IncompleteBody", "You did not provide the number of bytes specified by the Content-Length HTTP header")
-        })?;
+        let frame = frame.map_err(|e| body_read_error(&e))?;
         let data: Bytes = if let Some(dec) = decoder.as_mut() {
             let mut decoded = Vec::new();
             dec.feed(&frame, &mut |d| decoded.extend_from_slice(d))
@@ -686,6 +645,45 @@ async fn put_object(
     Ok(resp)
 }
 
+/// A request body that failed while being read: too slow (S3's `RequestTimeout`), or cut short.
+fn body_read_error(e: &BodyRateError<axum::Error>) -> S3Error {
+    match e {
+        BodyRateError::TooSlow { .. } => {
+            tracing::info!(error = %e, "upload body too slow");
+            S3Error::bad_request(
+                "RequestTimeout",
+                "Your socket connection to the server was not read from or written to within the timeout period.",
+            )
+        }
+        BodyRateError::Body(e) => {
+            tracing::info!(error = %e, "upload body ended early");
+            S3Error::bad_request(
+                "IncompleteBody",
+                "You did not provide the number of bytes specified by the Content-Length HTTP header",
+            )
+        }
+    }
+}
+
+/// aws-chunked framing is decoded only when the signed payload hash announces it (`STREAMING-*`).
+/// A presigned URL signs `UNSIGNED-PAYLOAD`: decoding its body as aws-chunked would let anyone with
+/// a URL pick the framing, trailers included (issue 16: a trailer flood on a presigned PUT).
+fn check_body_framing(headers: &HeaderMap, payload: &PayloadMode) -> Result<(), S3Error> {
+    let aws_chunked = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("aws-chunked"));
+    if aws_chunked && !matches!(payload, PayloadMode::Chunked { .. }) {
+        return Err(S3Error::bad_request(
+            "InvalidArgument",
+            "Content-Encoding aws-chunked needs a signed x-amz-content-sha256 of STREAMING-*; this request's payload hash (UNSIGNED-PAYLOAD or a SHA-256, as on presigned URLs) does not announce aws-chunked framing",
+        ));
+    }
+    Ok(())
+}
+
 fn chunked_error(e: &crate::chunked::ChunkedError) -> S3Error {
     use crate::chunked::ChunkedError;
     match e {
@@ -695,6 +693,9 @@ fn chunked_error(e: &crate::chunked::ChunkedError) -> S3Error {
             "SignatureDoesNotMatch",
             e.to_string(),
         ),
+        ChunkedError::TooManyTrailers { .. } | ChunkedError::TrailersTooLarge { .. } => {
+            S3Error::bad_request("MalformedTrailerError", e.to_string())
+        }
     }
 }
 

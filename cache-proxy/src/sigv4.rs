@@ -27,7 +27,8 @@ pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934c
 pub enum AuthError {
     #[error("{0}")]
     Malformed(String),
-    #[error("the access key id {0:?} is not known")]
+    /// Displays only the id's last characters: this error is logged, and ids stay out of logs.
+    #[error("the access key id {} is not known", access_key_hint(.0))]
     UnknownAccessKey(String),
     #[error("Request has expired")]
     Expired,
@@ -47,6 +48,18 @@ pub enum AuthError {
     Anonymous,
 }
 
+/// `…` plus the last four characters of an access key id: enough to tell configured keys apart in
+/// logs without writing the id itself there (ids of four characters or fewer show as `…` alone).
+#[must_use]
+pub fn access_key_hint(id: &str) -> String {
+    let n = id.chars().count();
+    if n <= 4 {
+        return "…".to_owned();
+    }
+    let tail: String = id.chars().skip(n - 4).collect();
+    format!("…{tail}")
+}
+
 /// Parsed `<AK>/<yyyymmdd>/<region>/s3/aws4_request`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credential {
@@ -60,7 +73,11 @@ impl Credential {
     pub fn parse(s: &str) -> Result<Self, AuthError> {
         let parts: Vec<&str> = s.split('/').collect();
         if parts.len() != 5 || parts[4] != "aws4_request" || parts[1].len() != 8 {
-            return Err(AuthError::Malformed(format!("malformed credential {s:?}")));
+            // The value is not echoed: it starts with an access key id, and this message is logged.
+            return Err(AuthError::Malformed(
+                "malformed credential: expected <access key id>/<yyyymmdd>/<region>/s3/aws4_request"
+                    .into(),
+            ));
         }
         Ok(Self {
             access_key: parts[0].to_owned(),
@@ -107,9 +124,8 @@ pub fn percent_decode(input: &str) -> Result<Vec<u8>, AuthError> {
                 .get(i + 1..i + 3)
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| {
-                    AuthError::Malformed(format!("bad percent-encoding in {input:?}"))
-                })?;
+                // The position, not the input: a query value can be a credential or a token.
+                .ok_or_else(|| AuthError::Malformed(format!("bad percent-encoding at byte {i}")))?;
             out.push(hex);
             i += 3;
         } else {
@@ -373,6 +389,23 @@ impl AuthHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (issue 16): a failed authentication logged the whole access key id.
+    #[test]
+    fn auth_errors_show_no_access_key_id() {
+        let id = "AKIAIOSFODNN7EXAMPLE";
+        let shown = AuthError::UnknownAccessKey(id.into()).to_string();
+        assert_eq!(shown, "the access key id …MPLE is not known");
+        let shown = Credential::parse(&format!("{id}/20130524/us-east-1/s3"))
+            .unwrap_err()
+            .to_string();
+        assert!(!shown.contains("AKIA"), "{shown}");
+        let shown = percent_decode(&format!("{id}%2")).unwrap_err().to_string();
+        assert!(!shown.contains("AKIA"), "{shown}");
+        assert_eq!(access_key_hint("runner-key"), "…-key");
+        assert_eq!(access_key_hint("abcd"), "…");
+        assert_eq!(access_key_hint("ключ-доступа"), "…тупа");
+    }
 
     #[test]
     fn amz_date_with_multibyte_characters_is_malformed_not_a_panic() {

@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -77,11 +78,15 @@ pub struct IngestStats {
 pub struct Ingest {
     tx: Option<mpsc::Sender<Bytes>>,
     task: Option<tokio::task::JoinHandle<Result<Staged, DedupError>>>,
+    /// Set when the ingest is dropped unfinished: its threads stop at their next step (dropping
+    /// their spool files) instead of chunking what was queued.
+    cancelled: Arc<AtomicBool>,
 }
 
 impl Drop for Ingest {
     fn drop(&mut self) {
         if let Some(t) = &self.task {
+            self.cancelled.store(true, Ordering::Relaxed);
             t.abort();
         }
     }
@@ -143,6 +148,7 @@ struct HashJob {
     condemned: Arc<HashSet<String>>,
     spool_dir: PathBuf,
     inflight: Inflight,
+    cancelled: Arc<AtomicBool>,
 }
 
 struct HashOutcome {
@@ -160,11 +166,13 @@ impl DedupStore {
     pub async fn begin_ingest(self: &Arc<Self>) -> Result<Ingest, DedupError> {
         let condemned = self.condemned_packs().await?;
         let (tx, body_rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
+        let cancelled = Arc::new(AtomicBool::new(false));
         let job = HashJob {
             index: self.index.clone(),
             condemned,
             spool_dir: self.spool_dir.clone(),
             inflight: self.inflight.clone(),
+            cancelled: cancelled.clone(),
         };
         let task = tokio::spawn(run_pipeline(
             body_rx,
@@ -176,6 +184,7 @@ impl DedupStore {
         Ok(Ingest {
             tx: Some(tx),
             task: Some(task),
+            cancelled,
         })
     }
 }
@@ -203,7 +212,9 @@ async fn run_pipeline(
     let (piece_tx, piece_rx) = std::sync::mpsc::sync_channel::<Piece>(PIECE_QUEUE);
     let (pack_tx, pack_rx) = mpsc::channel::<FinishedPack>(1);
     let index = job.index.clone();
-    let boundary = tokio::task::spawn_blocking(move || boundary_loop(body_rx, &piece_tx));
+    let cancelled = job.cancelled.clone();
+    let boundary =
+        tokio::task::spawn_blocking(move || boundary_loop(body_rx, &piece_tx, &cancelled));
     let hash_thread = tokio::task::spawn_blocking(move || hash_loop(&piece_rx, &pack_tx, &job));
     let uploaded = upload_loop(pack_rx, blob, global, index, metrics).await;
     let boundary = boundary
@@ -239,6 +250,7 @@ async fn run_pipeline(
 fn boundary_loop(
     mut body_rx: mpsc::Receiver<Bytes>,
     piece_tx: &std::sync::mpsc::SyncSender<Piece>,
+    cancelled: &AtomicBool,
 ) -> Result<(), DedupError> {
     let closed = |_| DedupError::Pipeline("hash thread stopped");
     let mut scanner = ZipScanner::new();
@@ -246,7 +258,13 @@ fn boundary_loop(
     let mut send = |p: Piece| piece_tx.send(p).map_err(closed);
     let mut emit = |kind, bytes: &[u8]| chunker.push(kind, bytes, &mut send);
     while let Some(data) = body_rx.blocking_recv() {
+        if cancelled.load(Ordering::Relaxed) {
+            return Err(DedupError::Pipeline("ingest cancelled"));
+        }
         scanner.feed(&data, &mut emit)?;
+    }
+    if cancelled.load(Ordering::Relaxed) {
+        return Err(DedupError::Pipeline("ingest cancelled"));
     }
     scanner.finish(&mut emit)?;
     chunker.finish(&mut send)
@@ -277,6 +295,9 @@ fn hash_loop(
     };
     let usable = |loc: &Loc| !job.condemned.contains(&*loc.pack) && !job.index.is_dead(&loc.pack);
     while let Ok(piece) = piece_rx.recv() {
+        if job.cancelled.load(Ordering::Relaxed) {
+            return Err(DedupError::Pipeline("ingest cancelled"));
+        }
         let chunk = match piece {
             Piece::Inline(b) => {
                 seg.inline(&b)?;

@@ -49,6 +49,8 @@ pub enum Backend {
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The operations listener (`/metrics`, `/healthz`, `/readyz`).
+    pub ops_addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub peer: Option<S3Peer>,
     pub faults: Option<FaultProxy>,
@@ -98,6 +100,7 @@ impl Proxy {
         };
         let mut settings = Settings {
             listen: "127.0.0.1:0".parse().unwrap(),
+            ops_listen: "127.0.0.1:0".parse().unwrap(),
             region: "us-east-1".into(),
             buckets: vec![BUCKET.into()],
             access_keys: vec![
@@ -128,12 +131,16 @@ impl Proxy {
         let dedup = spotrun_cache_proxy::open_dedup(&settings, metrics.clone())
             .await
             .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listeners = spotrun_cache_proxy::Listeners {
+            s3: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            ops: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let addr = listeners.s3.local_addr().unwrap();
+        let ops_addr = listeners.ops.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let serve_metrics = metrics.clone();
         let task = tokio::spawn(async move {
-            spotrun_cache_proxy::serve(settings, dedup, serve_metrics, listener, async {
+            spotrun_cache_proxy::serve(settings, dedup, serve_metrics, listeners, async {
                 let _ = rx.await;
             })
             .await
@@ -141,6 +148,7 @@ impl Proxy {
         });
         Self {
             addr,
+            ops_addr,
             dir,
             peer,
             faults,
@@ -313,6 +321,19 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
 }
 
+/// `(name, value)` pairs as the `&str` pairs [`raw`] takes.
+pub fn str_pairs(h: &[(String, String)]) -> Vec<(&str, &str)> {
+    h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// A loopback address with a port that was free a moment ago, for a child process to listen on.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// Split a presigned URL into the request target (path + query).
 pub fn target_of(url: &str) -> String {
     let after_scheme = url.split_once("://").map_or(url, |(_, r)| r);
@@ -397,4 +418,65 @@ pub fn noise(n: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(n);
     out
+}
+
+/// Headers that sign `method /BUCKET/key` with a `SigV4` `Authorization` header and the payload hash
+/// `content_sha` (e.g. `STREAMING-UNSIGNED-PAYLOAD-TRAILER`, as aws-sdk-s3 sends file bodies over
+/// http), signing `extra` too; for raw requests whose framing a test controls.
+pub fn header_auth(
+    addr: SocketAddr,
+    method: &str,
+    key: &str,
+    content_sha: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    use spotrun_cache_proxy::sigv4::{self, CanonicalInput, Credential};
+    let amz_date = aws_sdk_s3::primitives::DateTime::from(std::time::SystemTime::now())
+        .fmt(aws_sdk_s3::primitives::DateTimeFormat::DateTime)
+        .unwrap()
+        .replace(['-', ':'], "");
+    let amz_date = format!("{}Z", &amz_date[..15]);
+    let mut headers: Vec<(String, String)> = vec![
+        ("host".into(), addr.to_string()),
+        ("x-amz-content-sha256".into(), content_sha.into()),
+        ("x-amz-date".into(), amz_date.clone()),
+    ];
+    headers.extend(
+        extra
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned())),
+    );
+    headers.sort();
+    let cred = Credential::parse(&format!(
+        "{AK}/{}/us-east-1/s3/aws4_request",
+        &amz_date[..8]
+    ))
+    .unwrap();
+    let path = format!("/{BUCKET}/{key}");
+    let canonical = sigv4::canonical_request(&CanonicalInput {
+        method,
+        path: path.as_bytes(),
+        query: &[],
+        headers: headers.clone(),
+        payload_hash: content_sha,
+    });
+    let signature = sigv4::sign(
+        &sigv4::signing_key(SK, &cred),
+        &sigv4::string_to_sign(
+            "AWS4-HMAC-SHA256",
+            &amz_date,
+            &cred.scope(),
+            &sigv4::sha256_hex(canonical.as_bytes()),
+        ),
+    );
+    let signed: Vec<&str> = headers.iter().map(|(k, _)| k.as_str()).collect();
+    headers.push((
+        "authorization".into(),
+        format!(
+            "AWS4-HMAC-SHA256 Credential={AK}/{}, SignedHeaders={}, Signature={signature}",
+            cred.scope(),
+            signed.join(";")
+        ),
+    ));
+    headers
 }

@@ -204,18 +204,20 @@ async fn suite(backend: Backend) {
         Some("SignatureDoesNotMatch")
     );
 
-    // Metrics and health endpoints.
-    let m = raw(proxy.addr, "GET", "/metrics", &[], b"").await;
+    // Metrics and health endpoints, on the operations listener.
+    let m = raw(proxy.ops_addr, "GET", "/metrics", &[], b"").await;
     assert!(
         String::from_utf8_lossy(&m.body)
             .contains("spotrun_cache_requests_total{op=\"PutObject\",status=\"200\"}")
     );
     assert_eq!(
-        raw(proxy.addr, "GET", "/readyz", &[], b"").await.status,
+        raw(proxy.ops_addr, "GET", "/readyz", &[], b"").await.status,
         200
     );
     assert_eq!(
-        raw(proxy.addr, "GET", "/healthz", &[], b"").await.status,
+        raw(proxy.ops_addr, "GET", "/healthz", &[], b"")
+            .await
+            .status,
         200
     );
     proxy.stop().await;

@@ -14,13 +14,13 @@ use rand::{Rng, SeedableRng};
 use spotrun_cache_proxy::dedup::manifest::{Manifest, Segment};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::{AK, BUCKET, SK, noise, parse_response, sha256, target_of};
+use crate::common::{AK, BUCKET, SK, free_addr, noise, parse_response, sha256, target_of};
 
 const BIN: &str = env!("CARGO_BIN_EXE_spotrun-cache-proxy");
 
 struct Server {
     child: Option<Child>,
-    addr: SocketAddr,
+    ops_addr: SocketAddr,
     config: PathBuf,
     store: PathBuf,
 }
@@ -50,7 +50,7 @@ impl Server {
         // a restart after SIGKILL may first recover its store.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while tokio::time::Instant::now() < deadline {
-            if let Ok(Some(r)) = try_raw(self.addr, "GET", "/healthz", &[]).await
+            if let Ok(Some(r)) = try_raw(self.ops_addr, "GET", "/healthz", &[]).await
                 && r.status == 200
             {
                 return;
@@ -217,23 +217,18 @@ fn age_files(dir: &Path, age: Duration) {
 async fn sigkill_during_uploads_never_leaves_a_torn_object() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("proxy.toml");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let (addr, ops_addr) = (free_addr(), free_addr());
     std::fs::write(
         &config,
         format!(
-            "listen = \"{addr}\"\nbuckets = [\"{BUCKET}\"]\n[[access_keys]]\nid = \"{AK}\"\nsecret = \"{SK}\"\n[gc]\ninterval_secs = 0\n"
+            "listen = \"{addr}\"\nops_listen = \"{ops_addr}\"\nbuckets = [\"{BUCKET}\"]\n[[access_keys]]\nid = \"{AK}\"\nsecret = \"{SK}\"\n[gc]\ninterval_secs = 0\n"
         ),
     )
     .unwrap();
     let store = dir.path().join("store");
     let mut server = Server {
         child: None,
-        addr,
+        ops_addr,
         config,
         store: store.clone(),
     };

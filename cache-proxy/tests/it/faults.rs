@@ -6,7 +6,8 @@ use aws_sdk_s3::primitives::ByteStream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{
-    BUCKET, Backend, Proxy, get_body, noise, parse_response, presign, raw, sha256,
+    BUCKET, Backend, Proxy, get_body, header_auth, noise, parse_response, presign, raw, sha256,
+    str_pairs,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,15 +50,26 @@ async fn disconnect_and_length_mismatch_keep_the_previous_version() {
     );
 
     // aws-chunked body whose decoded length disagrees with x-amz-decoded-content-length.
+    // (Header-signed: only a STREAMING-* payload hash may announce aws-chunked framing.)
     let chunked = b"5\r\nhello\r\n0\r\n\r\n";
+    let streaming = |decoded_len: &'static str| {
+        header_auth(
+            proxy.addr,
+            "PUT",
+            key,
+            "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+            &[
+                ("content-encoding", "aws-chunked"),
+                ("x-amz-decoded-content-length", decoded_len),
+            ],
+        )
+    };
+    let target = format!("/{BUCKET}/{key}");
     let r = raw(
         proxy.addr,
         "PUT",
-        &put,
-        &[
-            ("Content-Encoding", "aws-chunked"),
-            ("x-amz-decoded-content-length", "9"),
-        ],
+        &target,
+        &str_pairs(&streaming("9")),
         chunked,
     )
     .await;
@@ -66,11 +78,8 @@ async fn disconnect_and_length_mismatch_keep_the_previous_version() {
     let r = raw(
         proxy.addr,
         "PUT",
-        &put,
-        &[
-            ("Content-Encoding", "aws-chunked"),
-            ("x-amz-decoded-content-length", "5"),
-        ],
+        &target,
+        &str_pairs(&streaming("5")),
         b"5\r\nhel",
     )
     .await;
@@ -86,11 +95,18 @@ async fn disconnect_and_length_mismatch_keep_the_previous_version() {
     .await;
     assert_eq!((r.status, r.error_code().as_str()), (400, "BadDigest"));
     assert_eq!(sha256(&get_body(&proxy, key).await), sha256(&v1));
-    // Nothing half-written is left in the spool.
-    let spool: Vec<_> = std::fs::read_dir(proxy.dir.path().join("spool"))
-        .unwrap()
-        .filter(|e| e.as_ref().map_or(true, |e| e.file_name() != "index"))
-        .collect();
+    // Nothing half-written is left in the spool once the refused uploads' pipelines wound down.
+    let left = || -> Vec<_> {
+        std::fs::read_dir(proxy.dir.path().join("spool"))
+            .unwrap()
+            .filter(|e| e.as_ref().map_or(true, |e| e.file_name() != "index"))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !left().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let spool = left();
     assert!(spool.is_empty(), "spool files left behind: {spool:?}");
 }
 
@@ -196,7 +212,7 @@ async fn backend_down_gives_slow_down_and_nothing_half_written() {
     let r = raw(proxy.addr, "GET", &get, &[], b"").await;
     assert_eq!((r.status, r.error_code().as_str()), (503, "SlowDown"));
     assert_eq!(
-        raw(proxy.addr, "GET", "/readyz", &[], b"").await.status,
+        raw(proxy.ops_addr, "GET", "/readyz", &[], b"").await.status,
         503
     );
 

@@ -7,10 +7,15 @@ use aws_sdk_s3::primitives::ByteStream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{BUCKET, Backend, Proxy, noise, parse_response, presign, raw, sha256};
+use spotrun_cache_proxy::bodyrate::MinRate;
+use spotrun_cache_proxy::chunked::MAX_TRAILERS;
+
+use crate::common::{
+    BUCKET, Backend, Proxy, header_auth, noise, parse_response, presign, raw, sha256, str_pairs,
+};
 
 /// Read until EOF, a reset, or `limit` passes (then panic): what the server sent before closing.
-async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Vec<u8> {
+async fn read_until_closed(s: &mut (impl AsyncReadExt + Unpin), limit: Duration) -> Vec<u8> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     tokio::time::timeout(limit, async {
@@ -26,13 +31,26 @@ async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Vec<u8> {
     buf
 }
 
-fn spool_is_empty(proxy: &Proxy) -> bool {
-    // The local chunk index (`index/`) is not spool.
-    std::fs::read_dir(proxy.dir.path().join("spool")).map_or(true, |d| {
-        d.filter(|e| e.as_ref().map_or(true, |e| e.file_name() != "index"))
-            .count()
-            == 0
-    })
+/// The spool holds nothing of a refused upload once its pipeline has wound down (its threads drop
+/// their temporary files within moments of the refusal; bounded wait).
+async fn spool_is_empty(proxy: &Proxy) -> bool {
+    let spool = proxy.dir.path().join("spool");
+    let empty = || {
+        // The local chunk index (`index/`) is not spool.
+        std::fs::read_dir(&spool).map_or(true, |d| {
+            d.filter(|e| e.as_ref().map_or(true, |e| e.file_name() != "index"))
+                .count()
+                == 0
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !empty() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +122,7 @@ async fn stalled_upload_body_gets_request_timeout_and_keeps_the_old_version() {
     assert_eq!((r.status, r.error_code().as_str()), (400, "RequestTimeout"));
     let (get, _) = presign(&proxy.client(), "GET", key, None).await;
     assert_eq!(raw(proxy.addr, "GET", &get, &[], b"").await.body, b"v1");
-    assert!(spool_is_empty(&proxy), "the partial body was not kept");
+    assert!(spool_is_empty(&proxy).await, "the partial body was not kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +159,9 @@ async fn download_reader_that_stops_reading_is_cut() {
     );
     // The proxy still serves.
     assert_eq!(
-        raw(proxy.addr, "GET", "/healthz", &[], b"").await.status,
+        raw(proxy.ops_addr, "GET", "/healthz", &[], b"")
+            .await
+            .status,
         200
     );
 }
@@ -167,7 +187,9 @@ async fn oversized_request_heads_get_431() {
         r.status
     );
     assert_eq!(
-        raw(proxy.addr, "GET", "/healthz", &[], b"").await.status,
+        raw(proxy.ops_addr, "GET", "/healthz", &[], b"")
+            .await
+            .status,
         200
     );
 }
@@ -184,6 +206,7 @@ async fn connections_beyond_the_limit_wait_and_idle_ones_are_evicted() {
     let b = TcpStream::connect(proxy.addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    // An anonymous S3 request (403): enough to see whether the S3 port answers.
     c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
@@ -195,7 +218,7 @@ async fn connections_beyond_the_limit_wait_and_idle_ones_are_evicted() {
     );
     drop(a);
     let got = read_until_closed(&mut c, Duration::from_secs(20)).await;
-    assert_eq!(parse_response(&got, false).status, 200);
+    assert_eq!(parse_response(&got, false).status, 403);
     drop(b);
 
     // A flood of idle connections with a short header timeout: all are evicted in bounded time and
@@ -215,7 +238,7 @@ async fn connections_beyond_the_limit_wait_and_idle_ones_are_evicted() {
     )
     .await
     .expect("served after the flood drained");
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status, 403, "an anonymous S3 request");
     drop(idle);
 }
 
@@ -325,14 +348,24 @@ async fn absurd_content_length_is_refused_before_spooling() {
         assert!(r.status == 400 || r.status == 431, "{cl}: {}", r.status);
     }
     // aws-chunked: the declared decoded length counts, and so do the bytes actually received.
+    let streaming = |decoded_len: &'static str| {
+        header_auth(
+            proxy.addr,
+            "PUT",
+            key,
+            "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+            &[
+                ("content-encoding", "aws-chunked"),
+                ("x-amz-decoded-content-length", decoded_len),
+            ],
+        )
+    };
+    let target = format!("/{BUCKET}/{key}");
     let r = raw(
         proxy.addr,
         "PUT",
-        &put,
-        &[
-            ("Content-Encoding", "aws-chunked"),
-            ("x-amz-decoded-content-length", "9223372036854775807"),
-        ],
+        &target,
+        &str_pairs(&streaming("9223372036854775807")),
         b"0\r\n\r\n",
     )
     .await;
@@ -347,16 +380,13 @@ async fn absurd_content_length_is_refused_before_spooling() {
     let r = raw(
         proxy.addr,
         "PUT",
-        &put,
-        &[
-            ("Content-Encoding", "aws-chunked"),
-            ("x-amz-decoded-content-length", "100"),
-        ],
+        &target,
+        &str_pairs(&streaming("100")),
         &chunked,
     )
     .await;
     assert_eq!((r.status, r.error_code().as_str()), (400, "EntityTooLarge"));
-    assert!(spool_is_empty(&proxy));
+    assert!(spool_is_empty(&proxy).await);
     let (get, _) = presign(&proxy.client(), "GET", key, None).await;
     assert_eq!(raw(proxy.addr, "GET", &get, &[], b"").await.status, 404);
     // At the limit is fine.
@@ -367,4 +397,146 @@ async fn absurd_content_length_is_refused_before_spooling() {
         sha256(&raw(proxy.addr, "GET", &get, &[], b"").await.body),
         sha256(&ok)
     );
+}
+
+/// Regression (issue 16): a presigned URL signs `UNSIGNED-PAYLOAD`, yet its body was decoded as
+/// aws-chunked when the request said so, trailers and all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presigned_put_cannot_choose_aws_chunked_framing() {
+    let proxy = Proxy::start(Backend::Disk).await;
+    let key = "project/9/framing";
+    let (put, _) = presign(&proxy.client(), "PUT", key, None).await;
+    let r = raw(
+        proxy.addr,
+        "PUT",
+        &put,
+        &[
+            ("Content-Encoding", "aws-chunked"),
+            ("x-amz-decoded-content-length", "0"),
+        ],
+        b"0\r\na:b\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "InvalidArgument")
+    );
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.contains("STREAMING-"), "{body}");
+    let (get, _) = presign(&proxy.client(), "GET", key, None).await;
+    assert_eq!(raw(proxy.addr, "GET", &get, &[], b"").await.status, 404);
+    assert!(spool_is_empty(&proxy).await);
+}
+
+/// Regression (issue 16): trailer lines were kept without limit, ~20x the bytes sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailer_flood_is_cut_at_the_trailer_limit() {
+    let proxy = Proxy::start(Backend::Disk).await;
+    let key = "project/9/trailers";
+    let headers = header_auth(
+        proxy.addr,
+        "PUT",
+        key,
+        "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+        &[
+            ("content-encoding", "aws-chunked"),
+            ("x-amz-decoded-content-length", "0"),
+        ],
+    );
+    let target = format!("/{BUCKET}/{key}");
+    // A well-formed body: the empty final chunk, 1,000 trailer lines, the closing empty line.
+    let flood = [b"0\r\n".to_vec(), b"a:b\r\n".repeat(1000), b"\r\n".to_vec()].concat();
+    let r = raw(proxy.addr, "PUT", &target, &str_pairs(&headers), &flood).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "MalformedTrailerError")
+    );
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(
+        body.contains(&format!("more than {MAX_TRAILERS} trailer lines")),
+        "{body}"
+    );
+    // What aws-sdk-s3 sends (a checksum trailer) still passes: the same framing, one trailer.
+    let ok = b"0\r\nx-amz-checksum-crc32:AAAAAA==\r\n\r\n";
+    let r = raw(proxy.addr, "PUT", &target, &str_pairs(&headers), ok).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(spool_is_empty(&proxy).await);
+}
+
+/// Regression (issue 16): the idle timeout fired only on silence, so a byte now and then held a
+/// connection slot for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_below_the_minimum_rate_gets_request_timeout() {
+    let proxy = Proxy::start_with(Backend::Disk, |s| {
+        s.http.min_upload_rate = MinRate {
+            min_bytes_per_sec: 1024,
+            window: Duration::from_secs(2),
+        };
+    })
+    .await;
+    let key = "project/9/dribble";
+    let (put, _) = presign(&proxy.client(), "PUT", key, None).await;
+    let s = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    wr.write_all(
+        format!(
+            "PUT {put} HTTP/1.1\r\nHost: {}\r\nContent-Length: 100000\r\n\r\n",
+            proxy.addr
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // A byte every 200 ms: never idle for the 60 s idle timeout, far below 1 KiB/s.
+    let dribbler = tokio::spawn(async move {
+        for _ in 0..150 {
+            if wr.write_all(b"x").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let got = read_until_closed(&mut rd, Duration::from_secs(25)).await;
+    dribbler.abort();
+    let r = parse_response(&got, false);
+    assert_eq!((r.status, r.error_code().as_str()), (400, "RequestTimeout"));
+    assert!(spool_is_empty(&proxy).await, "the partial body was not kept");
+}
+
+/// Regression (issue 16): connections that never finish a request head held every slot until the
+/// header timeout, and could be reopened. Now at most `max_connections_awaiting_headers` wait; the
+/// longest waiter is closed when another arrives. A kept-alive connection between requests counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_request_head_get_a_bounded_share_of_slots() {
+    let proxy = Proxy::start_with(Backend::Disk, |s| {
+        s.http.max_connections = 8;
+        s.http.max_connections_awaiting_headers = 2;
+        s.http.header_read_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let key = "project/9/share";
+    let (get, _) = presign(&proxy.client(), "GET", key, None).await;
+    // A kept-alive connection after one complete request, then idle.
+    let mut kept = TcpStream::connect(proxy.addr).await.unwrap();
+    kept.write_all(format!("GET {get} HTTP/1.1\r\nHost: {}\r\n\r\n", proxy.addr).as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    kept.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 404");
+    // More silent connections than there are slots.
+    let mut idle = Vec::new();
+    for _ in 0..10 {
+        idle.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    // Closed long before the 120 s header timeout: the oldest waiters make room.
+    read_until_closed(&mut kept, Duration::from_secs(20)).await;
+    read_until_closed(&mut idle[0], Duration::from_secs(20)).await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        raw(proxy.addr, "GET", &get, &[], b""),
+    )
+    .await
+    .expect("a legitimate request is served while silent connections keep arriving");
+    assert_eq!(r.status, 404);
 }

@@ -25,3 +25,4 @@ mod hot_keys;
 mod presign_boto3;
 mod replicas;
 mod runner_sequence;
+mod side_channels;

@@ -1,5 +1,5 @@
 {{/*
-cache-proxy.toml: cacheProxy.config verbatim, with the settings the chart owns (listen address,
+cache-proxy.toml: cacheProxy.config verbatim, with the settings the chart owns (listen addresses,
 buckets, backend, spool and data paths) filled in from values when cacheProxy.config leaves them unset.
 Secrets never appear here: the proxy reads them from the environment (see cache-proxy-deployment.yaml).
 */}}
@@ -8,7 +8,7 @@ Secrets never appear here: the proxy reads them from the environment (see cache-
 {{- $b := $v.backend }}
 {{- $buckets := list .Values.runners.cache.bucketName }}
 {{- if .Values.backup.enabled }}{{ $buckets = append $buckets .Values.backup.bucketName | uniq }}{{ end }}
-{{- $defaults := dict "listen" (printf "0.0.0.0:%d" (int $v.service.port)) "region" .Values.runners.cache.bucketLocation "buckets" $buckets }}
+{{- $defaults := dict "listen" (printf "0.0.0.0:%d" (int $v.service.port)) "ops_listen" (printf "0.0.0.0:%d" (int $v.service.opsPort)) "region" .Values.runners.cache.bucketLocation "buckets" $buckets }}
 {{- if eq $b.type "disk" }}
 {{- /* Uploads spool on the data volume (<path>/.spool), the proxy's default. */}}
 {{- $_ := set $defaults "store" (dict "kind" "disk" "path" "/data") }}

@@ -1284,3 +1284,79 @@ fn without_generated_keys(mut docs: Vec<Value>) -> Vec<Value> {
     }
     docs
 }
+
+/// Regression (issue 16): `/metrics` was scraped (and `/readyz` probed) on the S3 port, which job
+/// pods reach; its chunk-hit counters tell whether a guessed file is already cached. Now the
+/// operations endpoints have their own port, and the `NetworkPolicy` keeps job pods off it.
+#[test]
+fn metrics_and_probes_use_the_ops_port_that_job_pods_cannot_reach() {
+    let docs = documents(&render_file(&chart_dir().join("ci/everything-values.yaml")));
+    let proxy = find(&docs, "Deployment", "-cache-proxy").expect("proxy Deployment");
+    let c = &proxy["spec"]["template"]["spec"]["containers"][0];
+    let ports: Vec<(&str, i64)> = c["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap(),
+                p["containerPort"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ports, [("s3", 9000), ("ops", 9090)]);
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["port"].as_str(), Some("ops"), "{probe}");
+    }
+    let toml: toml::Table =
+        toml::from_str(config_map_entry(&docs, "-cache-proxy", "cache-proxy.toml")).unwrap();
+    assert_eq!(toml["listen"].as_str(), Some("0.0.0.0:9000"));
+    assert_eq!(toml["ops_listen"].as_str(), Some("0.0.0.0:9090"));
+
+    let svc = find(&docs, "Service", "-cache").expect("proxy Service");
+    let svc_ports: Vec<&str> = svc["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["targetPort"].as_str().unwrap())
+        .collect();
+    assert_eq!(svc_ports, ["s3", "ops"]);
+    let sm = find(&docs, "ServiceMonitor", "-cache-proxy").expect("ServiceMonitor");
+    for ep in sm["spec"]["endpoints"].as_sequence().unwrap() {
+        assert_eq!(ep["port"].as_str(), Some("ops"), "scrape only the ops port");
+    }
+
+    let np = find(&docs, "NetworkPolicy", "-cache-proxy").expect("NetworkPolicy");
+    let rules = np["spec"]["ingress"].as_sequence().unwrap();
+    let rule_for = |port: &str| {
+        let matching: Vec<&Value> = rules
+            .iter()
+            .filter(|r| {
+                r["ports"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["port"].as_str() == Some(port))
+            })
+            .collect();
+        assert_eq!(matching.len(), 1, "one ingress rule names port {port}");
+        assert_eq!(
+            matching[0]["ports"].as_sequence().unwrap().len(),
+            1,
+            "the {port} rule opens no other port"
+        );
+        serde_yaml::to_string(&matching[0]["from"]).unwrap()
+    };
+    let s3_from = rule_for("s3");
+    let ops_from = rule_for("ops");
+    assert!(s3_from.contains("ci-jobs"), "job pods reach S3: {s3_from}");
+    assert!(
+        !ops_from.contains("ci-jobs") && !ops_from.contains("component: manager"),
+        "neither job pods nor the manager reach the ops port: {ops_from}"
+    );
+    assert!(ops_from.contains("monitoring"), "opsFrom: {ops_from}");
+    assert!(
+        !s3_from.contains("monitoring"),
+        "Prometheus does not need the S3 port: {s3_from}"
+    );
+}
