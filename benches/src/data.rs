@@ -1,5 +1,5 @@
-//! Benchmark bodies: incompressible unique bytes, copies with a share of blocks replaced, and streams
-//! of unique bytes too large to hold in memory.
+//! Benchmark bodies: incompressible unique bytes, copies with a share of blocks replaced, streams
+//! of unique bytes too large to hold in memory, and zip archives of many small files.
 
 use bytes::Bytes;
 use rand::rngs::SmallRng;
@@ -49,6 +49,28 @@ pub fn unique_stream(
     })
 }
 
+/// A zip of `entries` small stored files (~60 bytes each, unique to `seed` and the entry), named like
+/// a `node_modules` tree. The proxy chunks each entry's data on its own, so every entry is one chunk
+/// of its own: such archives fill a store with many chunks cheaply, and stand in for a cache of
+/// many files.
+#[must_use]
+pub fn small_files_zip(entries: usize, seed: u64) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::with_capacity(entries * 200)));
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for i in 0..entries {
+        w.start_file(format!("node_modules/pkg-{}/lib/file-{i}.js", i / 12), opts)
+            .expect("zip entry header in memory");
+        write!(
+            w,
+            "// generated {seed:x}/{i}\nmodule.exports = {{ id: {i}, seed: {seed} }};\n"
+        )
+        .expect("zip entry data in memory");
+    }
+    w.finish().expect("zip in memory").into_inner()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +86,18 @@ mod tests {
             .count();
         assert_eq!(differing, 5);
         assert_ne!(unique_bytes(64, 1), unique_bytes(64, 2));
+    }
+
+    #[test]
+    fn small_files_zip_has_every_entry_with_unique_content() {
+        // Past 65,535 entries the archive needs zip64 end records.
+        let z = small_files_zip(70_000, 3);
+        let mut a = zip::ZipArchive::new(std::io::Cursor::new(&z)).unwrap();
+        assert_eq!(a.len(), 70_000);
+        let crcs: std::collections::HashSet<u32> = (0..a.len())
+            .map(|i| a.by_index_raw(i).unwrap().crc32())
+            .collect();
+        assert!(crcs.len() > 69_000, "{} distinct CRCs", crcs.len());
+        assert_ne!(small_files_zip(10, 1), small_files_zip(10, 2));
     }
 }

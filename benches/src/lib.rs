@@ -12,7 +12,9 @@ pub mod executor;
 pub mod http;
 pub mod memory;
 pub mod proxyproc;
+pub mod remote;
 pub mod report;
+pub mod scale;
 pub mod shim;
 pub mod storage;
 pub mod transfer;
@@ -54,7 +56,17 @@ pub struct Options {
     pub jobs: u32,
     /// ... with this many empty user stages each.
     pub empty_stages: u32,
-    /// Only these groups (`cpu`, `transfer`, `storage`, `memory`, `executor`); empty = all.
+    /// P1w-P3w: object size in MiB over the shaped remote link (`reps` objects).
+    pub remote_mib: u64,
+    /// S1: 1 KiB PUTs timed per store size ...
+    pub tiny_puts: u32,
+    /// ... and the chunks stored between the two series.
+    pub fill_chunks: usize,
+    /// S2: keys stored for the first and the second restart series.
+    pub restart_keys: (u32, u32),
+    /// S3: entries of the context zip and of the measured one.
+    pub rss_entries: (usize, usize),
+    /// Only these groups (see `GROUPS`); empty = all.
     pub only: Vec<String>,
 }
 
@@ -74,6 +86,11 @@ impl Options {
             concurrent_mib: 16,
             jobs: 2,
             empty_stages: 3,
+            remote_mib: 4,
+            tiny_puts: 20,
+            fill_chunks: 8192,
+            restart_keys: (20, 200),
+            rss_entries: (200, 2000),
             only: Vec::new(),
         }
     }
@@ -93,6 +110,11 @@ impl Options {
             concurrent_mib: 256,
             jobs: 10,
             empty_stages: 4,
+            remote_mib: 256,
+            tiny_puts: 300,
+            fill_chunks: 128 << 10,
+            restart_keys: (1000, 10_000),
+            rss_entries: (2000, 200_000),
             only: Vec::new(),
         }
     }
@@ -108,7 +130,9 @@ impl Options {
     pub fn describe(&self) -> String {
         format!(
             "P1/P3 objects of {:?} MiB × {} each; P2 {} MiB × {}; P4 {} MiB; P5/P6 a {}-file tree, {} versions; \
-             P7 one {} MiB PUT and {} × {} MiB concurrent; P8/P9 {} jobs × {} empty stages",
+             P7 one {} MiB PUT and {} × {} MiB concurrent; P8/P9 {} jobs × {} empty stages; \
+             P1w-P3w {} MiB × {} over the shaped link; S1 {} 1 KiB PUTs per series, {} chunks stored; \
+             S2 {} vs {} keys; S3 {}- and {}-entry zips",
             self.sizes_mib,
             self.reps,
             self.known_mib,
@@ -120,13 +144,23 @@ impl Options {
             self.concurrent,
             self.concurrent_mib,
             self.jobs,
-            self.empty_stages
+            self.empty_stages,
+            self.remote_mib,
+            self.reps,
+            self.tiny_puts,
+            self.fill_chunks,
+            self.restart_keys.0,
+            self.restart_keys.1,
+            self.rss_entries.0,
+            self.rss_entries.1
         )
     }
 }
 
 /// The benchmark groups `--only` accepts.
-pub const GROUPS: [&str; 5] = ["cpu", "transfer", "storage", "memory", "executor"];
+pub const GROUPS: [&str; 7] = [
+    "cpu", "transfer", "storage", "memory", "executor", "remote", "scale",
+];
 
 /// Writes back what earlier groups left dirty in the page cache (the transfers and P7 write
 /// gigabytes) before a group starts, so one group's writeback does not slow the next.
@@ -219,9 +253,45 @@ pub async fn run(opts: &Options, progress: &dyn Fn(&str)) -> anyhow::Result<Repo
         phase("P7 peak RSS", t);
     }
 
-    let order = |id: &str| -> (u32, String) {
+    if opts.wants("remote") {
+        settle().await;
+        let t = Instant::now();
+        let remote_opts = remote::RemoteOptions {
+            size: opts.remote_mib * MIB,
+            reps: opts.reps,
+        };
+        report.rows.extend(
+            remote::run(&remote_opts, &proxy_bin)
+                .await
+                .context("P1w/P2w/P3w remote backend benchmark")?,
+        );
+        phase("P1w/P2w/P3w remote backend", t);
+    }
+    if opts.wants("scale") {
+        settle().await;
+        let t = Instant::now();
+        let scale_opts = scale::ScaleOptions {
+            tiny_puts: opts.tiny_puts,
+            fill_chunks: opts.fill_chunks,
+            restart_keys: opts.restart_keys,
+            rss_entries: opts.rss_entries,
+        };
+        report.rows.extend(
+            scale::run(&scale_opts, &proxy_bin, progress)
+                .await
+                .context("S1/S2/S3 scale benchmark")?,
+        );
+        phase("S1/S2/S3 scale", t);
+    }
+
+    // P rows by number (P1, P1w, P2, ...), then the S rows.
+    let order = |id: &str| -> (bool, u32, String) {
         let digits: String = id.chars().filter(char::is_ascii_digit).collect();
-        (digits.parse().unwrap_or(99), id.to_owned())
+        (
+            id.starts_with('S'),
+            digits.parse().unwrap_or(99),
+            id.to_owned(),
+        )
     };
     report.rows.sort_by_key(|r| order(r.id));
     Ok(report)

@@ -46,8 +46,24 @@ struct Cli {
     /// P8/P9 jobs.
     #[arg(long)]
     jobs: Option<u32>,
+    /// P1w-P3w object size in MiB over the shaped remote link.
+    #[arg(long)]
+    remote_mib: Option<u64>,
+    /// S1 1 KiB PUTs timed per store size.
+    #[arg(long)]
+    tiny_puts: Option<u32>,
+    /// S1 chunks stored between the two series.
+    #[arg(long)]
+    fill_chunks: Option<usize>,
+    /// S2 keys stored for the two restart series: FEW,MANY.
+    #[arg(long, value_delimiter = ',')]
+    restart_keys: Option<Vec<u32>>,
+    /// S3 entries of the context zip and the measured one: SMALL,LARGE.
+    #[arg(long, value_delimiter = ',')]
+    rss_entries: Option<Vec<usize>>,
     /// Run only these groups: cpu (P4), transfer (P1-P3, P10), storage (P5, P6), memory (P7),
-    /// executor (P8, P9). Prints the table; never writes BENCHMARKS.md (with --full: at its sizes).
+    /// executor (P8, P9), remote (P1w-P3w), scale (S1-S3). Prints the table; never writes
+    /// BENCHMARKS.md (with --full: at its sizes).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -66,7 +82,29 @@ async fn main() -> ExitCode {
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = cli.$f { opts.$f = v; } )* };
     }
-    set!(reps, big_mib, concurrent, concurrent_mib, tree_files, jobs);
+    set!(
+        reps,
+        big_mib,
+        concurrent,
+        concurrent_mib,
+        tree_files,
+        jobs,
+        remote_mib,
+        tiny_puts,
+        fill_chunks
+    );
+    if let Some(v) = cli.restart_keys {
+        let &[few, many] = v.as_slice() else {
+            return usage("--restart-keys takes two numbers: FEW,MANY");
+        };
+        opts.restart_keys = (few, many);
+    }
+    if let Some(v) = cli.rss_entries {
+        let &[small, large] = v.as_slice() else {
+            return usage("--rss-entries takes two numbers: SMALL,LARGE");
+        };
+        opts.rss_entries = (small, large);
+    }
     opts.only = cli.only;
     eprintln!("sizes: {}", opts.describe());
     let report = match spotrun_benches::run(&opts, &|line| eprintln!("{line}")).await {
@@ -86,6 +124,11 @@ async fn main() -> ExitCode {
         println!("wrote {}", cli.out.join("BENCHMARKS.md").display());
     }
     ExitCode::SUCCESS
+}
+
+fn usage(message: &str) -> ExitCode {
+    eprintln!("spotrun-bench: {message}");
+    ExitCode::FAILURE
 }
 
 fn write_full(

@@ -1,4 +1,5 @@
-//! The cache proxy binary as a child process (as deployed), with its peak RSS from `/proc`.
+//! The cache proxy binary as a child process (as deployed), with its peak RSS from `/proc`; it can be
+//! restarted on the same store, and probed for readiness.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -6,7 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use spotrun_testkit::harness::CacheConfig;
+
+use crate::http::{Http, full};
 
 pub const BUCKET: &str = "runner-cache";
 const ACCESS_KEY: &str = "bench-runner-key";
@@ -29,6 +33,7 @@ pub enum ProxyStore {
 #[derive(Debug)]
 pub struct ProxyProcess {
     child: Child,
+    binary: std::path::PathBuf,
     pub addr: SocketAddr,
     /// `/metrics`, `/healthz`, `/readyz` (not on the S3 port).
     pub ops_addr: SocketAddr,
@@ -65,36 +70,70 @@ impl ProxyProcess {
              [gc]\ninterval_secs = 0\n",
             spool = dir.path().join("spool").display()
         );
-        let config_path = dir.path().join("cache-proxy.toml");
-        std::fs::write(&config_path, config)?;
-        let log = std::fs::File::create(dir.path().join("proxy.log"))?;
-        let child = Command::new(binary)
-            .arg("--config")
-            .arg(&config_path)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+        std::fs::write(dir.path().join("cache-proxy.toml"), config)?;
+        let child = spawn(binary, dir.path())?;
         let mut this = Self {
             child,
+            binary: binary.to_path_buf(),
             addr,
             ops_addr,
             dir,
         };
+        this.wait_listening()?;
+        Ok(this)
+    }
+
+    /// Stop the process and start a new one on the same config and store; returns the moment the
+    /// new one was spawned, without waiting for it (see `wait_ready`).
+    pub fn restart(&mut self) -> anyhow::Result<Instant> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let spawned = Instant::now();
+        self.child = spawn(&self.binary, self.dir.path())?;
+        Ok(spawned)
+    }
+
+    fn wait_listening(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(this);
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
             }
-            if let Some(status) = this.child.try_wait()? {
-                bail!("cache proxy exited with {status}: {}", this.log_tail());
+            if let Some(status) = self.child.try_wait()? {
+                bail!("cache proxy exited with {status}: {}", self.log_tail());
             }
             if Instant::now() > deadline {
-                bail!("cache proxy did not listen on {addr} within 20 s");
+                bail!("cache proxy did not listen on {} within 20 s", self.addr);
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// URL of an operations endpoint (`/metrics`, `/readyz`): the one place to change if they move
+    /// to their own port (`--ops-listen`).
+    #[must_use]
+    pub fn ops_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ops_addr)
+    }
+
+    /// Poll the readiness probe every 2 ms until it answers 200 (`http` should hold no pooled
+    /// connection to an earlier process).
+    pub async fn wait_ready(&mut self, http: &Http, within: Duration) -> anyhow::Result<()> {
+        let url = self.ops_url("/readyz");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(done) = http.send("GET", &url, &[], full(Bytes::new()), 0).await
+                && done.status == 200
+            {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("cache proxy exited with {status}: {}", self.log_tail());
+            }
+            if Instant::now() > deadline {
+                bail!("cache proxy was not ready at {url} within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
@@ -136,6 +175,23 @@ impl ProxyProcess {
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(5)..].join("\n")
     }
+}
+
+/// Start the binary on `dir/cache-proxy.toml`, logging to `dir/proxy.log` (appended across restarts).
+fn spawn(binary: &Path, dir: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("proxy.log"))?;
+    Command::new(binary)
+        .arg("--config")
+        .arg(dir.join("cache-proxy.toml"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))
 }
 
 impl Drop for ProxyProcess {

@@ -1,4 +1,4 @@
-//! P1 (unique PUT), P2 (95 %-known PUT), P3 (GET cold and warm) and P10 (backend requests per GiB):
+//! P1 (unique PUT), P2 (95 %-known PUT), P3/P3r (GET cold and warm) and P10 (backend requests per GiB):
 //! the proxy binary over s3s-fs, against direct requests to the same s3s-fs, with one HTTP client.
 
 use std::path::Path;
@@ -240,7 +240,7 @@ pub async fn run(opts: &TransferOptions, proxy_bin: &Path) -> anyhow::Result<(Ve
         ),
     });
     rows.push(Row {
-        id: "P3w",
+        id: "P3r",
         measure: format!("GET warm (repeated read), proxy vs direct ({size_label})"),
         value: ratio(t.get_proxy_warm, t.get_direct_warm),
         unit: "×",
@@ -291,10 +291,15 @@ pub async fn run(opts: &TransferOptions, proxy_bin: &Path) -> anyhow::Result<(Ve
 }
 
 /// One counter from the proxy's `/metrics`.
-async fn scrape(http: &Http, proxy: &ProxyProcess, name: &str) -> Option<f64> {
-    let url = format!("http://{}/metrics", proxy.ops_addr);
+pub(crate) async fn scrape(http: &Http, proxy: &ProxyProcess, name: &str) -> Option<f64> {
     let done = http
-        .send("GET", &url, &[], full(Bytes::new()), 0)
+        .send(
+            "GET",
+            &proxy.ops_url("/metrics"),
+            &[],
+            full(Bytes::new()),
+            0,
+        )
         .await
         .ok()?;
     done.small_body

@@ -1,5 +1,6 @@
 //! The benchmark's quick mode as CI runs it: every figure is produced and finite, every GET read back
-//! byte-identical (checked inside the run). Never asserts on the numbers themselves.
+//! byte-identical (checked inside the run), the remote-backend and scale groups included at their
+//! quick sizes. Never asserts on the numbers themselves.
 
 use spotrun_benches::{Options, report};
 
@@ -11,7 +12,8 @@ async fn quick_mode_produces_every_figure() {
         .expect("the quick benchmark runs without errors");
     println!("{}\n\n{}", report::machine_line(), report.table());
     for id in [
-        "P1", "P2", "P3", "P3w", "P4", "P5", "P6", "P7", "P7c", "P8", "P9", "P10",
+        "P1", "P1w", "P2", "P2w", "P3", "P3r", "P3w", "P4", "P5", "P6", "P7", "P7c", "P8", "P9",
+        "P10", "S1", "S2", "S3",
     ] {
         let row = report.row(id).unwrap_or_else(|| panic!("row {id} missing"));
         assert!(

@@ -122,7 +122,10 @@ async fn stalled_upload_body_gets_request_timeout_and_keeps_the_old_version() {
     assert_eq!((r.status, r.error_code().as_str()), (400, "RequestTimeout"));
     let (get, _) = presign(&proxy.client(), "GET", key, None).await;
     assert_eq!(raw(proxy.addr, "GET", &get, &[], b"").await.body, b"v1");
-    assert!(spool_is_empty(&proxy).await, "the partial body was not kept");
+    assert!(
+        spool_is_empty(&proxy).await,
+        "the partial body was not kept"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,7 +503,10 @@ async fn upload_below_the_minimum_rate_gets_request_timeout() {
     dribbler.abort();
     let r = parse_response(&got, false);
     assert_eq!((r.status, r.error_code().as_str()), (400, "RequestTimeout"));
-    assert!(spool_is_empty(&proxy).await, "the partial body was not kept");
+    assert!(
+        spool_is_empty(&proxy).await,
+        "the partial body was not kept"
+    );
 }
 
 /// Regression (issue 16): connections that never finish a request head held every slot until the
