@@ -31,6 +31,9 @@ pub const REFRESH_LOOKBACK: Duration = Duration::from_mins(30);
 /// others may be lost by a crash, which only costs dedup hits.
 const DURABLE_EVERY: u64 = 64;
 
+/// redb page cache of the local index.
+const INDEX_CACHE_BYTES: usize = 32 << 20;
+
 /// Where a chunk is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Loc {
@@ -178,14 +181,20 @@ impl ChunkIndex {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| err(redb::Error::Io(e)))?;
         }
-        let db = match redb::Database::create(path) {
+        // redb's page cache defaults to 1 GiB; the index is a hint, so a small cache bounds memory.
+        let builder = || {
+            let mut b = redb::Builder::new();
+            b.set_cache_size(INDEX_CACHE_BYTES);
+            b
+        };
+        let db = match builder().create(path) {
             Ok(db) => db,
             Err(e @ redb::DatabaseError::DatabaseAlreadyOpen) => return Err(err(e.into())),
             Err(e) => {
                 tracing::warn!(path = %shown, error = %e, "local chunk index unreadable; starting a new one");
                 let aside = path.with_extension("corrupt");
                 std::fs::rename(path, &aside).map_err(|e| err(redb::Error::Io(e)))?;
-                redb::Database::create(path).map_err(|e| err(e.into()))?
+                builder().create(path).map_err(|e| err(e.into()))?
             }
         };
         let this = Self {
@@ -249,6 +258,20 @@ impl ChunkIndex {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = txn.open_table(PACKS).map_err(|e| self.err(e))?;
         Ok(t.get(pack).map_err(|e| self.err(e))?.is_some())
+    }
+
+    /// Those of `packs` whose chunks are not loaded yet (and that are not known gone), in order;
+    /// one snapshot for the lot.
+    pub fn unknown_packs(&self, packs: Vec<String>) -> Result<Vec<String>, IndexError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(PACKS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for p in packs {
+            if !self.is_dead(&p) && t.get(p.as_str()).map_err(|e| self.err(e))?.is_none() {
+                out.push(p);
+            }
+        }
+        Ok(out)
     }
 
     #[must_use]

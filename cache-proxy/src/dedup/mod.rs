@@ -308,22 +308,28 @@ impl DedupStore {
             .await?;
         let mut added = 0;
         let mut newest = watermark;
-        for obj in listed {
-            let pack = index::pack_of_index_key(&obj.key);
-            let ix = self.index.clone();
-            let p = pack.clone();
-            if tokio::task::spawn_blocking(move || ix.knows_pack(&p))
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))??
-            {
-                continue;
+        if let Some(last) = listed.last() {
+            // Listed in key order: the newest index object is the new watermark.
+            if newest.as_deref().is_none_or(|n| last.key.as_str() > n) {
+                newest = Some(last.key.clone());
             }
-            let bytes = match self.blob.get(&obj.key).await {
+        }
+        let names: Vec<String> = listed
+            .iter()
+            .map(|o| index::pack_of_index_key(&o.key))
+            .collect();
+        let ix = self.index.clone();
+        let unknown = tokio::task::spawn_blocking(move || ix.unknown_packs(names))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        for pack in unknown {
+            let key = index::pack_index_key(&pack);
+            let bytes = match self.blob.get(&key).await {
                 Ok(b) => b,
                 Err(StoreError::NotFound(_)) => continue, // deleted by GC meanwhile
                 Err(e) => return Err(e.into()),
             };
-            let entries = match index::decode_pack_index(&obj.key, &bytes) {
+            let entries = match index::decode_pack_index(&key, &bytes) {
                 Ok(e) => e,
                 Err(e) => {
                     // A damaged index object only costs the dedup of its pack's chunks.
@@ -336,9 +342,6 @@ impl DedupStore {
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))??;
             added += 1;
-            if newest.as_deref().is_none_or(|n| obj.key.as_str() > n) {
-                newest = Some(obj.key.clone());
-            }
         }
         if let Some(w) = newest {
             let ix = self.index.clone();
