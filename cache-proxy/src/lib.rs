@@ -95,13 +95,13 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    // Other replicas' new packs become dedup candidates here within a refresh interval.
+    // Other replicas' new packs become dedup candidates here within a refresh interval (the first
+    // refresh runs at once: `open` leaves an existing index as it was).
     let refresher = {
         let d = dedup.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(dedup::INDEX_REFRESH_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await; // open() has just refreshed
             loop {
                 tick.tick().await;
                 if let Err(e) = d.refresh_index().await {

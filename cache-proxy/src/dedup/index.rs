@@ -32,7 +32,7 @@ pub const REFRESH_LOOKBACK: Duration = Duration::from_mins(30);
 const DURABLE_EVERY: u64 = 64;
 
 /// redb page cache of the local index.
-const INDEX_CACHE_BYTES: usize = 32 << 20;
+const INDEX_CACHE_BYTES: usize = 16 << 20;
 
 /// Where a chunk is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

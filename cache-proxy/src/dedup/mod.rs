@@ -226,8 +226,11 @@ pub fn index_path(spool_dir: &Path) -> PathBuf {
 }
 
 impl DedupStore {
-    /// Open the store: the local chunk index under `spool_dir`, brought up to date with the pack
-    /// index objects written since its watermark (all of them when it is new).
+    /// Open the store and its local chunk index under `spool_dir`. A new (or deleted) index is
+    /// loaded from every pack index object before the store is used, so it dedups like the others
+    /// at once; an existing one is brought up to date by `refresh_index`, which `serve` runs in the
+    /// background at once and then every `INDEX_REFRESH_EVERY`: start-up time does not grow with
+    /// the store.
     pub async fn open(
         blob: Arc<dyn BlobStore>,
         spool_dir: PathBuf,
@@ -253,7 +256,14 @@ impl DedupStore {
             pack_uploads: Arc::new(tokio::sync::Semaphore::new(ingest::PACK_UPLOADS)),
             inflight: Inflight::default(),
         };
-        this.refresh_index().await?;
+        let ix = this.index.clone();
+        let fresh = tokio::task::spawn_blocking(move || ix.watermark())
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??
+            .is_none();
+        if fresh {
+            this.refresh_index().await?;
+        }
         Ok(this)
     }
 
