@@ -501,23 +501,25 @@ impl DedupStore {
         &self,
         reused: &HashSet<Arc<str>>,
     ) -> Result<HashSet<Arc<str>>, DedupError> {
+        let to_check: Vec<&Arc<str>> = {
+            let verified = self.verified.lock().expect("verified lock");
+            let every = self.condemned_refresh();
+            reused
+                .iter()
+                .filter(|p| verified.get(*p).is_none_or(|t| t.elapsed() >= every))
+                .collect()
+        };
+        // Checked concurrently: each is a round trip to the backend, on the publish path.
+        let found =
+            futures::future::try_join_all(to_check.iter().map(|p| self.blob.head(p))).await?;
         let mut missing = HashSet::new();
-        for pack in reused {
-            let fresh = self
-                .verified
-                .lock()
-                .expect("verified lock")
-                .get(pack)
-                .is_some_and(|t| t.elapsed() < self.condemned_refresh());
-            if fresh {
-                continue;
-            }
-            if self.blob.head(pack).await?.is_some() {
-                let mut verified = self.verified.lock().expect("verified lock");
-                if verified.len() > 100_000 {
-                    let every = self.condemned_refresh();
-                    verified.retain(|_, t| t.elapsed() < every);
-                }
+        let mut verified = self.verified.lock().expect("verified lock");
+        if verified.len() > 100_000 {
+            let every = self.condemned_refresh();
+            verified.retain(|_, t| t.elapsed() < every);
+        }
+        for (pack, info) in to_check.into_iter().zip(found) {
+            if info.is_some() {
                 verified.insert(pack.clone(), Instant::now());
             } else {
                 missing.insert(pack.clone());

@@ -24,10 +24,10 @@ const READ_GAP_MAX: u64 = 256 << 10;
 const GROUP_PARTS_MAX: usize = 8192;
 /// Inline bytes carried by one group.
 const GROUP_INLINE_MAX: usize = 4 << 20;
-/// Groups in flight per read: the one being sent and up to three more, which keeps a read from
-/// one backend close to a direct read (P3). Groups beyond the first take a permit from
-/// `READ_AHEAD_BUDGET`, so many concurrent reads cannot hold more than that many extra groups.
-const READ_AHEAD: usize = 4;
+/// Groups in flight per read: the one being sent and up to seven more. Parallel range reads are
+/// what make a remote backend fast (one stream is slow, P3w); groups beyond the first take a permit
+/// from `READ_AHEAD_BUDGET`, so many concurrent reads cannot hold more than that many extra groups.
+const READ_AHEAD: usize = 8;
 /// Extra in-flight groups across all reads (× `READ_SPAN_MAX` = 256 MiB at most).
 pub(super) const READ_AHEAD_BUDGET: usize = 32;
 /// Planned items queued between the segment decoder and the sender.
