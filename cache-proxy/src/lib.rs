@@ -57,6 +57,19 @@ pub async fn open_dedup(
     ))
 }
 
+/// Open the dedup store for `gc` and `stats`, which may run beside a server on the same spool.
+pub fn open_dedup_for_maintenance(
+    settings: &Settings,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<DedupStore>, RunError> {
+    let blob = open_blob_store(&settings.store)?;
+    Ok(Arc::new(DedupStore::open_for_maintenance(
+        blob,
+        settings.spool_dir.clone(),
+        metrics,
+    )?))
+}
+
 #[must_use]
 pub fn gc_options(settings: &Settings) -> GcOptions {
     GcOptions {

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use spotrun_cache_proxy::config::{self, FileConfig, Overrides};
 use spotrun_cache_proxy::metrics::Metrics;
-use spotrun_cache_proxy::{Listeners, RunError, gc_options, open_dedup, serve};
+use spotrun_cache_proxy::{
+    Listeners, RunError, gc_options, open_dedup, open_dedup_for_maintenance, serve,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -110,9 +112,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let settings = config::resolve(file, over, &|k| std::env::var(k).ok())?;
     let metrics = Arc::new(Metrics::default());
-    let dedup = open_dedup(&settings, metrics.clone()).await?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
+            let dedup = open_dedup(&settings, metrics.clone()).await?;
             let bind = |addr| async move {
                 tokio::net::TcpListener::bind(addr)
                     .await
@@ -126,10 +128,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             serve(settings, dedup, metrics, listeners, shutdown_signal()).await?;
         }
         Command::Gc => {
+            let dedup = open_dedup_for_maintenance(&settings, metrics)?;
             let report = dedup.gc(&gc_options(&settings)).await?;
             println!("{}", serde_json::to_string(&report)?);
         }
         Command::Stats => {
+            let dedup = open_dedup_for_maintenance(&settings, metrics)?;
             let stats = dedup.stats().await?;
             println!("{}", serde_json::to_string(&stats)?);
         }

@@ -219,6 +219,32 @@ impl ChunkIndex {
         Ok(this)
     }
 
+    /// An empty index in memory, for maintenance commands (`gc`, `stats`) that run beside a
+    /// server holding the on-disk one and need no dedup decisions.
+    pub fn in_memory() -> Result<Self, IndexError> {
+        let err = |e: redb::Error| IndexError::Local {
+            path: "(memory)".into(),
+            source: e,
+        };
+        let db = redb::Builder::new()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|e| err(e.into()))?;
+        let this = Self {
+            db,
+            path: "(memory)".into(),
+            commits: std::sync::atomic::AtomicU64::new(0),
+            dead: Mutex::new(HashSet::new()),
+        };
+        this.with_write(|txn| {
+            txn.open_table(CHUNKS)?;
+            txn.open_table(PACKS)?;
+            txn.open_table(META)?;
+            txn.open_table(DEAD)?;
+            Ok(())
+        })?;
+        Ok(this)
+    }
+
     fn err(&self, e: impl Into<redb::Error>) -> IndexError {
         IndexError::Local {
             path: self.path.clone(),

@@ -241,7 +241,42 @@ impl DedupStore {
         let index = tokio::task::spawn_blocking(move || ChunkIndex::open(&path))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;
-        let this = Self {
+        let this = Self::with_index(blob, spool_dir, metrics, index);
+        let ix = this.index.clone();
+        let fresh = tokio::task::spawn_blocking(move || ix.watermark())
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??
+            .is_none();
+        if fresh {
+            this.refresh_index().await?;
+        }
+        Ok(this)
+    }
+
+    /// Open the store for `gc` and `stats` beside a running server: the server holds the local
+    /// index (redb allows one process per file), and these need no dedup decisions, so the index is
+    /// an empty one in memory.
+    pub fn open_for_maintenance(
+        blob: Arc<dyn BlobStore>,
+        spool_dir: PathBuf,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, DedupError> {
+        std::fs::create_dir_all(&spool_dir)?;
+        Ok(Self::with_index(
+            blob,
+            spool_dir,
+            metrics,
+            ChunkIndex::in_memory()?,
+        ))
+    }
+
+    fn with_index(
+        blob: Arc<dyn BlobStore>,
+        spool_dir: PathBuf,
+        metrics: Arc<Metrics>,
+        index: ChunkIndex,
+    ) -> Self {
+        Self {
             blob,
             index: Arc::new(index),
             spool_dir,
@@ -255,16 +290,7 @@ impl DedupStore {
             read_ahead: Arc::new(tokio::sync::Semaphore::new(read::READ_AHEAD_BUDGET)),
             pack_uploads: Arc::new(tokio::sync::Semaphore::new(ingest::PACK_UPLOADS)),
             inflight: Inflight::default(),
-        };
-        let ix = this.index.clone();
-        let fresh = tokio::task::spawn_blocking(move || ix.watermark())
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))??
-            .is_none();
-        if fresh {
-            this.refresh_index().await?;
         }
-        Ok(this)
     }
 
     #[must_use]

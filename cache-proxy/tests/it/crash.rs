@@ -69,13 +69,17 @@ impl Server {
     }
 
     fn gc(&self) -> serde_json::Value {
+        self.maintenance("gc")
+    }
+
+    fn maintenance(&self, command: &str) -> serde_json::Value {
         let out = self
             .command()
-            .arg("gc")
+            .arg(command)
             .stdout(Stdio::piped())
             .output()
             .unwrap();
-        assert!(out.status.success(), "gc failed");
+        assert!(out.status.success(), "{command} failed");
         serde_json::from_slice(&out.stdout).unwrap()
     }
 }
@@ -323,6 +327,17 @@ async fn sigkill_during_uploads_never_leaves_a_torn_object() {
         "{} keys, {acked} with an acknowledged version, {} readable",
         history.len(),
         found.len()
+    );
+    // Regression: `gc` and `stats` run beside the serving process (the CronJob, `kubectl exec`),
+    // which holds the local chunk index; they failed to open it while it served.
+    let report = server.gc();
+    assert_eq!(
+        report["packs_deleted"], 0,
+        "nothing is past grace yet: {report}"
+    );
+    assert_eq!(
+        server.maintenance("stats")["keys"].as_u64(),
+        Some(found.len() as u64)
     );
     server.kill();
     let (manifests, referenced) = check_manifests(&store);
