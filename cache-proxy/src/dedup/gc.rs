@@ -33,6 +33,8 @@ impl DedupStore {
     /// grace. An unreadable manifest is reported and skipped, and every pack or segment object that
     /// it might reference (all created before it was written) is kept until an operator removes it.
     pub async fn gc(&self, opts: &GcOptions) -> Result<GcReport, DedupError> {
+        // Before the manifests are listed: what this process's uploads use from now on is kept.
+        let in_use = self.inflight.watch();
         let mut report = GcReport::default();
         let markers: HashMap<String, SystemTime> = self
             .blob
@@ -119,7 +121,7 @@ impl DedupStore {
         for pack in self.blob.list("packs/").await? {
             seen.insert(pack.key.clone());
             let tombstone = tombstones.get(&pack.key);
-            if self.inflight.contains(&pack.key) {
+            if in_use.in_use(&pack.key) {
                 report.packs_kept += 1; // an unpublished upload of this process uses it
                 continue;
             }
@@ -170,7 +172,7 @@ impl DedupStore {
             let age = opts.now.duration_since(body.modified).unwrap_or_default();
             if !referenced.contains(&body.key)
                 && !protected(&body.key)
-                && !self.inflight.contains(&body.key)
+                && !in_use.in_use(&body.key)
                 && age >= opts.grace
             {
                 self.blob.delete(&body.key).await?;

@@ -150,14 +150,74 @@ pub struct DedupStore {
     inflight: Inflight,
 }
 
-/// Names in use by unpublished ingests, counted (several ingests may reuse one pack).
+/// Names in use by unpublished ingests, counted (several ingests may reuse one pack), and for each
+/// GC of this process that is running, every name held since its mark phase began: a pack reused
+/// by an upload that published after GC listed the manifests is not in GC's marks, so GC must know
+/// it was in use meanwhile.
 #[derive(Debug, Clone, Default)]
-pub struct Inflight(Arc<Mutex<HashMap<Arc<str>, usize>>>);
+pub struct Inflight(Arc<Mutex<InflightState>>);
+
+#[derive(Debug, Default)]
+struct InflightState {
+    counts: HashMap<Arc<str>, usize>,
+    watches: HashMap<u64, HashSet<Arc<str>>>,
+    next_watch: u64,
+}
 
 impl Inflight {
     #[must_use]
     pub fn contains(&self, name: &str) -> bool {
-        self.0.lock().expect("inflight lock").contains_key(name)
+        self.0
+            .lock()
+            .expect("inflight lock")
+            .counts
+            .contains_key(name)
+    }
+
+    /// Start watching (before a GC lists manifests): names in use now and every name held until the
+    /// watch is dropped count as in use for it.
+    #[must_use]
+    pub fn watch(&self) -> InflightWatch {
+        let mut st = self.0.lock().expect("inflight lock");
+        let id = st.next_watch;
+        st.next_watch += 1;
+        let now: HashSet<Arc<str>> = st.counts.keys().cloned().collect();
+        st.watches.insert(id, now);
+        InflightWatch {
+            set: self.clone(),
+            id,
+        }
+    }
+}
+
+/// See `Inflight::watch`.
+#[derive(Debug)]
+pub struct InflightWatch {
+    set: Inflight,
+    id: u64,
+}
+
+impl InflightWatch {
+    /// In use now, or at any time since the watch began.
+    #[must_use]
+    pub fn in_use(&self, name: &str) -> bool {
+        let st = self.set.0.lock().expect("inflight lock");
+        st.counts.contains_key(name)
+            || st
+                .watches
+                .get(&self.id)
+                .is_some_and(|seen| seen.contains(name))
+    }
+}
+
+impl Drop for InflightWatch {
+    fn drop(&mut self) {
+        self.set
+            .0
+            .lock()
+            .expect("inflight lock")
+            .watches
+            .remove(&self.id);
     }
 }
 
@@ -179,25 +239,23 @@ impl InflightGuard {
 
     pub fn hold(&mut self, name: &Arc<str>) {
         if self.names.insert(name.clone()) {
-            *self
-                .set
-                .0
-                .lock()
-                .expect("inflight lock")
-                .entry(name.clone())
-                .or_default() += 1;
+            let mut st = self.set.0.lock().expect("inflight lock");
+            *st.counts.entry(name.clone()).or_default() += 1;
+            for seen in st.watches.values_mut() {
+                seen.insert(name.clone());
+            }
         }
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        let mut set = self.set.0.lock().expect("inflight lock");
+        let mut st = self.set.0.lock().expect("inflight lock");
         for n in &self.names {
-            if let Some(c) = set.get_mut(n) {
+            if let Some(c) = st.counts.get_mut(n) {
                 *c -= 1;
                 if *c == 0 {
-                    set.remove(n);
+                    st.counts.remove(n);
                 }
             }
         }
@@ -617,7 +675,12 @@ pub fn sweep_stale_files(
     let mut n = 0;
     for entry in entries {
         let entry = entry?;
-        let meta = entry.metadata()?;
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            // Removed meanwhile (an upload finished with it, or another sweep).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
         if meta.is_file() && meta.modified()? < stale && !keep(&entry.path()) {
             match std::fs::remove_file(entry.path()) {
                 Ok(()) => n += 1,
