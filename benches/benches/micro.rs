@@ -83,6 +83,7 @@ fn sample_manifest(chunks: u32) -> ManifestV1 {
             packs: vec!["packs/0123456789abcdef0123456789abcdef".into()],
             segments: Some(segments.len() as u64),
             body: None,
+            attrs: spotrun_cache_proxy::dedup::manifest::ObjectAttrs::default(),
         },
         segments,
     }

@@ -31,6 +31,7 @@ async fn put(store: &Arc<DedupStore>, key: &str, body: &[u8]) -> anyhow::Result<
         etag: "\"bench\"".into(),
         content_type: None,
         metadata: Vec::new(),
+        attrs: spotrun_cache_proxy::dedup::manifest::ObjectAttrs::default(),
     };
     store
         .put_bytes(bytes::Bytes::copy_from_slice(body), obj)

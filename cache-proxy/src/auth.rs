@@ -118,15 +118,51 @@ pub fn authenticate(
             return Err(AuthError::Anonymous);
         };
     let key = find_key(keys, &out.access_key)?;
-    if key.bucket.as_deref().is_some_and(|b| b != req.bucket)
-        || key
-            .prefix
-            .as_deref()
-            .is_some_and(|p| !req.key.starts_with(p))
+    // Bucket-level requests (list, delete of several keys, ListBuckets) check their keys, prefixes
+    // and buckets against the scope themselves.
+    if (!req.bucket.is_empty() && !bucket_allowed(key, req.bucket))
+        || (!req.key.is_empty() && !key_allowed(key, req.bucket, req.key))
     {
         return Err(AuthError::Forbidden);
     }
     Ok(out)
+}
+
+/// May `key` use `bucket` at all?
+#[must_use]
+pub fn bucket_allowed(key: &AccessKey, bucket: &str) -> bool {
+    key.bucket.as_deref().is_none_or(|b| b == bucket)
+}
+
+/// Is `object` inside `prefix` at a path-segment boundary? (`project/4` holds `project/4` and
+/// `project/4/...`, never `project/42/...`; `project/4/` holds `project/4/...`.)
+#[must_use]
+pub fn within_prefix(object: &str, prefix: &str) -> bool {
+    prefix.is_empty()
+        || object == prefix
+        || (object.starts_with(prefix)
+            && (prefix.ends_with('/') || object[prefix.len()..].starts_with('/')))
+}
+
+/// May `key` read or write `object` in `bucket`?
+#[must_use]
+pub fn key_allowed(key: &AccessKey, bucket: &str, object: &str) -> bool {
+    bucket_allowed(key, bucket)
+        && key
+            .prefix
+            .as_deref()
+            .is_none_or(|p| within_prefix(object, p))
+}
+
+/// May `key` list keys starting with `prefix`? Only inside its own prefix (and every key the
+/// listing returns is checked with `key_allowed` as well).
+#[must_use]
+pub fn listing_allowed(key: &AccessKey, bucket: &str, prefix: &str) -> bool {
+    bucket_allowed(key, bucket)
+        && key.prefix.as_deref().is_none_or(|p| {
+            let dir = format!("{}/", p.trim_end_matches('/'));
+            prefix.starts_with(&dir) || prefix == p.trim_end_matches('/') || prefix == dir
+        })
 }
 
 fn presigned(

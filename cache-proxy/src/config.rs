@@ -123,6 +123,9 @@ pub struct GcFile {
     pub expire_unread_days: u64,
     /// Least recently used keys are deleted while the logical total exceeds this; 0 = no cap.
     pub max_logical_bytes: u64,
+    /// Multipart uploads neither completed nor aborted for this many days are deleted with their
+    /// parts (S3 lifecycle's `AbortIncompleteMultipartUpload`); 0 = never.
+    pub expire_uploads_days: u64,
 }
 
 impl Default for GcFile {
@@ -132,6 +135,7 @@ impl Default for GcFile {
             grace_secs: 3600,
             expire_unread_days: 30,
             max_logical_bytes: 0,
+            expire_uploads_days: 7,
         }
     }
 }
@@ -244,6 +248,7 @@ pub struct Settings {
     pub gc_grace: Duration,
     pub expire_unread: Option<Duration>,
     pub max_logical_bytes: Option<u64>,
+    pub expire_uploads: Duration,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -520,6 +525,11 @@ pub fn resolve(
         expire_unread: (gc.expire_unread_days > 0)
             .then(|| Duration::from_secs(gc.expire_unread_days * 86_400)),
         max_logical_bytes: (gc.max_logical_bytes > 0).then_some(gc.max_logical_bytes),
+        expire_uploads: if gc.expire_uploads_days == 0 {
+            Duration::MAX
+        } else {
+            Duration::from_secs(gc.expire_uploads_days * 86_400)
+        },
     })
 }
 

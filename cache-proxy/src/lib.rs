@@ -8,6 +8,7 @@ pub mod conn;
 pub mod dedup;
 pub mod metrics;
 pub mod ops;
+pub mod s3api;
 pub mod s3error;
 pub mod server;
 pub mod sigv4;
@@ -76,6 +77,7 @@ pub fn gc_options(settings: &Settings) -> GcOptions {
         grace: settings.gc_grace,
         expire_unread: settings.expire_unread,
         max_logical_bytes: settings.max_logical_bytes,
+        expire_uploads: settings.expire_uploads,
         now: std::time::SystemTime::now(),
     }
 }

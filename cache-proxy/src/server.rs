@@ -22,6 +22,7 @@ use crate::config::Settings;
 use crate::dedup::manifest::Manifest;
 use crate::dedup::{DedupError, DedupStore, NewObject};
 use crate::metrics::Metrics;
+use crate::s3api;
 use crate::s3error::S3Error;
 pub use crate::sigv4::access_key_hint;
 use crate::sigv4::{self, AuthError};
@@ -162,7 +163,7 @@ fn auth_error(e: &AuthError) -> S3Error {
     }
 }
 
-fn dedup_error(e: &DedupError) -> S3Error {
+pub(crate) fn dedup_error(e: &DedupError) -> S3Error {
     match e {
         // Retryable: the backend is busy, or a concurrent GC took packs this upload reused.
         DedupError::Store(StoreError::Unavailable { .. }) | DedupError::ReusedPacksGone(_) => {
@@ -177,7 +178,7 @@ fn dedup_error(e: &DedupError) -> S3Error {
 }
 
 /// Reject keys that could mean something else on a filesystem or exceed S3 limits.
-fn validate_key(key: &str) -> Result<(), S3Error> {
+pub(crate) fn validate_key(key: &str) -> Result<(), S3Error> {
     if key.len() > MAX_KEY_BYTES {
         return Err(S3Error::bad_request(
             "KeyTooLongError",
@@ -232,17 +233,7 @@ async fn handle(st: &AppState, req: Request) -> (&'static str, Handled) {
     if let Err(e) = reject_duplicates(&query, &parts.headers) {
         return ("Unknown", Err(e));
     }
-    let op = match (&parts.method, key.is_empty()) {
-        (&Method::GET, false) => "GetObject",
-        (&Method::HEAD, false) => "HeadObject",
-        (&Method::PUT, false) => "PutObject",
-        (&Method::GET, true) if query.iter().any(|(k, _)| k == "location") => "GetBucketLocation",
-        (&Method::HEAD, true) => "HeadBucket",
-        _ => "Unsupported",
-    };
-    if bucket.is_empty() {
-        return (op, Err(S3Error::not_implemented("ListBuckets")));
-    }
+    let op = operation(&parts.method, bucket, key, &query, &parts.headers);
     if let Err(e) = validate_key(key) {
         return (op, Err(e));
     }
@@ -266,7 +257,15 @@ async fn handle(st: &AppState, req: Request) -> (&'static str, Handled) {
             return (op, Err(auth_error(&e)));
         }
     };
-    if !st.settings.buckets.iter().any(|b| b == bucket) {
+    let Some(access) = st
+        .settings
+        .access_keys
+        .iter()
+        .find(|k| k.id == authd.access_key)
+    else {
+        return (op, Err(S3Error::access_denied("Access Denied")));
+    };
+    if !bucket.is_empty() && !st.settings.buckets.iter().any(|b| b == bucket) {
         return (
             op,
             Err(S3Error::new(
@@ -276,39 +275,66 @@ async fn handle(st: &AppState, req: Request) -> (&'static str, Handled) {
             )),
         );
     }
-    // Sub-resources (?acl, ?tagging, ?uploads, ...) are other S3 operations.
+    // Sub-resources and parameters an operation does not take (?acl, ?tagging, ?versionId, ...)
+    // are other S3 features: refused, never ignored.
+    let allowed = allowed_params(op);
     let sub = query.iter().find(|(k, _)| {
-        !k.to_ascii_lowercase().starts_with("x-amz-") && k != "x-id" && k != "location"
+        !k.to_ascii_lowercase().starts_with("x-amz-")
+            && k != "x-id"
+            && !allowed.contains(&k.as_str())
     });
     if let Some((k, _)) = sub {
         return (
             op,
-            Err(S3Error::not_implemented(&format!("the ?{k} sub-resource"))),
+            Err(S3Error::not_implemented(&format!(
+                "the ?{k} parameter on {op}"
+            ))),
         );
     }
+    let writes_key = matches!(
+        op,
+        "PutObject" | "CopyObject" | "CreateMultipartUpload" | "UploadPart"
+    );
+    if writes_key && let Err(e) = s3api::check_listable(key) {
+        return (op, Err(e));
+    }
     let ak = Some(authd.access_key.clone());
+    let h = &parts.headers;
     let result = match op {
         "GetObject" | "HeadObject" => {
             get_object(
                 st,
                 bucket,
                 key,
-                &parts.headers,
+                h,
+                &query,
                 op == "HeadObject",
                 authd.presigned_signature.as_deref(),
             )
             .await
         }
-        "PutObject" => match check_body_framing(&parts.headers, &authd.payload) {
-            Ok(()) => put_object(st, bucket, key, &parts.headers, authd.payload, body).await,
-            Err(e) => Err(e),
-        },
+        "PutObject" => put_object(st, bucket, key, h, authd.payload, body).await,
+        "CopyObject" => s3api::copy_object(st, access, bucket, key, h).await,
+        "DeleteObject" => s3api::delete_object(st, bucket, key).await,
+        "CreateMultipartUpload" => s3api::create_multipart(st, bucket, key, h).await,
+        "UploadPart" => s3api::upload_part(st, bucket, key, &query, h, authd.payload, body).await,
+        "CompleteMultipartUpload" => s3api::complete_multipart(st, bucket, key, &query, body).await,
+        "AbortMultipartUpload" => s3api::abort_multipart(st, bucket, key, &query).await,
+        "ListParts" => s3api::list_parts(st, bucket, key, &query).await,
+        "ListObjects" | "ListObjectsV2" => {
+            s3api::list_objects(st, access, bucket, &query, op == "ListObjectsV2").await
+        }
+        "ListMultipartUploads" => s3api::list_uploads(st, access, bucket, &query).await,
+        "DeleteObjects" => s3api::delete_objects(st, access, bucket, body).await,
+        "ListBuckets" => Ok(s3api::list_buckets(st, access)),
         "GetBucketLocation" => Ok(location(&st.settings.region)),
         "HeadBucket" => Ok(StatusCode::OK.into_response()),
         _ => Err(S3Error::not_implemented(&format!(
             "{} on {}",
             parts.method,
-            if key.is_empty() {
+            if bucket.is_empty() {
+                "the service"
+            } else if key.is_empty() {
                 "a bucket"
             } else {
                 "an object"
@@ -316,6 +342,81 @@ async fn handle(st: &AppState, req: Request) -> (&'static str, Handled) {
         ))),
     };
     (op, result.map(|r| (r, ak)))
+}
+
+/// The S3 operation a request names (method, path shape, sub-resource, copy header).
+fn operation(
+    method: &Method,
+    bucket: &str,
+    key: &str,
+    query: &[(String, String)],
+    headers: &HeaderMap,
+) -> &'static str {
+    let has = |n: &str| query.iter().any(|(k, _)| k == n);
+    let copy = headers.contains_key("x-amz-copy-source");
+    match (method, bucket.is_empty(), key.is_empty()) {
+        (&Method::GET, true, _) => "ListBuckets",
+        (&Method::GET, false, true) if has("location") => "GetBucketLocation",
+        (&Method::GET, false, true) if has("uploads") => "ListMultipartUploads",
+        (&Method::GET, false, true) if query.iter().any(|(k, v)| k == "list-type" && v == "2") => {
+            "ListObjectsV2"
+        }
+        (&Method::GET, false, true) => "ListObjects",
+        (&Method::HEAD, false, true) => "HeadBucket",
+        (&Method::POST, false, true) if has("delete") => "DeleteObjects",
+        (&Method::GET, false, false) if has("uploadId") => "ListParts",
+        (&Method::GET, false, false) => "GetObject",
+        (&Method::HEAD, false, false) => "HeadObject",
+        (&Method::PUT, false, false) if has("uploadId") && copy => "UploadPartCopy",
+        (&Method::PUT, false, false) if has("uploadId") => "UploadPart",
+        (&Method::PUT, false, false) if copy => "CopyObject",
+        (&Method::PUT, false, false) => "PutObject",
+        (&Method::POST, false, false) if has("uploads") => "CreateMultipartUpload",
+        (&Method::POST, false, false) if has("uploadId") => "CompleteMultipartUpload",
+        (&Method::DELETE, false, false) if has("uploadId") => "AbortMultipartUpload",
+        (&Method::DELETE, false, false) => "DeleteObject",
+        _ => "Unsupported",
+    }
+}
+
+/// Query parameters each operation understands (besides `X-Amz-*` and `x-id`).
+fn allowed_params(op: &str) -> &'static [&'static str] {
+    const RESPONSE: &[&str] = &[
+        "response-content-type",
+        "response-content-disposition",
+        "response-cache-control",
+        "response-content-encoding",
+        "response-content-language",
+        "response-expires",
+    ];
+    match op {
+        "GetObject" | "HeadObject" => RESPONSE,
+        "ListObjects" => &["prefix", "delimiter", "marker", "max-keys", "encoding-type"],
+        "ListObjectsV2" => &[
+            "list-type",
+            "prefix",
+            "delimiter",
+            "continuation-token",
+            "start-after",
+            "max-keys",
+            "encoding-type",
+            "fetch-owner",
+        ],
+        "ListMultipartUploads" => &["uploads", "prefix", "max-uploads", "encoding-type"],
+        "ListBuckets" => &["max-buckets"],
+        "GetBucketLocation" => &["location"],
+        "DeleteObjects" => &["delete"],
+        "UploadPart" | "UploadPartCopy" => &["partNumber", "uploadId"],
+        "CreateMultipartUpload" => &["uploads"],
+        "CompleteMultipartUpload" | "AbortMultipartUpload" => &["uploadId"],
+        "ListParts" => &[
+            "uploadId",
+            "max-parts",
+            "part-number-marker",
+            "encoding-type",
+        ],
+        _ => &[],
+    }
 }
 
 fn location(region: &str) -> Response {
@@ -378,6 +479,7 @@ async fn get_object(
     bucket: &str,
     key: &str,
     headers: &HeaderMap,
+    query: &[(String, String)],
     head: bool,
     pin: Option<&str>,
 ) -> Result<Response, S3Error> {
@@ -413,6 +515,15 @@ async fn get_object(
         }
         m
     };
+    if let Err(e) = crate::s3api::read_conditions(headers, &m.header) {
+        if e.status == StatusCode::NOT_MODIFIED {
+            let mut resp = StatusCode::NOT_MODIFIED.into_response();
+            object_headers(resp.headers_mut(), &m);
+            resp.headers_mut().remove(header::CONTENT_TYPE);
+            return Ok(resp);
+        }
+        return Err(e);
+    }
     let size = m.header.size;
     let Ok(range) = parse_range(headers.get(header::RANGE), size) else {
         let mut e = S3Error::new(
@@ -444,6 +555,17 @@ async fn get_object(
         resp.headers_mut().insert(header::CONTENT_RANGE, v);
     }
     object_headers(resp.headers_mut(), &m);
+    // Presigned overrides (`response-content-type=...`): signed with the URL, so the signer chose them.
+    for (name, value) in query {
+        if let Some(h) = name.strip_prefix("response-")
+            && let (Ok(hn), Ok(hv)) = (
+                header::HeaderName::from_bytes(h.as_bytes()),
+                HeaderValue::from_str(value),
+            )
+        {
+            resp.headers_mut().insert(hn, hv);
+        }
+    }
     Ok(resp)
 }
 
@@ -465,6 +587,14 @@ fn object_headers(h: &mut HeaderMap, m: &Manifest) {
     if let Ok(v) = HeaderValue::from_str(ct) {
         h.insert(header::CONTENT_TYPE, v);
     }
+    for (k, v) in &m.header.attrs.headers {
+        if let (Ok(name), Ok(value)) = (
+            header::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            h.insert(name, value);
+        }
+    }
     for (k, v) in &m.header.metadata {
         if let (Ok(name), Ok(value)) = (
             header::HeaderName::from_bytes(format!("x-amz-meta-{k}").as_bytes()),
@@ -475,7 +605,7 @@ fn object_headers(h: &mut HeaderMap, m: &Manifest) {
     }
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -484,16 +614,24 @@ fn crc32_b64(c: u32) -> String {
     base64::engine::general_purpose::STANDARD.encode(c.to_be_bytes())
 }
 
-#[allow(clippy::too_many_lines, clippy::similar_names)] // one linear pipeline: frame, verify, spool, ingest
-async fn put_object(
+/// A request body received, verified and staged (not yet published).
+pub(crate) struct Received {
+    pub staged: crate::dedup::Staged,
+    pub md5: [u8; 16],
+}
+
+/// Receive a `PutObject` or `UploadPart` body: framing (aws-chunked where signed), size limit, stall and rate
+/// limits, then every digest the request carries (payload SHA-256, Content-MD5, CRC32 header or
+/// trailer). The body is chunked and uploaded while it arrives; nothing is published here.
+#[allow(clippy::too_many_lines, clippy::similar_names)] // one linear pipeline: frame, verify, ingest
+pub(crate) async fn receive_body(
     st: &AppState,
-    bucket: &str,
-    key: &str,
     headers: &HeaderMap,
     payload: PayloadMode,
     body: Body,
-) -> Result<Response, S3Error> {
+) -> Result<Received, S3Error> {
     use base64::Engine as _;
+    check_body_framing(headers, &payload)?;
     let decoded_len: Option<u64> =
         header_str(headers, "x-amz-decoded-content-length").and_then(|v| v.parse().ok());
     // aws-chunked framing only where the signed payload hash declares it (`check_body_framing`
@@ -583,6 +721,13 @@ async fn put_object(
                 ),
             ));
         }
+    } else if let Some(n) = declared("content-length")
+        && n != size
+    {
+        return Err(S3Error::bad_request(
+            "IncompleteBody",
+            "You did not provide the number of bytes specified by the Content-Length HTTP header",
+        ));
     }
     if let (PayloadMode::Sha256(want), Some(s)) = (&payload, sha)
         && hex::encode(s.finalize()) != *want
@@ -604,7 +749,7 @@ async fn put_object(
             ));
         }
     }
-    let md5 = md5.finalize();
+    let md5: [u8; 16] = md5.finalize().into();
     if let Some(v) = header_str(headers, "content-md5")
         && v.trim() != base64::engine::general_purpose::STANDARD.encode(md5)
     {
@@ -615,8 +760,12 @@ async fn put_object(
     }
     let staged = ingest.finish().await.map_err(|e| dedup_error(&e))?;
     Metrics::add(&st.metrics.logical_bytes_in, size);
+    Ok(Received { staged, md5 })
+}
 
-    let metadata: Vec<(String, String)> = headers
+/// `x-amz-meta-*` pairs of a request (names without the prefix).
+pub(crate) fn user_metadata(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
         .iter()
         .filter_map(|(k, v)| {
             k.as_str().strip_prefix("x-amz-meta-").map(|n| {
@@ -626,17 +775,62 @@ async fn put_object(
                 )
             })
         })
-        .collect();
-    let etag = format!("\"{}\"", hex::encode(md5));
+        .collect()
+}
+
+/// Response headers a PUT stores with the object (returned on GET and HEAD, like S3).
+pub(crate) const STORED_HEADERS: &[&str] = &[
+    "cache-control",
+    "content-disposition",
+    "content-encoding",
+    "content-language",
+    "expires",
+];
+
+pub(crate) fn stored_attrs(headers: &HeaderMap) -> crate::dedup::manifest::ObjectAttrs {
+    let mut attrs = crate::dedup::manifest::ObjectAttrs::default();
+    for name in STORED_HEADERS {
+        let Some(v) = header_str(headers, name) else {
+            continue;
+        };
+        // `aws-chunked` is framing of this request, not an encoding of the object.
+        let v = if *name == "content-encoding" {
+            v.split(',')
+                .map(str::trim)
+                .filter(|p| !p.eq_ignore_ascii_case("aws-chunked") && !p.is_empty())
+                .collect::<Vec<_>>()
+                .join(",")
+        } else {
+            v.to_owned()
+        };
+        if !v.is_empty() {
+            attrs.headers.push(((*name).to_owned(), v));
+        }
+    }
+    attrs
+}
+
+async fn put_object(
+    st: &AppState,
+    bucket: &str,
+    key: &str,
+    headers: &HeaderMap,
+    payload: PayloadMode,
+    body: Body,
+) -> Result<Response, S3Error> {
+    crate::s3api::check_put_conditions(st, bucket, key, headers).await?;
+    let r = receive_body(st, headers, payload, body).await?;
+    let etag = format!("\"{}\"", hex::encode(r.md5));
     let obj = NewObject {
         bucket: bucket.to_owned(),
         key: key.to_owned(),
         etag: etag.clone(),
         content_type: header_str(headers, "content-type").map(str::to_owned),
-        metadata,
+        metadata: user_metadata(headers),
+        attrs: stored_attrs(headers),
     };
     st.dedup
-        .publish(staged, obj)
+        .publish(r.staged, obj)
         .await
         .map_err(|e| dedup_error(&e))?;
     let mut resp = StatusCode::OK.into_response();

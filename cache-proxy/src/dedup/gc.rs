@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 use super::index::{name_time, pack_index_key, pack_of_index_key};
+use super::listing;
 use super::manifest::Manifest;
 use super::{
     DedupError, DedupStore, GcOptions, GcReport, Stats, TEMP_MIN_AGE, read_marker_key,
@@ -22,6 +23,9 @@ use crate::store::StoreError;
 /// A manifest as GC sees it.
 struct Marked {
     key: String,
+    bucket: String,
+    object: String,
+    etag: String,
     size: u64,
     last_used: SystemTime,
     packs: Vec<String>,
@@ -68,6 +72,9 @@ impl DedupStore {
                 .map_or(written, |r| r.max(written));
             live.push(Marked {
                 key: info.key,
+                bucket: m.header.bucket,
+                object: m.header.key,
+                etag: m.header.etag,
                 size: m.header.size,
                 last_used,
                 packs: m.header.packs,
@@ -78,6 +85,7 @@ impl DedupStore {
         live.sort_by_key(|e| std::cmp::Reverse(e.last_used));
         let mut logical = 0u64;
         let mut referenced: HashSet<String> = HashSet::new();
+        let mut listed: HashMap<(String, String), (u64, String)> = HashMap::new();
         for m in live {
             let too_old = opts
                 .expire_unread
@@ -87,16 +95,19 @@ impl DedupStore {
                 .is_some_and(|cap| logical + m.size > cap);
             if too_old || over_cap {
                 tracing::info!(manifest = %m.key, too_old, over_cap, "expiring cache key");
-                self.blob.delete(&m.key).await?;
-                self.blob.delete(&read_marker_key(&m.key)).await?;
+                self.delete_key(&m.bucket, &m.object).await?;
                 report.manifests_expired += 1;
             } else {
                 logical += m.size;
                 report.manifests_live += 1;
+                listed.insert((m.bucket, m.object), (m.size, m.etag));
                 referenced.extend(m.packs);
                 referenced.extend(m.body);
             }
         }
+        self.gc_entries(opts, &listed, &mut report).await?;
+        self.gc_uploads(opts, &mut referenced, &mut keep_before, &mut report)
+            .await?;
         let protected =
             |name: &str| keep_before.is_some_and(|t| name_time(name).is_none_or(|made| made <= t));
         // Two phases, so that several processes can share a backend: an unreferenced pack past
@@ -196,6 +207,103 @@ impl DedupStore {
         .map_err(|e| std::io::Error::other(e.to_string()))??;
         report.temp_files_deleted += self.blob.sweep_temp(stale).await?;
         Ok(report)
+    }
+
+    /// Listing entries: those of keys without a live manifest (a crash between the two deletes,
+    /// or a stale version) are deleted past grace, and live keys without an entry get one.
+    async fn gc_entries(
+        &self,
+        opts: &GcOptions,
+        live: &HashMap<(String, String), (u64, String)>,
+        report: &mut GcReport,
+    ) -> Result<(), DedupError> {
+        let mut found: HashSet<(String, String)> = HashSet::new();
+        for o in self.blob.list("keys/").await? {
+            let Some(bucket) = o
+                .key
+                .strip_prefix("keys/")
+                .and_then(|r| r.split_once('/'))
+                .map(|(b, _)| b.to_owned())
+            else {
+                continue;
+            };
+            let current = listing::parse_entry(&bucket, &o.key).ok().filter(|e| {
+                live.get(&(bucket.clone(), e.key.clone()))
+                    .is_some_and(|(size, etag)| *size == e.size && *etag == e.etag)
+            });
+            if let Some(e) = current {
+                found.insert((bucket, e.key));
+            } else if opts.now.duration_since(o.modified).unwrap_or_default() >= opts.grace {
+                self.blob.delete(&o.key).await?;
+                report.entries_deleted += 1;
+            }
+        }
+        for ((bucket, key), _) in live.iter().filter(|(k, _)| !found.contains(*k)) {
+            if let Some(m) = self.manifest(bucket, key).await? {
+                self.write_entry(&m.header).await?;
+                report.entries_written += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Multipart uploads: parts of live uploads are roots; uploads older than `expire_uploads`
+    /// are deleted, and so are parts whose upload record is gone (past grace).
+    async fn gc_uploads(
+        &self,
+        opts: &GcOptions,
+        referenced: &mut HashSet<String>,
+        keep_before: &mut Option<SystemTime>,
+        report: &mut GcReport,
+    ) -> Result<(), DedupError> {
+        let objects = self.blob.list("uploads/").await?;
+        let metas: HashMap<String, SystemTime> = objects
+            .iter()
+            .filter_map(|o| {
+                o.key
+                    .strip_suffix("meta")
+                    .map(|d| (d.to_owned(), o.modified))
+            })
+            .collect();
+        let mut expired: HashSet<&str> = HashSet::new();
+        for o in &objects {
+            let Some((dir, _)) = o.key.rsplit_once('/') else {
+                continue;
+            };
+            let dir = &o.key[..=dir.len()];
+            let age = |t: SystemTime| opts.now.duration_since(t).unwrap_or_default();
+            let upload_gone = match metas.get(dir) {
+                None => age(o.modified) >= opts.grace,
+                Some(made) => age(*made) >= opts.expire_uploads,
+            };
+            if upload_gone {
+                if metas.contains_key(dir) && expired.insert(dir) {
+                    report.uploads_expired += 1;
+                }
+                self.blob.delete(&o.key).await?;
+                continue;
+            }
+            if o.key.ends_with("/meta") {
+                continue;
+            }
+            let bytes = match self.blob.get(&o.key).await {
+                Ok(b) => b,
+                Err(StoreError::NotFound(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            match Manifest::decode(bytes) {
+                Ok(m) => {
+                    referenced.extend(m.header.packs);
+                    referenced.extend(m.header.body);
+                }
+                Err(e) => {
+                    tracing::error!(part = %o.key, error = %e, "unreadable part manifest: keeping every pack it may reference");
+                    report.manifests_unreadable += 1;
+                    *keep_before = (*keep_before).max(Some(o.modified));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Logical vs stored bytes.

@@ -81,6 +81,29 @@ pub struct ObjectHeader {
     /// Version 3: the object holding the segment stream, when it is not embedded in the manifest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
+    /// Stored response headers and checksums (absent in manifests of earlier releases).
+    #[serde(default, skip_serializing_if = "ObjectAttrs::is_empty")]
+    pub attrs: ObjectAttrs,
+}
+
+/// Response headers stored with an object, and the checksums verified when it was written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectAttrs {
+    /// `(lowercase header name, value)`: Content-Disposition, Cache-Control, Content-Encoding,
+    /// Content-Language, Expires.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    /// `(x-amz-checksum-<algorithm>, base64 value)` of the whole object (single PUT).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checksums: Vec<(String, String)>,
+}
+
+impl ObjectAttrs {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.headers.is_empty() && self.checksums.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -637,6 +660,7 @@ mod tests {
                 packs: vec!["p1".into()],
                 segments: None,
                 body: None,
+                attrs: ObjectAttrs::default(),
             },
             segments: vec![
                 Segment::Inline(b"PK\x03\x04x".to_vec()),

@@ -12,7 +12,10 @@ pub mod chunker;
 pub mod gc;
 pub mod index;
 pub mod ingest;
+pub mod keys;
+pub mod listing;
 pub mod manifest;
+pub mod multipart;
 pub mod read;
 pub mod zip;
 pub mod zipscan;
@@ -80,6 +83,16 @@ pub struct NewObject {
     pub etag: String,
     pub content_type: Option<String>,
     pub metadata: Vec<(String, String)>,
+    /// Stored response headers and checksums (`ObjectHeader::attrs`).
+    pub attrs: manifest::ObjectAttrs,
+}
+
+/// What a manifest's segment stream covers.
+#[derive(Debug)]
+pub(crate) struct Version {
+    pub size: u64,
+    pub packs: Vec<String>,
+    pub segment_count: u64,
 }
 
 /// GC policy for one run.
@@ -91,6 +104,8 @@ pub struct GcOptions {
     pub expire_unread: Option<Duration>,
     /// Least recently used keys are deleted until the logical total fits.
     pub max_logical_bytes: Option<u64>,
+    /// Multipart uploads neither completed nor aborted for this long are deleted with their parts.
+    pub expire_uploads: Duration,
     pub now: SystemTime,
 }
 
@@ -111,6 +126,11 @@ pub struct GcReport {
     pub bodies_deleted: usize,
     /// Leftovers of uploads interrupted by a crash: spool files and the store's temp files.
     pub temp_files_deleted: usize,
+    /// Multipart uploads past `expire_uploads`, deleted with their parts.
+    pub uploads_expired: usize,
+    /// Listing entries of deleted or overwritten versions removed, and missing ones rewritten.
+    pub entries_deleted: usize,
+    pub entries_written: usize,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
@@ -499,11 +519,25 @@ impl DedupStore {
     }
 
     /// Make a staged body the key's current version: check the packs it reuses, write its segment
-    /// object if it does not embed, then the manifest (last; retried while the backend throttles).
+    /// object if it does not embed, then the manifest (last; retried while the backend throttles),
+    /// then the key's listing entry.
     pub async fn publish(
+        &self,
+        staged: Staged,
+        obj: NewObject,
+    ) -> Result<ObjectHeader, DedupError> {
+        let mkey = manifest_key(&obj.bucket, &obj.key);
+        let header = self.publish_at(staged, obj, &mkey).await?;
+        self.write_entry(&header).await?;
+        Ok(header)
+    }
+
+    /// `publish` to the manifest name `mkey`, without a listing entry (multipart parts).
+    pub(crate) async fn publish_at(
         &self,
         mut staged: Staged,
         obj: NewObject,
+        mkey: &str,
     ) -> Result<ObjectHeader, DedupError> {
         let missing = self.missing_reused_packs(&staged.reused).await?;
         if !missing.is_empty() {
@@ -516,19 +550,51 @@ impl DedupStore {
             }
             return Err(DedupError::ReusedPacksGone(missing.len()));
         }
-        let seg_len = staged.segments.as_file().metadata()?.len();
+        let version = Version {
+            size: staged.size,
+            packs: std::mem::take(&mut staged.packs),
+            segment_count: staged.segment_count,
+        };
+        let header = self
+            .write_version(
+                version,
+                staged.segments.path(),
+                obj,
+                &mut staged.inflight,
+                mkey,
+            )
+            .await?;
+        let st = staged.stats;
+        Metrics::add(&self.metrics.chunk_hits, st.chunks_reused);
+        Metrics::add(&self.metrics.chunk_misses, st.chunks_new);
+        Metrics::add(&self.metrics.dedup_bytes, st.bytes_reused);
+        Metrics::add(&self.metrics.stored_bytes_in, st.bytes_new);
+        Ok(header)
+    }
+
+    /// Write a manifest for a segment stream in the local file `segments`: embedded when small,
+    /// else in its own segment object first.
+    pub(crate) async fn write_version(
+        &self,
+        v: Version,
+        segments: &Path,
+        obj: NewObject,
+        inflight: &mut InflightGuard,
+        mkey: &str,
+    ) -> Result<ObjectHeader, DedupError> {
+        let seg_len = std::fs::metadata(segments)?.len();
         let mut embedded = Vec::new();
         let body = if seg_len <= EMBED_MAX as u64 {
-            embedded = std::fs::read(staged.segments.path())?;
+            embedded = std::fs::read(segments)?;
             None
         } else {
             let name = format!(
                 "mbodies/{}",
                 index::new_pack_name(SystemTime::now()).trim_start_matches("packs/")
             );
-            staged.inflight.hold(&Arc::from(name.as_str()));
+            inflight.hold(&Arc::from(name.as_str()));
             self.blob
-                .put_file(&name, staged.segments.path())
+                .put_file(&name, segments)
                 .await
                 .inspect_err(|_| Metrics::add(&self.metrics.backend_errors, 1))?;
             Some(name)
@@ -536,23 +602,18 @@ impl DedupStore {
         let header = ObjectHeader {
             bucket: obj.bucket,
             key: obj.key,
-            size: staged.size,
+            size: v.size,
             etag: obj.etag,
             last_modified: unix_secs(SystemTime::now()),
             content_type: obj.content_type,
             metadata: obj.metadata,
-            packs: staged.packs,
-            segments: Some(staged.segment_count),
+            packs: v.packs,
+            segments: Some(v.segment_count),
             body,
+            attrs: obj.attrs,
         };
         let encoded = Bytes::from(Manifest::encode_v3(&header, &embedded));
-        let mkey = manifest_key(&header.bucket, &header.key);
-        self.put_manifest(&mkey, encoded).await?;
-        let st = staged.stats;
-        Metrics::add(&self.metrics.chunk_hits, st.chunks_reused);
-        Metrics::add(&self.metrics.chunk_misses, st.chunks_new);
-        Metrics::add(&self.metrics.dedup_bytes, st.bytes_reused);
-        Metrics::add(&self.metrics.stored_bytes_in, st.bytes_new);
+        self.put_manifest(mkey, encoded).await?;
         Ok(header)
     }
 
@@ -721,6 +782,7 @@ mod tests {
             etag: "\"e\"".into(),
             content_type: None,
             metadata: vec![],
+            attrs: manifest::ObjectAttrs::default(),
         }
     }
 
@@ -844,6 +906,7 @@ mod tests {
         put(&s, dir.path(), "k", &noise(1 << 20, 4)).await; // overwrite: first pack now unreferenced
         let now = SystemTime::now();
         let opts = GcOptions {
+            expire_uploads: std::time::Duration::from_secs(7 * 86_400),
             grace: Duration::from_hours(1),
             expire_unread: None,
             max_logical_bytes: None,
@@ -855,6 +918,7 @@ mod tests {
             "grace protects young packs"
         );
         let later = GcOptions {
+            expire_uploads: std::time::Duration::from_secs(7 * 86_400),
             grace: Duration::from_mins(1),
             now: now + Duration::from_mins(2),
             ..opts.clone()
@@ -874,6 +938,7 @@ mod tests {
         assert_eq!((r.packs_deleted, r.packs_kept, r.manifests_live), (1, 1, 1));
         assert_eq!(get(&s, "k", 0, 1 << 20).await.unwrap(), noise(1 << 20, 4));
         let expire = GcOptions {
+            expire_uploads: std::time::Duration::from_secs(7 * 86_400),
             expire_unread: Some(Duration::from_mins(1)),
             ..later
         };
@@ -901,6 +966,7 @@ mod tests {
         put(&a, dir.path(), "k", &old).await;
         put(&a, dir.path(), "k", &new).await; // `old`'s pack is unreferenced, still in a's index
         let gc = GcOptions {
+            expire_uploads: std::time::Duration::from_secs(7 * 86_400),
             grace: Duration::from_mins(1),
             expire_unread: None,
             max_logical_bytes: None,
@@ -1092,6 +1158,7 @@ mod tests {
         let packs = s.blob().list("packs/").await.unwrap().len();
         assert!(packs >= 2, "{packs}");
         let opts = GcOptions {
+            expire_uploads: std::time::Duration::from_secs(7 * 86_400),
             grace: Duration::from_mins(1),
             expire_unread: None,
             max_logical_bytes: None,
@@ -1214,6 +1281,7 @@ mod tests {
         )
         .unwrap();
         let opts = GcOptions {
+            expire_uploads: std::time::Duration::from_secs(7 * 86_400),
             grace: Duration::from_mins(1),
             expire_unread: None,
             max_logical_bytes: None,

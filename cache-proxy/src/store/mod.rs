@@ -81,6 +81,19 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         all.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(all)
     }
+    /// At most `limit` objects of `list_after`, and whether more follow (one backend round trip
+    /// where the backend pages).
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: usize,
+    ) -> Result<(Vec<ObjectInfo>, bool), StoreError> {
+        let mut all = self.list_after(prefix, start_after).await?;
+        let more = all.len() > limit;
+        all.truncate(limit);
+        Ok((all, more))
+    }
     /// Delete; deleting a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Cheap reachability probe for `/readyz`.

@@ -362,6 +362,41 @@ impl BlobStore for S3Store {
         Ok(out)
     }
 
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: usize,
+    ) -> Result<(Vec<ObjectInfo>, bool), StoreError> {
+        let _p = self.permit("list", prefix).await?;
+        let page = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(self.full(prefix))
+            .set_start_after((!start_after.is_empty()).then(|| self.full(start_after)))
+            .max_keys(i32::try_from(limit.min(1000)).unwrap_or(1000))
+            .send()
+            .await
+            .map_err(|e| classify("list", prefix, e))?;
+        let out = page
+            .contents()
+            .iter()
+            .filter_map(|obj| {
+                let k = obj.key()?;
+                Some(ObjectInfo {
+                    key: k.strip_prefix(&self.prefix).unwrap_or(k).to_owned(),
+                    size: obj.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                    modified: obj
+                        .last_modified()
+                        .and_then(|d| SystemTime::try_from(*d).ok())
+                        .unwrap_or(SystemTime::UNIX_EPOCH),
+                })
+            })
+            .collect();
+        Ok((out, page.is_truncated() == Some(true)))
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let _p = self.permit("delete", key).await?;
         match self

@@ -123,6 +123,7 @@ impl Proxy {
             http: spotrun_cache_proxy::config::HttpLimits::default(),
             gc_interval: None,
             gc_grace: Duration::from_hours(1),
+            expire_uploads: Duration::from_hours(7 * 24),
             expire_unread: None,
             max_logical_bytes: None,
         };

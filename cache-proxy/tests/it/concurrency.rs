@@ -143,6 +143,7 @@ fn obj(key: &str) -> NewObject {
         etag: "\"e\"".into(),
         content_type: None,
         metadata: vec![],
+        attrs: spotrun_cache_proxy::dedup::manifest::ObjectAttrs::default(),
     }
 }
 
@@ -210,6 +211,7 @@ async fn gc_protocol_model() {
                 let s = store.clone();
                 tasks.push(tokio::spawn(async move {
                     let opts = GcOptions {
+                        expire_uploads: std::time::Duration::from_secs(7 * 86_400),
                         grace: Duration::ZERO,
                         expire_unread: None,
                         max_logical_bytes: None,
@@ -251,6 +253,7 @@ async fn gc_protocol_model() {
         }
         // A final sweep leaves exactly the referenced packs.
         let opts = GcOptions {
+            expire_uploads: std::time::Duration::from_secs(7 * 86_400),
             grace: Duration::ZERO,
             expire_unread: None,
             max_logical_bytes: None,

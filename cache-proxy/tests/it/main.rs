@@ -22,6 +22,7 @@ mod fuzz_regressions;
 mod gcs_metadata;
 mod hostile;
 mod hot_keys;
+mod object_storage;
 mod presign_boto3;
 mod replicas;
 mod runner_sequence;

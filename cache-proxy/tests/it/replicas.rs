@@ -26,6 +26,7 @@ fn obj(key: &str) -> NewObject {
         etag: "\"e\"".into(),
         content_type: None,
         metadata: vec![],
+        attrs: spotrun_cache_proxy::dedup::manifest::ObjectAttrs::default(),
     }
 }
 
@@ -84,6 +85,7 @@ async fn two_replicas_one_collecting_never_break_each_others_manifests() {
             let mut runs = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let opts = GcOptions {
+                    expire_uploads: std::time::Duration::from_secs(7 * 86_400),
                     grace: Duration::from_millis(1500),
                     expire_unread: None,
                     max_logical_bytes: None,
