@@ -102,6 +102,11 @@ const SINGLETON_HEADERS: &[&str] = &[
     "x-amz-content-sha256",
     "x-amz-decoded-content-length",
     "x-amz-checksum-crc32",
+    "x-amz-checksum-crc32c",
+    "x-amz-checksum-crc64nvme",
+    "x-amz-checksum-sha1",
+    "x-amz-checksum-sha256",
+    "x-amz-trailer",
     "content-md5",
     "content-encoding",
     "range",
@@ -329,6 +334,13 @@ async fn handle(st: &AppState, req: Request) -> (&'static str, Handled) {
         "ListBuckets" => Ok(s3api::list_buckets(st, access)),
         "GetBucketLocation" => Ok(location(&st.settings.region)),
         "HeadBucket" => Ok(StatusCode::OK.into_response()),
+        // Buckets are configured, not created; clients that create before writing (rclone)
+        // accept S3's answer for a bucket they already own.
+        "CreateBucket" => Err(S3Error::new(
+            StatusCode::CONFLICT,
+            "BucketAlreadyOwnedByYou",
+            "Your previous request to create the named bucket succeeded and you already own it.",
+        )),
         _ => Err(S3Error::not_implemented(&format!(
             "{} on {}",
             parts.method,
@@ -363,6 +375,7 @@ fn operation(
         }
         (&Method::GET, false, true) => "ListObjects",
         (&Method::HEAD, false, true) => "HeadBucket",
+        (&Method::PUT, false, true) if query.is_empty() => "CreateBucket",
         (&Method::POST, false, true) if has("delete") => "DeleteObjects",
         (&Method::GET, false, false) if has("uploadId") => "ListParts",
         (&Method::GET, false, false) => "GetObject",
@@ -555,6 +568,19 @@ async fn get_object(
         resp.headers_mut().insert(header::CONTENT_RANGE, v);
     }
     object_headers(resp.headers_mut(), &m);
+    if range.is_none()
+        && header_str(headers, "x-amz-checksum-mode")
+            .is_some_and(|v| v.eq_ignore_ascii_case("enabled"))
+    {
+        for (name, value) in &m.header.attrs.checksums {
+            if let (Ok(n), Ok(v)) = (
+                header::HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                resp.headers_mut().insert(n, v);
+            }
+        }
+    }
     // Presigned overrides (`response-content-type=...`): signed with the URL, so the signer chose them.
     for (name, value) in query {
         if let Some(h) = name.strip_prefix("response-")
@@ -609,15 +635,37 @@ pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a s
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn crc32_b64(c: u32) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(c.to_be_bytes())
-}
-
 /// A request body received, verified and staged (not yet published).
 pub(crate) struct Received {
     pub staged: crate::dedup::Staged,
     pub md5: [u8; 16],
+    /// `(x-amz-checksum-<algorithm>, base64)` computed over the body and matched against every
+    /// value the request declared.
+    pub checksums: Vec<(String, String)>,
+}
+
+/// Checksum algorithms S3 clients send (`x-amz-checksum-*` headers or an `x-amz-trailer`).
+const CHECKSUM_ALGORITHMS: [&str; 5] = ["crc32", "crc32c", "crc64nvme", "sha1", "sha256"];
+
+/// The checksums a request asks for, by header name, computed with AWS's own implementations.
+fn requested_checksums(
+    headers: &HeaderMap,
+) -> Vec<(String, Box<dyn aws_smithy_checksums::http::HttpChecksum>)> {
+    let trailer = header_str(headers, "x-amz-trailer")
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    CHECKSUM_ALGORITHMS
+        .iter()
+        .map(|a| format!("x-amz-checksum-{a}"))
+        .filter(|name| {
+            headers.contains_key(name.as_str()) || trailer.split(',').any(|t| t.trim() == name)
+        })
+        .filter_map(|name| {
+            let alg: aws_smithy_checksums::ChecksumAlgorithm =
+                name.trim_start_matches("x-amz-checksum-").parse().ok()?;
+            Some((name, alg.into_impl()))
+        })
+        .collect()
 }
 
 /// Receive a `PutObject` or `UploadPart` body: framing (aws-chunked where signed), size limit, stall and rate
@@ -672,7 +720,7 @@ pub(crate) async fn receive_body(
     let mut ingest = st.dedup.begin_ingest().await.map_err(|e| dedup_error(&e))?;
     let mut md5 = Md5::new();
     let mut sha = matches!(payload, PayloadMode::Sha256(_)).then(Sha256::new);
-    let mut crc = crc32fast::Hasher::new();
+    let mut sums = requested_checksums(headers);
     let mut size = 0u64;
     let mut stream = MinRateStream::new(body.into_data_stream(), st.settings.http.min_upload_rate);
     let idle = st.settings.http.body_idle_timeout;
@@ -704,7 +752,9 @@ pub(crate) async fn receive_body(
             ));
         }
         md5.update(&data);
-        crc.update(&data);
+        for (_, c) in &mut sums {
+            c.update(&data);
+        }
         if let Some(s) = sha.as_mut() {
             s.update(&data);
         }
@@ -737,17 +787,25 @@ pub(crate) async fn receive_body(
             "The provided 'x-amz-content-sha256' header does not match what was computed.",
         ));
     }
-    if let Some(v) = header_str(headers, "x-amz-checksum-crc32") {
-        checksums.push(("x-amz-checksum-crc32".into(), v.to_owned()));
-    }
-    let crc_value = crc32_b64(crc.finalize());
-    for (name, value) in &checksums {
-        if name == "x-amz-checksum-crc32" && value.trim() != crc_value {
-            return Err(S3Error::bad_request(
-                "BadDigest",
-                "The CRC32 you specified did not match the calculated checksum.",
-            ));
+    // Expected values: headers, then (aws-chunked) trailers; every one must match what arrived.
+    for (name, _) in &sums {
+        if let Some(v) = header_str(headers, name) {
+            checksums.push((name.clone(), v.to_owned()));
         }
+    }
+    let mut verified = Vec::with_capacity(sums.len());
+    for (name, c) in sums {
+        let got = String::from_utf8_lossy(c.header_value().as_bytes()).into_owned();
+        for (n, want) in checksums.iter().filter(|(n, _)| *n == name) {
+            if want.trim() != got {
+                let alg = n.trim_start_matches("x-amz-checksum-").to_ascii_uppercase();
+                return Err(S3Error::bad_request(
+                    "BadDigest",
+                    format!("The {alg} you specified did not match the calculated checksum."),
+                ));
+            }
+        }
+        verified.push((name, got));
     }
     let md5: [u8; 16] = md5.finalize().into();
     if let Some(v) = header_str(headers, "content-md5")
@@ -760,7 +818,11 @@ pub(crate) async fn receive_body(
     }
     let staged = ingest.finish().await.map_err(|e| dedup_error(&e))?;
     Metrics::add(&st.metrics.logical_bytes_in, size);
-    Ok(Received { staged, md5 })
+    Ok(Received {
+        staged,
+        md5,
+        checksums: verified,
+    })
 }
 
 /// `x-amz-meta-*` pairs of a request (names without the prefix).
@@ -827,7 +889,10 @@ async fn put_object(
         etag: etag.clone(),
         content_type: header_str(headers, "content-type").map(str::to_owned),
         metadata: user_metadata(headers),
-        attrs: stored_attrs(headers),
+        attrs: crate::dedup::manifest::ObjectAttrs {
+            checksums: r.checksums,
+            ..stored_attrs(headers)
+        },
     };
     st.dedup
         .publish(r.staged, obj)

@@ -12,6 +12,7 @@
 )]
 
 mod backend_faults;
+mod clients;
 mod common;
 mod concurrency;
 mod conformance;

@@ -732,3 +732,88 @@ async fn unsupported_operations_answer_501() {
     assert_eq!(r.status, 403);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checksums_are_verified_kept_and_returned() {
+    use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumMode};
+    let proxy = Proxy::start(Backend::Disk).await;
+    let c = proxy.client();
+    let data = noise(700_000, 5);
+    for (alg, key) in [
+        (ChecksumAlgorithm::Crc32C, "sum/crc32c"),
+        (ChecksumAlgorithm::Sha256, "sum/sha256"),
+        (ChecksumAlgorithm::Sha1, "sum/sha1"),
+        (ChecksumAlgorithm::Crc64Nvme, "sum/crc64nvme"),
+    ] {
+        let put = c
+            .put_object()
+            .bucket(BUCKET)
+            .key(key)
+            .checksum_algorithm(alg.clone())
+            .body(ByteStream::from(data.clone()))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{alg:?}: {e:?}"));
+        let sent = [
+            put.checksum_crc32_c(),
+            put.checksum_sha256(),
+            put.checksum_sha1(),
+            put.checksum_crc64_nvme(),
+        ];
+        let h = c
+            .head_object()
+            .bucket(BUCKET)
+            .key(key)
+            .checksum_mode(ChecksumMode::Enabled)
+            .send()
+            .await
+            .unwrap();
+        let got = [
+            h.checksum_crc32_c(),
+            h.checksum_sha256(),
+            h.checksum_sha1(),
+            h.checksum_crc64_nvme(),
+        ];
+        assert!(got.iter().any(Option::is_some), "{alg:?} returned");
+        for (g, s) in got.iter().zip(sent) {
+            if let (Some(g), Some(s)) = (g, s) {
+                assert_eq!(g, &s, "{alg:?}");
+            }
+        }
+        // The SDK validates the returned checksum against the body it reads.
+        let body = c
+            .get_object()
+            .bucket(BUCKET)
+            .key(key)
+            .checksum_mode(ChecksumMode::Enabled)
+            .send()
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .into_bytes();
+        assert_eq!(body.as_ref(), data.as_slice());
+    }
+    // A wrong declared checksum: BadDigest, and nothing is stored.
+    let e = c
+        .put_object()
+        .bucket(BUCKET)
+        .key("sum/wrong")
+        .checksum_crc32_c("AAAAAA==")
+        .body(ByteStream::from(data.clone()))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e.into_service_error()), "BadDigest");
+    let e = c
+        .head_object()
+        .bucket(BUCKET)
+        .key("sum/wrong")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(e.raw_response().map(|r| r.status().as_u16()), Some(404));
+    proxy.stop().await;
+}
