@@ -380,3 +380,145 @@ async fn sigkill_during_uploads_never_leaves_a_torn_object() {
         );
     }
 }
+
+/// Multipart under SIGKILL: a kill during UploadPart leaves that part absent (the upload goes on
+/// with the others), and a kill at any point of CompleteMultipartUpload leaves the key absent or
+/// whole, never partial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_multipart_leaves_absent_or_whole() {
+    use aws_sdk_s3::primitives::ByteStream;
+    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+    const PART: usize = 5 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    let (addr, ops_addr) = (free_addr(), free_addr());
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{addr}\"\nops_listen = \"{ops_addr}\"\nbuckets = [\"{BUCKET}\"]\n[[access_keys]]\nid = \"{AK}\"\nsecret = \"{SK}\"\n[gc]\ninterval_secs = 0\n"
+        ),
+    )
+    .unwrap();
+    let store = dir.path().join("store");
+    let mut server = Server {
+        child: None,
+        ops_addr,
+        config,
+        store: store.clone(),
+    };
+    server.start().await;
+    let c = client(addr);
+    let seed: u64 = rand::random();
+    println!("multipart crash seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for round in 0..6u64 {
+        let key = format!("backups/round-{round}.tar");
+        let up = c
+            .create_multipart_upload()
+            .bucket(BUCKET)
+            .key(&key)
+            .send()
+            .await
+            .unwrap();
+        let id = up.upload_id().unwrap().to_owned();
+        let mut parts = Vec::new();
+        let mut whole = Vec::new();
+        for n in 1..=2 {
+            let body = noise(PART, seed ^ (round << 8) ^ n);
+            let r = c
+                .upload_part()
+                .bucket(BUCKET)
+                .key(&key)
+                .upload_id(&id)
+                .part_number(i32::try_from(n).unwrap())
+                .body(ByteStream::from(body.clone()))
+                .send()
+                .await
+                .unwrap();
+            whole.extend(body);
+            parts.push((i32::try_from(n).unwrap(), r.e_tag().unwrap().to_owned()));
+        }
+        // Part 3 is cut by a kill: half its body sent, then the server dies.
+        let cfg =
+            aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(600)).unwrap();
+        let put3 = c
+            .upload_part()
+            .bucket(BUCKET)
+            .key(&key)
+            .upload_id(&id)
+            .part_number(3)
+            .presigned(cfg)
+            .await
+            .unwrap();
+        let target = target_of(put3.uri());
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head =
+            format!("PUT {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {PART}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&noise(PART / 2, 3)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
+        server.kill();
+        drop(s);
+        server.start().await;
+        let listed = c
+            .list_parts()
+            .bucket(BUCKET)
+            .key(&key)
+            .upload_id(&id)
+            .send()
+            .await
+            .unwrap();
+        let numbers: Vec<i32> = listed
+            .parts()
+            .iter()
+            .filter_map(|p| p.part_number())
+            .collect();
+        assert_eq!(numbers, [1, 2], "round {round}: the cut part is absent");
+
+        // Complete, killed after a random delay: absent or whole.
+        let done = CompletedMultipartUpload::builder()
+            .set_parts(Some(
+                parts
+                    .iter()
+                    .map(|(n, e)| CompletedPart::builder().part_number(*n).e_tag(e).build())
+                    .collect(),
+            ))
+            .build();
+        let complete = {
+            let (c, key, id) = (c.clone(), key.clone(), id.clone());
+            tokio::spawn(async move {
+                c.complete_multipart_upload()
+                    .bucket(BUCKET)
+                    .key(&key)
+                    .upload_id(&id)
+                    .multipart_upload(done)
+                    .send()
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..10))).await;
+        server.kill();
+        let acked = complete.await.unwrap().is_ok();
+        server.start().await;
+        let get = presigned(&c, "GET", &key).await;
+        let r = try_raw(addr, "GET", &get, b"")
+            .await
+            .unwrap()
+            .expect("an answer");
+        match r.status {
+            404 => assert!(!acked, "round {round}: an acknowledged complete was lost"),
+            200 => assert_eq!(
+                sha256(&r.body),
+                sha256(&whole),
+                "round {round}: torn object"
+            ),
+            s => panic!("round {round}: status {s}"),
+        }
+        println!(
+            "round {round}: complete acknowledged {acked}, key status {}",
+            r.status
+        );
+    }
+    server.kill();
+    check_manifests(&store);
+}
