@@ -43,6 +43,10 @@ pub struct FileConfig {
     pub ops_listen: Option<String>,
     pub region: Option<String>,
     pub buckets: Option<Vec<String>>,
+    /// Buckets whose keys GC never expires or evicts (artifacts, packages, backups); the others
+    /// are caches (`[gc]` expire_unread_days and max_logical_bytes apply to them only).
+    #[serde(default)]
+    pub durable_buckets: Vec<String>,
     pub spool_dir: Option<PathBuf>,
     pub max_object_bytes: Option<u64>,
     #[serde(default)]
@@ -238,6 +242,8 @@ pub struct Settings {
     pub ops_listen: SocketAddr,
     pub region: String,
     pub buckets: Vec<String>,
+    /// Buckets GC never expires or evicts.
+    pub durable_buckets: Vec<String>,
     pub access_keys: Vec<AccessKey>,
     pub store: StoreChoice,
     pub spool_dir: PathBuf,
@@ -355,6 +361,13 @@ pub fn resolve(
             "need at least one bucket name, without '/'",
         ));
     }
+    if let Some(b) = file.durable_buckets.iter().find(|b| !buckets.contains(b)) {
+        return Err(invalid(
+            "durable_buckets",
+            format!("{b:?} is not in `buckets`"),
+        ));
+    }
+    let durable_buckets = file.durable_buckets;
     let mut access_keys = file.access_keys;
     match (over.access_key, over.secret_key) {
         (Some(id), Some(secret)) => access_keys.insert(
@@ -505,6 +518,7 @@ pub fn resolve(
         ops_listen,
         region,
         buckets,
+        durable_buckets,
         access_keys,
         store,
         spool_dir,
@@ -546,8 +560,14 @@ mod tests {
         let text = include_str!("../../config/cache-proxy.example.toml");
         let file = parse_file(text).unwrap();
         let s = resolve(file, Overrides::default(), &no_env).unwrap();
-        assert_eq!(s.buckets, vec!["runner-cache".to_string()]);
-        assert_eq!(s.access_keys.len(), 2);
+        assert_eq!(s.buckets[0], "runner-cache");
+        assert_eq!(s.buckets.len(), 6);
+        assert!(
+            !s.durable_buckets.contains(&s.buckets[0]),
+            "the cache expires"
+        );
+        assert!(s.durable_buckets.iter().all(|b| s.buckets.contains(b)));
+        assert_eq!(s.access_keys.len(), 3);
         assert!(matches!(s.store, StoreChoice::Disk(_)));
         assert_eq!(s.max_object_bytes, 20 << 30);
         assert_eq!(s.ops_listen, "0.0.0.0:9090".parse().unwrap());
@@ -565,6 +585,18 @@ mod tests {
                 },
             }
         );
+    }
+
+    #[test]
+    fn durable_buckets_must_be_served() {
+        let base = "[[access_keys]]\nid = \"a\"\nsecret = \"s\"\n[store]\npath = \"/x\"\n";
+        let file = parse_file(&format!(
+            "buckets = [\"c\", \"d\"]\ndurable_buckets = [\"e\"]\n{base}"
+        ))
+        .unwrap();
+        let err = resolve(file, Overrides::default(), &no_env).unwrap_err();
+        assert!(err.to_string().contains("`durable_buckets`"), "{err}");
+        assert!(err.to_string().contains("\"e\""), "{err}");
     }
 
     #[test]

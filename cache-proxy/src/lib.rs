@@ -78,6 +78,7 @@ pub fn gc_options(settings: &Settings) -> GcOptions {
         expire_unread: settings.expire_unread,
         max_logical_bytes: settings.max_logical_bytes,
         expire_uploads: settings.expire_uploads,
+        durable_buckets: settings.durable_buckets.clone(),
         now: std::time::SystemTime::now(),
     }
 }

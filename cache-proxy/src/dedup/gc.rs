@@ -87,18 +87,23 @@ impl DedupStore {
         let mut referenced: HashSet<String> = HashSet::new();
         let mut listed: HashMap<(String, String), (u64, String)> = HashMap::new();
         for m in live {
-            let too_old = opts
-                .expire_unread
-                .is_some_and(|max| opts.now.duration_since(m.last_used).unwrap_or_default() > max);
-            let over_cap = opts
-                .max_logical_bytes
-                .is_some_and(|cap| logical + m.size > cap);
+            let durable = opts.durable_buckets.contains(&m.bucket);
+            let too_old = !durable
+                && opts.expire_unread.is_some_and(|max| {
+                    opts.now.duration_since(m.last_used).unwrap_or_default() > max
+                });
+            let over_cap = !durable
+                && opts
+                    .max_logical_bytes
+                    .is_some_and(|cap| logical + m.size > cap);
             if too_old || over_cap {
                 tracing::info!(manifest = %m.key, too_old, over_cap, "expiring cache key");
                 self.delete_key(&m.bucket, &m.object).await?;
                 report.manifests_expired += 1;
             } else {
-                logical += m.size;
+                if !durable {
+                    logical += m.size;
+                }
                 report.manifests_live += 1;
                 listed.insert((m.bucket, m.object), (m.size, m.etag));
                 referenced.extend(m.packs);

@@ -106,6 +106,9 @@ pub struct GcOptions {
     pub max_logical_bytes: Option<u64>,
     /// Multipart uploads neither completed nor aborted for this long are deleted with their parts.
     pub expire_uploads: Duration,
+    /// Buckets whose keys are never expired or evicted (`expire_unread` and `max_logical_bytes`
+    /// apply to the other, cache, buckets).
+    pub durable_buckets: Vec<String>,
     pub now: SystemTime,
 }
 
@@ -907,6 +910,7 @@ mod tests {
         let now = SystemTime::now();
         let opts = GcOptions {
             expire_uploads: std::time::Duration::from_secs(7 * 86_400),
+            durable_buckets: Vec::new(),
             grace: Duration::from_hours(1),
             expire_unread: None,
             max_logical_bytes: None,
@@ -919,6 +923,7 @@ mod tests {
         );
         let later = GcOptions {
             expire_uploads: std::time::Duration::from_secs(7 * 86_400),
+            durable_buckets: Vec::new(),
             grace: Duration::from_mins(1),
             now: now + Duration::from_mins(2),
             ..opts.clone()
@@ -939,6 +944,7 @@ mod tests {
         assert_eq!(get(&s, "k", 0, 1 << 20).await.unwrap(), noise(1 << 20, 4));
         let expire = GcOptions {
             expire_uploads: std::time::Duration::from_secs(7 * 86_400),
+            durable_buckets: Vec::new(),
             expire_unread: Some(Duration::from_mins(1)),
             ..later
         };
@@ -967,6 +973,7 @@ mod tests {
         put(&a, dir.path(), "k", &new).await; // `old`'s pack is unreferenced, still in a's index
         let gc = GcOptions {
             expire_uploads: std::time::Duration::from_secs(7 * 86_400),
+            durable_buckets: Vec::new(),
             grace: Duration::from_mins(1),
             expire_unread: None,
             max_logical_bytes: None,
@@ -1159,6 +1166,7 @@ mod tests {
         assert!(packs >= 2, "{packs}");
         let opts = GcOptions {
             expire_uploads: std::time::Duration::from_secs(7 * 86_400),
+            durable_buckets: Vec::new(),
             grace: Duration::from_mins(1),
             expire_unread: None,
             max_logical_bytes: None,
@@ -1282,6 +1290,7 @@ mod tests {
         .unwrap();
         let opts = GcOptions {
             expire_uploads: std::time::Duration::from_secs(7 * 86_400),
+            durable_buckets: Vec::new(),
             grace: Duration::from_mins(1),
             expire_unread: None,
             max_logical_bytes: None,
@@ -1303,5 +1312,69 @@ mod tests {
         )
         .await
         .unwrap();
+    }
+
+    #[tokio::test]
+    async fn durable_buckets_never_expire_and_abandoned_uploads_do() {
+        let (dir, s) = store().await;
+        put(&s, dir.path(), "cache-key", b"cached bytes").await;
+        let artifact = NewObject {
+            bucket: "artifacts".into(),
+            ..obj("job/1/artifacts.zip")
+        };
+        s.put_bytes(Bytes::from_static(b"artifact bytes"), artifact)
+            .await
+            .unwrap();
+        let meta = multipart::UploadMeta {
+            key: "backup.tar".into(),
+            initiated: 0,
+            content_type: None,
+            metadata: vec![],
+            attrs: manifest::ObjectAttrs::default(),
+        };
+        let id = s.create_upload("artifacts", &meta).await.unwrap();
+        let mut ing = s.begin_ingest().await.unwrap();
+        ing.write(Bytes::from(vec![7u8; 100_000])).await.unwrap();
+        let staged = ing.finish().await.unwrap();
+        s.publish_part(staged, "artifacts", &id, 1, "\"p\"".into())
+            .await
+            .unwrap();
+        let later = |days: u64| GcOptions {
+            grace: Duration::from_secs(1),
+            expire_unread: Some(Duration::from_hours(24)),
+            max_logical_bytes: Some(1),
+            expire_uploads: Duration::from_hours(7 * 24),
+            durable_buckets: vec!["artifacts".into()],
+            now: SystemTime::now() + Duration::from_hours(24 * days),
+        };
+        // Two days on: the cache key expires, the artifact stays, the upload is still young.
+        let r = s.gc(&later(2)).await.unwrap();
+        assert_eq!((r.manifests_expired, r.manifests_live), (1, 1), "{r:?}");
+        assert!(s.manifest("b", "cache-key").await.unwrap().is_none());
+        assert!(
+            s.manifest("artifacts", "job/1/artifacts.zip")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(s.list_parts("artifacts", &id).await.unwrap().len(), 1);
+        assert_eq!(r.uploads_expired, 0);
+        // Eight days on: the abandoned upload is deleted with its part; the artifact stays.
+        let r = s.gc(&later(8)).await.unwrap();
+        assert_eq!(r.uploads_expired, 1, "{r:?}");
+        assert!(matches!(
+            s.list_parts("artifacts", &id).await,
+            Err(multipart::MultipartError::NoSuchUpload(_))
+        ));
+        assert!(
+            s.manifest("artifacts", "job/1/artifacts.zip")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(s.blob().list("uploads/").await.unwrap().is_empty());
+        // The cache key's listing entry went with it; the artifact's is there.
+        assert!(s.blob().list("keys/b/").await.unwrap().is_empty());
+        assert_eq!(s.blob().list("keys/artifacts/").await.unwrap().len(), 1);
     }
 }

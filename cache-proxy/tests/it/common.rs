@@ -124,6 +124,7 @@ impl Proxy {
             gc_interval: None,
             gc_grace: Duration::from_hours(1),
             expire_uploads: Duration::from_hours(7 * 24),
+            durable_buckets: Vec::new(),
             expire_unread: None,
             max_logical_bytes: None,
         };

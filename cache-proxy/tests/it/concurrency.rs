@@ -212,6 +212,7 @@ async fn gc_protocol_model() {
                 tasks.push(tokio::spawn(async move {
                     let opts = GcOptions {
                         expire_uploads: std::time::Duration::from_secs(7 * 86_400),
+                        durable_buckets: Vec::new(),
                         grace: Duration::ZERO,
                         expire_unread: None,
                         max_logical_bytes: None,
@@ -254,6 +255,7 @@ async fn gc_protocol_model() {
         // A final sweep leaves exactly the referenced packs.
         let opts = GcOptions {
             expire_uploads: std::time::Duration::from_secs(7 * 86_400),
+            durable_buckets: Vec::new(),
             grace: Duration::ZERO,
             expire_unread: None,
             max_logical_bytes: None,

@@ -86,6 +86,7 @@ async fn two_replicas_one_collecting_never_break_each_others_manifests() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let opts = GcOptions {
                     expire_uploads: std::time::Duration::from_secs(7 * 86_400),
+                    durable_buckets: Vec::new(),
                     grace: Duration::from_millis(1500),
                     expire_unread: None,
                     max_logical_bytes: None,
