@@ -44,7 +44,7 @@ pub struct FileConfig {
     pub region: Option<String>,
     pub buckets: Option<Vec<String>>,
     /// Buckets whose keys GC never expires or evicts (artifacts, packages, backups); the others
-    /// are caches (`[gc]` expire_unread_days and max_logical_bytes apply to them only).
+    /// are caches (`[gc] expire_unread_days` and `max_logical_bytes` apply to them only).
     #[serde(default)]
     pub durable_buckets: Vec<String>,
     pub spool_dir: Option<PathBuf>,
