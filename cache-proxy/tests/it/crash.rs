@@ -381,8 +381,8 @@ async fn sigkill_during_uploads_never_leaves_a_torn_object() {
     }
 }
 
-/// Multipart under SIGKILL: a kill during UploadPart leaves that part absent (the upload goes on
-/// with the others), and a kill at any point of CompleteMultipartUpload leaves the key absent or
+/// Multipart under SIGKILL: a kill during `UploadPart` leaves that part absent (the upload goes on
+/// with the others), and a kill at any point of `CompleteMultipartUpload` leaves the key absent or
 /// whole, never partial.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_multipart_leaves_absent_or_whole() {
@@ -471,7 +471,7 @@ async fn sigkill_during_multipart_leaves_absent_or_whole() {
         let numbers: Vec<i32> = listed
             .parts()
             .iter()
-            .filter_map(|p| p.part_number())
+            .filter_map(aws_sdk_s3::types::Part::part_number)
             .collect();
         assert_eq!(numbers, [1, 2], "round {round}: the cut part is absent");
 
