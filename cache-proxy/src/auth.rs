@@ -302,3 +302,31 @@ fn header_signed(
         presigned_signature: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_end_at_path_segments() {
+        let k = |bucket: Option<&str>, prefix: Option<&str>| AccessKey {
+            id: "id".into(),
+            secret: "s".into(),
+            bucket: bucket.map(str::to_owned),
+            prefix: prefix.map(str::to_owned),
+        };
+        let p4 = k(Some("b"), Some("project/4"));
+        assert!(key_allowed(&p4, "b", "project/4"));
+        assert!(key_allowed(&p4, "b", "project/4/cache.zip"));
+        assert!(!key_allowed(&p4, "b", "project/42/cache.zip"));
+        assert!(!key_allowed(&p4, "other", "project/4/cache.zip"));
+        let p4s = k(None, Some("project/4/"));
+        assert!(key_allowed(&p4s, "any", "project/4/x"));
+        assert!(!key_allowed(&p4s, "any", "project/40"));
+        assert!(listing_allowed(&p4, "b", "project/4/"));
+        assert!(listing_allowed(&p4, "b", "project/4/sub"));
+        assert!(!listing_allowed(&p4, "b", "project/"));
+        assert!(!listing_allowed(&p4, "b", ""));
+        assert!(listing_allowed(&k(None, None), "b", ""));
+    }
+}
