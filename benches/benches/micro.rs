@@ -131,7 +131,7 @@ fn sigv4_verify(c: &mut Criterion) {
     let keys = vec![AccessKey {
         id: cfg.access_key.clone(),
         secret: cfg.secret_key.clone(),
-        bucket: None,
+        buckets: Vec::new(),
         prefix: None,
     }];
     let object = "runner/abc/project/1/deps-main";

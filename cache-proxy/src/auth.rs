@@ -131,7 +131,7 @@ pub fn authenticate(
 /// May `key` use `bucket` at all?
 #[must_use]
 pub fn bucket_allowed(key: &AccessKey, bucket: &str) -> bool {
-    key.bucket.as_deref().is_none_or(|b| b == bucket)
+    key.buckets.is_empty() || key.buckets.iter().any(|b| b == bucket)
 }
 
 /// Is `object` inside `prefix` at a path-segment boundary? (`project/4` holds `project/4` and
@@ -312,7 +312,7 @@ mod tests {
         let k = |bucket: Option<&str>, prefix: Option<&str>| AccessKey {
             id: "id".into(),
             secret: "s".into(),
-            bucket: bucket.map(str::to_owned),
+            buckets: bucket.map(str::to_owned).into_iter().collect(),
             prefix: prefix.map(str::to_owned),
         };
         let p4 = k(Some("b"), Some("project/4"));

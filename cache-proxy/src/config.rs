@@ -52,19 +52,47 @@ pub struct FileConfig {
     #[serde(default)]
     pub http: HttpFile,
     #[serde(default)]
-    pub access_keys: Vec<AccessKey>,
+    pub access_keys: Vec<AccessKeyFile>,
     pub store: Option<StoreFile>,
     #[serde(default)]
     pub gc: GcFile,
 }
 
-/// A credential the runner signs with, optionally confined to one bucket and key prefix.
+/// An `[[access_keys]]` entry: the id and secret inline, or read from environment variables
+/// (`id_env` / `secret_env`: Kubernetes Secrets reach the proxy as env, never through its config).
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessKeyFile {
+    pub id: Option<String>,
+    pub secret: Option<String>,
+    pub id_env: Option<String>,
+    pub secret_env: Option<String>,
+    /// One bucket, or several with `buckets`; neither = every bucket.
+    pub bucket: Option<String>,
+    pub buckets: Option<Vec<String>>,
+    pub prefix: Option<String>,
+}
+
+impl std::fmt::Debug for AccessKeyFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessKeyFile")
+            .field("id", &self.id.as_deref().map(crate::sigv4::access_key_hint))
+            .field("id_env", &self.id_env)
+            .field("secret_env", &self.secret_env)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A credential clients sign with, optionally confined to one bucket and key prefix.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AccessKey {
     pub id: String,
     pub secret: String,
-    pub bucket: Option<String>,
+    /// The buckets this key may use; empty = all.
+    pub buckets: Vec<String>,
     pub prefix: Option<String>,
 }
 
@@ -73,7 +101,7 @@ impl std::fmt::Debug for AccessKey {
         // Ids are shown only by their last characters, like in the request log.
         f.debug_struct("AccessKey")
             .field("id", &crate::sigv4::access_key_hint(&self.id))
-            .field("bucket", &self.bucket)
+            .field("buckets", &self.buckets)
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
@@ -368,14 +396,49 @@ pub fn resolve(
         ));
     }
     let durable_buckets = file.durable_buckets;
-    let mut access_keys = file.access_keys;
+    let mut access_keys = Vec::with_capacity(file.access_keys.len());
+    for (i, k) in file.access_keys.into_iter().enumerate() {
+        let pick = |inline: Option<String>, var: Option<String>, what: &str| match (inline, var) {
+            (Some(v), None) => Ok(v),
+            (None, Some(var)) => env(&var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                invalid(
+                    "access_keys",
+                    format!(
+                        "entry {}: environment variable {var} ({what}) is not set",
+                        i + 1
+                    ),
+                )
+            }),
+            _ => Err(invalid(
+                "access_keys",
+                format!("entry {}: give exactly one of {what} and {what}_env", i + 1),
+            )),
+        };
+        let buckets = match (k.bucket, k.buckets) {
+            (Some(b), None) => vec![b],
+            (None, Some(bs)) => bs,
+            (None, None) => Vec::new(),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "access_keys",
+                    format!("entry {}: give bucket or buckets, not both", i + 1),
+                ));
+            }
+        };
+        access_keys.push(AccessKey {
+            id: pick(k.id, k.id_env, "id")?,
+            secret: pick(k.secret, k.secret_env, "secret")?,
+            buckets,
+            prefix: k.prefix,
+        });
+    }
     match (over.access_key, over.secret_key) {
         (Some(id), Some(secret)) => access_keys.insert(
             0,
             AccessKey {
                 id,
                 secret,
-                bucket: None,
+                buckets: Vec::new(),
                 prefix: None,
             },
         ),
@@ -397,9 +460,7 @@ pub fn resolve(
         if k.id.is_empty() || k.secret.is_empty() {
             return Err(invalid("access_keys", "id and secret must not be empty"));
         }
-        if let Some(b) = &k.bucket
-            && !buckets.contains(b)
-        {
+        if let Some(b) = k.buckets.iter().find(|b| !buckets.contains(b)) {
             return Err(invalid(
                 "access_keys.bucket",
                 format!("{b:?} is not in `buckets`"),
@@ -584,6 +645,33 @@ mod tests {
                     window: Duration::from_secs(30),
                 },
             }
+        );
+    }
+
+    #[test]
+    fn access_keys_from_the_environment() {
+        let file = parse_file(
+            "buckets = [\"c\", \"gitlab-backups\"]\n[[access_keys]]\nid_env = \"BK_ID\"\nsecret_env = \"BK_SECRET\"\nbucket = \"gitlab-backups\"\n[store]\npath = \"/x\"\n",
+        )
+        .unwrap();
+        let env = |k: &str| match k {
+            "BK_ID" => Some("backup-id".to_owned()),
+            "BK_SECRET" => Some("backup-secret".to_owned()),
+            _ => None,
+        };
+        let s = resolve(file.clone(), Overrides::default(), &env).unwrap();
+        assert_eq!(s.access_keys[0].id, "backup-id");
+        assert_eq!(s.access_keys[0].secret, "backup-secret");
+        let err = resolve(file, Overrides::default(), &no_env).unwrap_err();
+        assert!(err.to_string().contains("BK_ID"), "{err}");
+        let both = parse_file(
+            "[[access_keys]]\nid = \"a\"\nid_env = \"A\"\nsecret = \"s\"\n[store]\npath = \"/x\"\n",
+        )
+        .unwrap();
+        let err = resolve(both, Overrides::default(), &no_env).unwrap_err();
+        assert!(
+            err.to_string().contains("exactly one of id and id_env"),
+            "{err}"
         );
     }
 

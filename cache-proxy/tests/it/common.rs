@@ -107,13 +107,13 @@ impl Proxy {
                 AccessKey {
                     id: AK.into(),
                     secret: SK.into(),
-                    bucket: None,
+                    buckets: Vec::new(),
                     prefix: None,
                 },
                 AccessKey {
                     id: "limited".into(),
                     secret: "limited-secret".into(),
-                    bucket: Some(BUCKET.into()),
+                    buckets: vec![BUCKET.into()],
                     prefix: Some("project/7/".into()),
                 },
             ],

@@ -88,6 +88,12 @@ app.kubernetes.io/part-of: spotrun
 {{- end }}
 
 {{/* The Secret holding the cache access key pair (keys "accesskey" and "secretkey"), as in the official chart. */}}
+{{- define "spotrun.objectStorageSecretName" -}}
+{{- default (printf "%s-gitlab-object-storage" (include "spotrun.fullname" .)) .Values.objectStorage.secretName }}
+{{- end }}
+
+{{- define "spotrun.backupSecretName" -}}{{ include "spotrun.fullname" . }}-backup-credentials{{- end }}
+
 {{- define "spotrun.cacheSecretName" -}}
 {{- default (printf "%s-cache-credentials" (include "spotrun.fullname" .)) (tpl .Values.runners.cache.secretName .) }}
 {{- end }}

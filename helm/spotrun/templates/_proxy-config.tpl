@@ -6,9 +6,23 @@ Secrets never appear here: the proxy reads them from the environment (see cache-
 {{- define "spotrun.proxyConfig" -}}
 {{- $v := .Values.cacheProxy }}
 {{- $b := $v.backend }}
+{{- /* One key pair per client, each confined to its buckets: the runner to the cache, GitLab to its
+object storage buckets, the backup job to the backup bucket. Their secrets reach the proxy as env. */}}
 {{- $buckets := list .Values.runners.cache.bucketName }}
-{{- if .Values.backup.enabled }}{{ $buckets = append $buckets .Values.backup.bucketName | uniq }}{{ end }}
-{{- $defaults := dict "listen" (printf "0.0.0.0:%d" (int $v.service.port)) "ops_listen" (printf "0.0.0.0:%d" (int $v.service.opsPort)) "region" .Values.runners.cache.bucketLocation "buckets" $buckets }}
+{{- $durable := list }}
+{{- $keys := list (dict "id_env" "SPOTRUN_RUNNER_ACCESS_KEY" "secret_env" "SPOTRUN_RUNNER_SECRET_KEY" "bucket" .Values.runners.cache.bucketName) }}
+{{- if .Values.objectStorage.enabled }}
+{{- $buckets = concat $buckets .Values.objectStorage.buckets | uniq }}
+{{- $durable = concat $durable .Values.objectStorage.buckets | uniq }}
+{{- $keys = append $keys (dict "id_env" "SPOTRUN_GITLAB_ACCESS_KEY" "secret_env" "SPOTRUN_GITLAB_SECRET_KEY" "buckets" .Values.objectStorage.buckets) }}
+{{- end }}
+{{- if .Values.backup.enabled }}
+{{- $buckets = append $buckets .Values.backup.bucketName | uniq }}
+{{- $durable = append $durable .Values.backup.bucketName | uniq }}
+{{- $keys = append $keys (dict "id_env" "SPOTRUN_BACKUP_ACCESS_KEY" "secret_env" "SPOTRUN_BACKUP_SECRET_KEY" "bucket" .Values.backup.bucketName) }}
+{{- end }}
+{{- $defaults := dict "listen" (printf "0.0.0.0:%d" (int $v.service.port)) "ops_listen" (printf "0.0.0.0:%d" (int $v.service.opsPort)) "region" .Values.runners.cache.bucketLocation "buckets" $buckets "access_keys" $keys }}
+{{- if $durable }}{{ $_ := set $defaults "durable_buckets" $durable }}{{ end }}
 {{- if eq $b.type "disk" }}
 {{- /* Uploads spool on the data volume (<path>/.spool), the proxy's default. */}}
 {{- $_ := set $defaults "store" (dict "kind" "disk" "path" "/data") }}
@@ -30,9 +44,9 @@ Secrets never appear here: the proxy reads them from the environment (see cache-
 {{- $_ := set $defaults "gc" (dict "interval_secs" 0) }}
 {{- end }}
 {{- $cfg := mergeOverwrite $defaults (deepCopy $v.config) }}
-# spotrun-cache-proxy settings (rendered by the spotrun chart from cacheProxy.*). The runner's key pair
-# comes from SPOTRUN_CACHE_ACCESS_KEY / SPOTRUN_CACHE_SECRET_KEY, backend keys from AWS_ACCESS_KEY_ID /
-# AWS_SECRET_ACCESS_KEY (Secrets), never from this file.
+# spotrun-cache-proxy settings (rendered by the spotrun chart from cacheProxy.*). Client key pairs come
+# from the env variables named by access_keys (Secrets), backend keys from AWS_ACCESS_KEY_ID /
+# AWS_SECRET_ACCESS_KEY, never from this file.
 {{- include "spotrun.toml.table" (dict "path" "" "table" $cfg) }}
 {{- end }}
 
@@ -61,16 +75,20 @@ Secrets never appear here: the proxy reads them from the environment (see cache-
 {{/* Environment of every proxy container: front credentials and backend credentials. */}}
 {{- define "spotrun.proxyEnv" -}}
 {{- $b := .Values.cacheProxy.backend -}}
-- name: SPOTRUN_CACHE_ACCESS_KEY
+{{- range $k := list (list "RUNNER" (include "spotrun.cacheSecretName" .) true) (list "GITLAB" (include "spotrun.objectStorageSecretName" .) .Values.objectStorage.enabled) (list "BACKUP" (include "spotrun.backupSecretName" .) .Values.backup.enabled) }}
+{{- if index $k 2 }}
+- name: SPOTRUN_{{ index $k 0 }}_ACCESS_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ include "spotrun.cacheSecretName" . }}
+      name: {{ index $k 1 }}
       key: accesskey
-- name: SPOTRUN_CACHE_SECRET_KEY
+- name: SPOTRUN_{{ index $k 0 }}_SECRET_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ include "spotrun.cacheSecretName" . }}
+      name: {{ index $k 1 }}
       key: secretkey
+{{- end }}
+{{- end }}
 {{- if eq $b.type "s3" }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
