@@ -56,6 +56,18 @@ pub struct FileConfig {
     pub store: Option<StoreFile>,
     #[serde(default)]
     pub gc: GcFile,
+    /// TLS on the S3 listener (the ops listener stays plain HTTP for probes).
+    pub tls: Option<TlsFile>,
+}
+
+/// `[tls]`: PEM files, re-read when they change (cert-manager renewals).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// How often a handshake may check the files for changes (default 10).
+    pub reload_check_secs: Option<u64>,
 }
 
 /// An `[[access_keys]]` entry: the id and secret inline, or read from environment variables
@@ -283,6 +295,8 @@ pub struct Settings {
     pub expire_unread: Option<Duration>,
     pub max_logical_bytes: Option<u64>,
     pub expire_uploads: Duration,
+    pub tls: Option<crate::tls::TlsFiles>,
+    pub tls_reload_check: Duration,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -600,6 +614,15 @@ pub fn resolve(
         expire_unread: (gc.expire_unread_days > 0)
             .then(|| Duration::from_secs(gc.expire_unread_days * 86_400)),
         max_logical_bytes: (gc.max_logical_bytes > 0).then_some(gc.max_logical_bytes),
+        tls_reload_check: file
+            .tls
+            .as_ref()
+            .and_then(|t| t.reload_check_secs)
+            .map_or(crate::tls::RELOAD_CHECK, Duration::from_secs),
+        tls: file.tls.map(|t| crate::tls::TlsFiles {
+            cert: t.cert_file,
+            key: t.key_file,
+        }),
         expire_uploads: if gc.expire_uploads_days == 0 {
             Duration::MAX
         } else {

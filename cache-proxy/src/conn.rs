@@ -32,10 +32,14 @@ use crate::config::HttpLimits;
 /// connection, or a kept-alive one between requests); past that, the one that has waited longest
 /// is closed. A legitimate client sends its head within milliseconds, so the oldest waiter is a
 /// dribbler (issue 16: slow headers without a URL held every slot).
+///
+/// With `tls`, each connection first completes a TLS handshake, which counts as waiting for the
+/// request head (bounded by `header_read_timeout`, and evictable like a slow head).
 pub async fn serve_connections(
     listener: TcpListener,
     app: axum::Router,
     limits: HttpLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let max = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
@@ -61,7 +65,7 @@ pub async fn serve_connections(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(WriteStallTimeout::new(stream, limits.body_idle_timeout));
+        let io = WriteStallTimeout::new(stream, limits.body_idle_timeout);
         let slot = Arc::new(ConnSlot::new(waiters.clone()));
         slot.await_head();
         let svc = TrackHeads {
@@ -73,23 +77,27 @@ pub async fn serve_connections(
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(limits.max_header_bytes);
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
+        let tls = tls.clone();
+        let handshake_limit = limits.header_read_timeout;
         tokio::spawn(async move {
             let _permit = permit;
-            let conn = builder.serve_connection(io, svc);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "connection ended with an error");
+            match tls {
+                None => drive(TokioIo::new(io), &builder, svc, &slot, stop).await,
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(handshake_limit, acceptor.accept(io));
+                    tokio::select! {
+                        r = handshake => match r {
+                            Ok(Ok(tls_stream)) => {
+                                drive(TokioIo::new(tls_stream), &builder, svc, &slot, stop).await;
+                            }
+                            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!("TLS handshake timed out"),
+                        },
+                        () = slot.evict.cancelled() => {
+                            tracing::debug!("closed a connection that waited longest for a TLS handshake");
+                        }
                     }
-                }
-                () = slot.evict.cancelled() => {
-                    tracing::debug!("closed a connection that waited longest for a request head");
-                }
-                () = async { drop(stop.wait_for(|s| *s).await) } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
                 }
             }
             slot.head_arrived();
@@ -100,6 +108,34 @@ pub async fn serve_connections(
     // Every connection holds a permit until it is done.
     let _ = permits.acquire_many(max).await;
     Ok(())
+}
+
+/// Serve HTTP/1.1 on one connection until it ends, is evicted, or shutdown drains it.
+async fn drive<I>(
+    io: I,
+    builder: &hyper::server::conn::http1::Builder,
+    svc: TrackHeads<TowerToHyperService<axum::Router>>,
+    slot: &ConnSlot,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = builder.serve_connection(io, svc);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+        () = slot.evict.cancelled() => {
+            tracing::debug!("closed a connection that waited longest for a request head");
+        }
+        () = async { drop(stop.wait_for(|s| *s).await) } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 /// Connections waiting for a request head, oldest first, at most `cap` of them.

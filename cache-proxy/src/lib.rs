@@ -13,6 +13,7 @@ pub mod s3error;
 pub mod server;
 pub mod sigv4;
 pub mod store;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -37,6 +38,8 @@ pub enum RunError {
     },
     #[error("serving: {0}")]
     Serve(#[source] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Build the configured backend.
@@ -141,6 +144,10 @@ pub async fn serve(
             }
         }))
     });
+    let tls = match &settings.tls {
+        Some(files) => Some(tls::acceptor(files.clone(), settings.tls_reload_check)?),
+        None => None,
+    };
     let limits = settings.http.clone();
     let ops_limits = config::HttpLimits {
         max_connections: OPS_MAX_CONNECTIONS,
@@ -159,6 +166,7 @@ pub async fn serve(
         listeners.ops,
         ops_app,
         ops_limits,
+        None,
         stopped(stop_rx.clone()),
     ));
     tokio::spawn(async move {
@@ -166,7 +174,7 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
     let app = server::router(server::AppState::new(settings, dedup, metrics));
-    let s3 = conn::serve_connections(listeners.s3, app, limits, stopped(stop_rx)).await;
+    let s3 = conn::serve_connections(listeners.s3, app, limits, tls, stopped(stop_rx)).await;
     let ops = ops.await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
     s3.and(ops).map_err(RunError::Serve)
 }

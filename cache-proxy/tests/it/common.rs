@@ -125,6 +125,8 @@ impl Proxy {
             gc_grace: Duration::from_hours(1),
             expire_uploads: Duration::from_hours(7 * 24),
             durable_buckets: Vec::new(),
+            tls: None,
+            tls_reload_check: Duration::from_secs(10),
             expire_unread: None,
             max_logical_bytes: None,
         };

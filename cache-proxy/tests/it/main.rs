@@ -28,3 +28,4 @@ mod presign_boto3;
 mod replicas;
 mod runner_sequence;
 mod side_channels;
+mod tls;
