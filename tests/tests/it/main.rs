@@ -9,3 +9,4 @@ mod emulator_sched;
 mod emulator_support;
 mod harness;
 mod helm;
+mod image;
