@@ -10,3 +10,4 @@ mod emulator_support;
 mod harness;
 mod helm;
 mod image;
+mod pipeline;
