@@ -188,6 +188,8 @@ fn image_program(rootfs: &Path, env: &[String], program: &str) -> PathBuf {
 struct BuiltImage {
     _dir: tempfile::TempDir,
     rootfs: PathBuf,
+    /// The manifest's digest: equal for equal inputs (reproducible build).
+    digest: String,
     manifest: Json,
     config: Json,
 }
@@ -295,6 +297,7 @@ fn build_image(version: &str) -> BuiltImage {
             .expect("config digest"),
     );
     BuiltImage {
+        digest: entry["digest"].as_str().expect("digest").to_owned(),
         rootfs: dir.path().join("bundle/rootfs"),
         _dir: dir,
         manifest,
@@ -418,12 +421,12 @@ fn chart_spotrun_containers() -> Vec<(String, Vec<String>)> {
     let docs = documents(&render(&[]));
     let mut found = Vec::new();
     for doc in &docs {
-        // Deployments and Jobs keep the pod under spec.template, CronJobs one level deeper.
-        let pod = &doc["spec"]["template"]["spec"];
-        let pod = if pod.is_mapping() {
-            pod
-        } else {
-            &doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        // A Pod (the helm test) is its own spec; Deployments and Jobs keep the pod under
+        // spec.template, CronJobs one level deeper.
+        let pod = match doc["kind"].as_str() {
+            Some("Pod") => &doc["spec"],
+            Some("CronJob") => &doc["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+            _ => &doc["spec"]["template"]["spec"],
         };
         for list in ["initContainers", "containers"] {
             for c in pod[list].as_sequence().into_iter().flatten() {
@@ -456,6 +459,13 @@ fn image_builds_offline_and_its_binaries_run_from_its_rootfs_as_its_user() {
     let version = workspace_version();
     let image = build_image(&version);
     let rootfs = &image.rootfs;
+    // Reproducible: a second build from a freshly assembled context (new file times) in a new
+    // store is the same image, digest for digest.
+    assert_eq!(
+        build_image(&version).digest,
+        image.digest,
+        "two builds of the same binaries differ"
+    );
 
     // The image's config: the non-root user, the entrypoint, the OCI labels, the build time.
     let cfg = &image.config["config"];
@@ -571,6 +581,16 @@ fn image_builds_offline_and_its_binaries_run_from_its_rootfs_as_its_user() {
             "{} is not executable for others: {mode:o}",
             command[0]
         );
+    }
+    // `helm test` starts each program of the image with --version: the same commands, here.
+    let version_checks: Vec<&Vec<String>> = containers
+        .iter()
+        .map(|(_, c)| c)
+        .filter(|c| c.len() == 2 && c[1] == "--version")
+        .collect();
+    assert_eq!(version_checks.len(), BINARIES.len(), "{containers:?}");
+    for c in version_checks {
+        run_ok(in_image(rootfs, &env, &c[0]).arg(&c[1]), STEP_TIMEOUT);
     }
     // The manager's init container, exactly as rendered: it copies the executor into a volume.
     let (_, install) = containers
