@@ -1,5 +1,6 @@
 //! Integration tests of the test kit.
 
+mod chart_upgrade;
 mod emulator_errors;
 mod emulator_exec;
 mod emulator_faults;
