@@ -11,10 +11,20 @@ use spotrun_cache_proxy::{
     Listeners, RunError, gc_options, open_dedup, open_dedup_for_maintenance, serve,
 };
 
+/// `--version`: crate version, git revision and target triple (set by `build.rs`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (rev ",
+    env!("SPOTRUN_GIT_REV"),
+    ", ",
+    env!("SPOTRUN_BUILD_TARGET"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "spotrun-cache-proxy",
-    version,
+    version = VERSION,
     about = "S3-compatible dedup cache proxy for gitlab-runner"
 )]
 struct Cli {

@@ -33,12 +33,22 @@ use crate::failure::{ExitCodes, Failure, verdict, write_build_exit_code};
 use crate::job::{CustomEnv, JobIdentity};
 use crate::settings::{FlagOverrides, Settings, SpotPolicy};
 
+/// `--version`: crate version, git revision and target triple (set by `build.rs`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (rev ",
+    env!("SPOTRUN_GIT_REV"),
+    ", ",
+    env!("SPOTRUN_BUILD_TARGET"),
+    ")"
+);
+
 // Reason: doc comments here are clap help text, where backticks would show literally.
 #[allow(clippy::doc_markdown)]
 #[derive(Debug, Parser)]
 #[command(
     name = "spotrun-executor",
-    version,
+    version = VERSION,
     about = "GitLab Runner custom executor for GKE spot pods"
 )]
 struct Cli {

@@ -20,7 +20,7 @@ const KUBE_VERSIONS: [&str; 2] = ["1.33.0", "1.34.0"];
 /// CRD kinds kubernetes-validate has no schema for; rendered only in the everything case.
 const CRD_API_VERSIONS: &str = "monitoring.coreos.com/v1/ServiceMonitor";
 
-fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ has a parent")
@@ -85,7 +85,7 @@ fn ci_values_files() -> Vec<PathBuf> {
 }
 
 /// `helm template` with extra arguments; panics with helm's stderr on failure.
-fn render(extra: &[&str]) -> String {
+pub(crate) fn render(extra: &[&str]) -> String {
     let chart = chart_dir();
     let mut args = vec![
         "template",
@@ -114,7 +114,7 @@ fn render_file(values: &Path) -> String {
 }
 
 /// Every non-empty document of a multi-document YAML stream.
-fn documents(yaml: &str) -> Vec<Value> {
+pub(crate) fn documents(yaml: &str) -> Vec<Value> {
     serde_yaml::Deserializer::from_str(yaml)
         .map(|d| Value::deserialize(d).expect("rendered YAML parses"))
         .filter(|v| !v.is_null())

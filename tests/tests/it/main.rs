@@ -1,5 +1,6 @@
 //! Integration tests of the test kit.
 
+mod chart_upgrade;
 mod emulator_errors;
 mod emulator_exec;
 mod emulator_faults;
@@ -9,3 +10,5 @@ mod emulator_sched;
 mod emulator_support;
 mod harness;
 mod helm;
+mod image;
+mod pipeline;
