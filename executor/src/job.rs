@@ -54,7 +54,19 @@ pub struct ImageSpec {
     pub command: Vec<String>,
     pub entrypoint: Vec<String>,
     pub variables: Vec<JobVariable>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub ports: Vec<ServicePort>,
     pub pull_policy: Vec<String>,
+}
+
+/// A port a service declares (`services: [{name, ports: [...]}]`); waited for like
+/// `HEALTHCHECK_TCP_PORT`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ServicePort {
+    pub number: u32,
+    pub protocol: String,
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -173,6 +185,80 @@ impl CustomEnv {
             .map(String::as_str)
             .filter(|v| !v.is_empty())
     }
+}
+
+/// Whether Kubernetes accepts `name` as an environment variable name (letters, digits, `_`, `-`,
+/// `.`; not starting with a digit): others are left out of a container's env.
+#[must_use]
+pub fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// The job variables services get, as the Kubernetes executor gives them
+/// (`GetAllVariables().PublicOrInternal()`): every variable the runner passed (`CUSTOM_ENV_*`,
+/// already expanded the runner's way) except those the payload marks non-public (project and
+/// group secrets, `CI_JOB_TOKEN`) or masked: those never land in a pod spec.
+#[must_use]
+pub fn service_job_variables(job: &JobResponse, env: &CustomEnv) -> Vec<(String, String)> {
+    let mut hidden: BTreeMap<&str, bool> = BTreeMap::new();
+    for v in &job.variables {
+        // The last definition of a key wins, as in the runner.
+        hidden.insert(v.key.as_str(), !v.public || v.masked);
+    }
+    env.0
+        .iter()
+        .filter(|(k, _)| {
+            k.as_str() != "CI_JOB_SERVICES"
+                && is_env_name(k)
+                && !hidden.get(k.as_str()).copied().unwrap_or(false)
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// One entry of `CI_JOB_SERVICES` (the runner's `json.Marshal` of the job's services).
+#[derive(Debug, Deserialize)]
+struct JobServiceEntry {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    variables: Option<BTreeMap<String, String>>,
+}
+
+/// The own variables of service `index`: from `CI_JOB_SERVICES`, where the runner expanded them
+/// against the job's variables, else (no or mismatching `CI_JOB_SERVICES`) the payload's as written.
+#[must_use]
+pub fn service_own_variables(
+    job: &JobResponse,
+    env: &CustomEnv,
+    index: usize,
+) -> Vec<(String, String)> {
+    let Some(svc) = job.services.get(index) else {
+        return Vec::new();
+    };
+    let expanded: Option<Vec<JobServiceEntry>> = env
+        .0
+        .get("CI_JOB_SERVICES")
+        .and_then(|t| serde_json::from_str(t).ok());
+    if let Some(entries) = expanded.filter(|e| e.len() == job.services.len()) {
+        if let Some(e) = entries.get(index).filter(|e| e.name == svc.name) {
+            return e
+                .variables
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+        }
+    }
+    svc.variables
+        .iter()
+        .filter(|v| !v.key.is_empty())
+        .map(|v| (v.key.clone(), v.value.clone()))
+        .collect()
 }
 
 /// What the runner knows about the job and its slot: everything naming derives from.

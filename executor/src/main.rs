@@ -17,6 +17,7 @@ mod preemption;
 mod prepare;
 mod quantity;
 mod retry_after;
+mod services;
 mod settings;
 mod smp;
 mod stage;

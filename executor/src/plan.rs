@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, EmptyDirVolumeSource, EnvVar, HostAlias, LocalObjectReference,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSecurityContext,
-    PodSpec, PreferredSchedulingTerm, ResourceRequirements, Secret, SecurityContext, Toleration,
-    Volume, VolumeMount,
+    Affinity, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HostAlias,
+    LocalObjectReference, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    Pod, PodSecurityContext, PodSpec, PreferredSchedulingTerm, ResourceRequirements, Secret,
+    SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -138,6 +138,7 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         volume_mounts: Some(mounts.clone()),
         resources: resources(&build_resources),
         security_context: container_security(settings.pod.build_security_context.as_ref()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
     };
     // Like the Kubernetes executor with FF_KUBERNETES_HONOR_ENTRYPOINT: a real entrypoint wraps our
@@ -173,6 +174,7 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         volume_mounts: Some(helper_mounts),
         resources: resources(&settings.resources.helper),
         security_context: container_security(settings.pod.helper_security_context.as_ref()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
     };
 
@@ -192,7 +194,7 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
                 host_names.push(h);
             }
         }
-        containers.push(service_container(settings, svc, cname));
+        containers.push(service_container(settings, input, i, cname, &mounts));
     }
 
     let secret = registry_secret(input, &name, &labels);
@@ -391,14 +393,33 @@ fn service_host_names(svc: &ImageSpec) -> Vec<String> {
     out
 }
 
-fn service_container(settings: &Settings, svc: &ImageSpec, name: String) -> Container {
-    let env: Vec<EnvVar> = svc
-        .variables
-        .iter()
-        .filter(|v| !v.key.is_empty())
-        .map(|v| EnvVar {
-            name: v.key.clone(),
-            value: Some(v.value.clone()),
+/// A service container: the job's public variables plus the service's own (which win), the build
+/// volumes (as the Kubernetes executor mounts them in services: `DinD` certs, shared files), and its
+/// last log lines as termination message when it fails, so `prepare` can report them without
+/// `pods/log`.
+fn service_container(
+    settings: &Settings,
+    input: &PlanInput<'_>,
+    index: usize,
+    name: String,
+    mounts: &[VolumeMount],
+) -> Container {
+    let svc = &input.job.services[index];
+    let mut vars: Vec<(String, String)> = crate::job::service_job_variables(input.job, input.env);
+    for (k, v) in crate::job::service_own_variables(input.job, input.env, index) {
+        if !crate::job::is_env_name(&k) {
+            continue;
+        }
+        vars.retain(|(ek, _)| *ek != k);
+        vars.push((k, v));
+    }
+    let env: Vec<EnvVar> = vars
+        .into_iter()
+        .map(|(k, v)| EnvVar {
+            name: k,
+            // The kubelet expands `$(NAME)` and turns `$$` into `$` in env values: doubling every
+            // `$` keeps the runner's value byte for byte.
+            value: Some(v.replace('$', "$$")),
             value_from: None,
         })
         .collect();
@@ -421,8 +442,41 @@ fn service_container(settings: &Settings, svc: &ImageSpec, name: String) -> Cont
         env: (!env.is_empty()).then_some(env),
         resources: resources(&settings.resources.services),
         security_context: container_security(settings.pod.service_security_context.as_ref()),
+        volume_mounts: (!mounts.is_empty()).then(|| mounts.to_vec()),
+        ports: service_ports(svc),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
     }
+}
+
+/// The ports a service declares, as container ports (documentation for `kubectl`, and what
+/// `prepare` waits for). GitLab's `protocol` (http/https) is about the web terminal proxy; the
+/// socket is TCP either way. A name Kubernetes would refuse is left out.
+fn service_ports(svc: &ImageSpec) -> Option<Vec<ContainerPort>> {
+    let ports: Vec<ContainerPort> = svc
+        .ports
+        .iter()
+        .filter_map(|p| {
+            let number = i32::try_from(p.number)
+                .ok()
+                .filter(|n| (1..=65535).contains(n))?;
+            let name = p.name.to_ascii_lowercase();
+            let name_ok = !name.is_empty()
+                && name.len() <= 15
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && name.bytes().any(|b| b.is_ascii_lowercase())
+                && !name.starts_with('-')
+                && !name.ends_with('-')
+                && !name.contains("--");
+            Some(ContainerPort {
+                container_port: number,
+                name: name_ok.then_some(name),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            })
+        })
+        .collect();
+    (!ports.is_empty()).then_some(ports)
 }
 
 fn pod_labels(settings: &Settings, input: &PlanInput<'_>, name: &str) -> BTreeMap<String, String> {

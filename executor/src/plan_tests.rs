@@ -471,3 +471,114 @@ fn strategic_patch_merges_into_generated_containers() {
         "{err}"
     );
 }
+
+#[test]
+fn services_get_public_job_variables_their_own_expanded_and_dollars_kept() {
+    let mut job = minimal_job(1200);
+    job.variables = vec![
+        JobVariable {
+            key: "CI_JOB_TOKEN".into(),
+            value: "glcbt-secret".into(),
+            masked: true,
+            ..JobVariable::default()
+        },
+        JobVariable {
+            key: "DEPLOY_KEY".into(),
+            value: "project-secret".into(),
+            public: false,
+            ..JobVariable::default()
+        },
+        JobVariable {
+            key: "MASKED_BUT_PUBLIC".into(),
+            value: "hidden-too".into(),
+            public: true,
+            masked: true,
+            ..JobVariable::default()
+        },
+        JobVariable {
+            key: "POSTGRES_PASSWORD".into(),
+            value: "pw".into(),
+            public: true,
+            ..JobVariable::default()
+        },
+        JobVariable {
+            key: "DOCKER_TLS_CERTDIR".into(),
+            value: String::new(),
+            public: true,
+            ..JobVariable::default()
+        },
+    ];
+    job.services.push(ImageSpec {
+        name: "postgres:16".into(),
+        alias: "db".into(),
+        variables: vec![JobVariable {
+            key: "POSTGRES_DB".into(),
+            value: "app-$CI_JOB_ID".into(),
+            ..JobVariable::default()
+        }],
+        ports: vec![crate::job::ServicePort {
+            number: 5432,
+            protocol: "tcp".into(),
+            name: "PG".into(),
+        }],
+        ..ImageSpec::default()
+    });
+    let env = env(&[
+        ("CI_JOB_ID", "1200"),
+        ("CI_JOB_TOKEN", "glcbt-secret"),
+        ("DEPLOY_KEY", "project-secret"),
+        ("MASKED_BUT_PUBLIC", "hidden-too"),
+        ("POSTGRES_PASSWORD", "pw"),
+        ("DOCKER_TLS_CERTDIR", ""),
+        ("WEIRD", "a$(HOME)b$$c"),
+        ("FF_NETWORK_PER_BUILD", "false"),
+        ("1BAD", "x"),
+        (
+            "CI_JOB_SERVICES",
+            r#"[{"name":"postgres:16","alias":"db","entrypoint":null,"command":null,"variables":{"POSTGRES_DB":"app-1200","POSTGRES_PASSWORD":"own"}}]"#,
+        ),
+    ]);
+    let case = Case {
+        name: "services-env",
+        settings: Settings::default(),
+        job,
+        env,
+        fallback: false,
+    };
+    let p = plan(&case);
+    let svc = &p.pod.spec.as_ref().unwrap().containers[2];
+    let env: Vec<(String, String)> = svc
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        env,
+        [
+            ("CI_JOB_ID", "1200"),
+            ("DOCKER_TLS_CERTDIR", ""),
+            ("FF_NETWORK_PER_BUILD", "false"),
+            ("WEIRD", "a$$(HOME)b$$$$c"),
+            ("POSTGRES_DB", "app-1200"),
+            ("POSTGRES_PASSWORD", "own"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+    );
+    let mounts: Vec<&str> = svc
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert!(mounts.contains(&"/builds"), "{mounts:?}");
+    let port = &svc.ports.as_ref().unwrap()[0];
+    assert_eq!(
+        (port.container_port, port.name.as_deref()),
+        (5432, Some("pg"))
+    );
+    assert_eq!(
+        svc.termination_message_policy.as_deref(),
+        Some("FallbackToLogsOnError")
+    );
+}

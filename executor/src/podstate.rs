@@ -54,6 +54,42 @@ const CONFIG_REASONS: [&str; 3] = [
     "CrashLoopBackOff",
 ];
 
+/// The containers stages exec into; the others are services.
+pub const EXEC_CONTAINERS: [&str; 2] = ["build", "helper"];
+
+/// A service container that stopped: what the job log says about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceExit {
+    pub container: String,
+    pub image: String,
+    pub exit_code: i32,
+    pub reason: String,
+    /// The termination message: with `FallbackToLogsOnError`, the last log lines of a failure.
+    pub message: String,
+}
+
+/// Service containers that have terminated (in container order).
+#[must_use]
+pub fn exited_services(pod: &Pod) -> Vec<ServiceExit> {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|cs| !EXEC_CONTAINERS.contains(&cs.name.as_str()))
+        .filter_map(|cs| {
+            let t = cs.state.as_ref()?.terminated.as_ref()?;
+            Some(ServiceExit {
+                container: cs.name.clone(),
+                image: cs.image.clone(),
+                exit_code: t.exit_code,
+                reason: t.reason.clone().unwrap_or_default(),
+                message: t.message.clone().unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
 #[must_use]
 pub fn node_name(pod: &Pod) -> String {
     pod.spec
@@ -170,11 +206,24 @@ pub fn progress(pod: &Pod) -> Progress {
     }
     let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("");
     let want = pod.spec.as_ref().map_or(0, |s| s.containers.len());
-    let running = statuses
+    let is_running = |cs: &&k8s_openapi::api::core::v1::ContainerStatus| {
+        cs.state.as_ref().is_some_and(|s| s.running.is_some())
+    };
+    let is_terminated = |cs: &&k8s_openapi::api::core::v1::ContainerStatus| {
+        cs.state.as_ref().is_some_and(|s| s.terminated.is_some())
+    };
+    // Build and helper must run; a service that already stopped does not hold the job (it is
+    // reported by `exited_services`, and the Kubernetes executor does not wait for it either).
+    let settled = statuses
         .iter()
-        .filter(|cs| cs.state.as_ref().is_some_and(|s| s.running.is_some()))
+        .filter(|cs| {
+            is_running(cs) || (is_terminated(cs) && !EXEC_CONTAINERS.contains(&cs.name.as_str()))
+        })
         .count();
-    if phase == "Running" && running >= want && want > 0 {
+    let core_running = EXEC_CONTAINERS
+        .iter()
+        .all(|c| statuses.iter().any(|cs| cs.name == *c && is_running(&cs)));
+    if phase == "Running" && settled >= want && want > 0 && core_running {
         return Progress::Running { node };
     }
     let waiting = statuses

@@ -161,7 +161,9 @@ pub async fn prepare(ctx: &Ctx) -> Result<(), Failure> {
                     .warn("secret_owner_failed", json!({ "error": e.to_string() }));
             }
         }
-        wait_running(ctx, &kube, &pods, &name, &job).await
+        let node = wait_running(ctx, &kube, &pods, &name, &job).await?;
+        crate::services::wait_for_services(ctx, &kube, &pods, &name, &plan.pod).await;
+        Ok(node)
     };
     let result = tokio::select! {
         r = work => r,
@@ -305,6 +307,7 @@ async fn wait_running(
     let mut announced_node = String::new();
     let mut last_waiting: Vec<(String, String)> = Vec::new();
     let mut said_waiting = false;
+    let mut reported_exits: BTreeSet<String> = BTreeSet::new();
     let far = prepare_deadline + Duration::from_hours(1);
 
     loop {
@@ -335,6 +338,14 @@ async fn wait_running(
                 if !said_waiting {
                     said_waiting = true;
                     say(&format!("Waiting for pod {ns}/{name} to be scheduled..."));
+                }
+                for exit in podstate::exited_services(&pod) {
+                    if reported_exits.insert(exit.container.clone()) {
+                        ctx.events.warn("service_exited", json!({ "container": exit.container, "exit_code": exit.exit_code, "reason": exit.reason }));
+                        for line in crate::services::exit_report(&exit) {
+                            say(&line);
+                        }
+                    }
                 }
                 match podstate::progress(&pod) {
                     Progress::Running { node } => {

@@ -323,6 +323,23 @@ impl Default for ApiSettings {
     }
 }
 
+/// How `prepare` treats the job's services.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceSettings {
+    /// Seconds to wait for the TCP ports services declare (`HEALTHCHECK_TCP_PORT`, `ports:`),
+    /// as the Kubernetes executor's `wait_for_services_timeout`; 0 disables the wait.
+    pub wait_for_services_timeout: u64,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self {
+            wait_for_services_timeout: 30,
+        }
+    }
+}
+
 /// The whole operator file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -334,6 +351,7 @@ pub struct Settings {
     pub images: ImageSettings,
     pub resources: ResourcesSettings,
     pub pod: PodSettings,
+    pub services: ServiceSettings,
     pub dirs: DirSettings,
     pub timeouts: TimeoutSettings,
     pub api: ApiSettings,
@@ -348,6 +366,7 @@ impl Default for Settings {
             images: ImageSettings::default(),
             resources: ResourcesSettings::default(),
             pod: PodSettings::default(),
+            services: ServiceSettings::default(),
             dirs: DirSettings::default(),
             timeouts: TimeoutSettings::default(),
             api: ApiSettings::default(),

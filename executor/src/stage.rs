@@ -295,7 +295,7 @@ fn lost_exit_failure(pod: &str, container: &str) -> Failure {
 
 /// How one exec ended.
 #[derive(Debug)]
-enum ExecEnd {
+pub(crate) enum ExecEnd {
     /// The command finished and reported its status (Some(true) = success).
     Finished { success: bool, stderr: Vec<u8> },
     /// The stream broke: no status, silence, or the connection failed.
@@ -313,7 +313,7 @@ fn sh_s() -> Vec<String> {
 }
 
 /// Runs a command in a container; stdout goes to `sink` as it arrives.
-async fn exec(
+pub(crate) async fn exec(
     pods: &Api<Pod>,
     pod: &str,
     container: &str,

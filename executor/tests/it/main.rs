@@ -4,4 +4,5 @@
 mod jobs;
 mod rbac;
 mod resilience;
+mod services;
 mod support;
