@@ -21,6 +21,8 @@ use crate::settings::{PatchType, ResourceSettings, Settings, SpotPolicy};
 
 /// GKE's spot node label and taint key.
 pub const SPOT_LABEL: &str = "cloud.google.com/gke-spot";
+/// The pod label recording the spot policy the pod was placed with.
+pub const SPOT_POLICY_LABEL: &str = "spotrun.dev/spot-policy";
 pub const BUILD_CONTAINER: &str = "build";
 pub const HELPER_CONTAINER: &str = "helper";
 /// Where the helper container finds `gitlab-runner` (a link to `gitlab-runner-helper`).
@@ -487,7 +489,7 @@ fn pod_labels(settings: &Settings, input: &PlanInput<'_>, name: &str) -> BTreeMa
         (MANAGED_BY_KEY, MANAGED_BY_VALUE.to_string()),
         (POD_LABEL, name.to_string()),
         (KIND_LABEL, "job-pod".to_string()),
-        ("spotrun.dev/spot-policy", input.spot.as_str().to_string()),
+        (SPOT_POLICY_LABEL, input.spot.as_str().to_string()),
         ("job.runner.gitlab.com/id", job.id.to_string()),
         (
             "pipeline.runner.gitlab.com/id",

@@ -1,6 +1,7 @@
 //! Integration tests of spotrun-executor: the real binary driven by the runner harness against
 //! the Kubernetes API emulator (containers run for real in bwrap).
 
+mod classification;
 mod jobs;
 mod rbac;
 mod resilience;
