@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::job::{CustomEnv, ImageSpec, JobIdentity, JobKnobs, JobResponse};
+use crate::job::{CustomEnv, ImageSpec, JobIdentity, JobKnobs, JobResources, JobResponse};
 use crate::naming::{self, KIND_LABEL, MANAGED_BY_KEY, MANAGED_BY_VALUE, POD_LABEL};
 use crate::quantity::Quantity;
 use crate::settings::{PatchType, ResourceSettings, Settings, SpotPolicy};
@@ -132,7 +132,7 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
                 .and_then(|p| job_pull_policy(p))
         });
 
-    let build_resources = merge_job_resources(&settings.resources.build, input.knobs);
+    let build_resources = merge_job_resources(&settings.resources.build, &input.knobs.resources);
     let mut build = Container {
         name: BUILD_CONTAINER.into(),
         image: Some(image),
@@ -174,7 +174,10 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
             value_from: None,
         }]),
         volume_mounts: Some(helper_mounts),
-        resources: resources(&settings.resources.helper),
+        resources: resources(&merge_job_resources(
+            &settings.resources.helper,
+            &input.knobs.helper_resources,
+        )),
         security_context: container_security(settings.pod.helper_security_context.as_ref()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
@@ -212,7 +215,7 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         });
     }
 
-    let (node_selector, affinity, tolerations) = placement(settings, input.spot);
+    let (node_selector, affinity, tolerations) = placement(settings, input.knobs, input.spot);
     let timeout = job_timeout(settings, input);
     let spec = PodSpec {
         containers,
@@ -223,7 +226,11 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         ),
         termination_grace_period_seconds: Some(settings.pod.termination_grace_period_seconds),
         automount_service_account_token: Some(settings.pod.automount_service_account_token),
-        service_account_name: settings.pod.service_account.clone(),
+        service_account_name: input
+            .knobs
+            .service_account
+            .clone()
+            .or_else(|| settings.pod.service_account.clone()),
         priority_class_name: settings.pod.priority_class_name.clone(),
         enable_service_links: Some(false),
         host_aliases: (!host_names.is_empty()).then(|| {
@@ -311,8 +318,7 @@ fn container_security(t: Option<&toml::Table>) -> Option<SecurityContext> {
     serde_json::from_value(serde_json::to_value(t?).ok()?).ok()
 }
 
-fn merge_job_resources(base: &ResourceSettings, knobs: &JobKnobs) -> ResourceSettings {
-    let j = &knobs.resources;
+fn merge_job_resources(base: &ResourceSettings, j: &JobResources) -> ResourceSettings {
     let pick = |job: &Option<Quantity>, op: &Option<Quantity>| job.clone().or_else(|| op.clone());
     ResourceSettings {
         cpu_request: pick(&j.cpu_request, &base.cpu_request),
@@ -324,6 +330,7 @@ fn merge_job_resources(base: &ResourceSettings, knobs: &JobKnobs) -> ResourceSet
             &base.ephemeral_storage_request,
         ),
         ephemeral_storage_limit: pick(&j.ephemeral_storage_limit, &base.ephemeral_storage_limit),
+        ..base.clone()
     }
 }
 
@@ -442,7 +449,14 @@ fn service_container(
         command: (!entrypoint.is_empty()).then_some(entrypoint),
         args: (!svc.command.is_empty()).then(|| svc.command.clone()),
         env: (!env.is_empty()).then_some(env),
-        resources: resources(&settings.resources.services),
+        resources: resources(&merge_job_resources(
+            &settings.resources.services,
+            input
+                .knobs
+                .per_service
+                .get(index)
+                .unwrap_or(&input.knobs.service_resources),
+        )),
         security_context: container_security(settings.pod.service_security_context.as_ref()),
         volume_mounts: (!mounts.is_empty()).then(|| mounts.to_vec()),
         ports: service_ports(svc),
@@ -484,6 +498,7 @@ fn service_ports(svc: &ImageSpec) -> Option<Vec<ContainerPort>> {
 fn pod_labels(settings: &Settings, input: &PlanInput<'_>, name: &str) -> BTreeMap<String, String> {
     let job = input.job;
     let mut l: BTreeMap<String, String> = settings.pod.labels.clone();
+    l.extend(input.knobs.labels.clone());
     // Ours are written last: operators cannot overwrite the keys cleanup and gc select on.
     for (k, v) in [
         (MANAGED_BY_KEY, MANAGED_BY_VALUE.to_string()),
@@ -524,6 +539,7 @@ fn pod_labels(settings: &Settings, input: &PlanInput<'_>, name: &str) -> BTreeMa
 fn pod_annotations(settings: &Settings, input: &PlanInput<'_>) -> BTreeMap<String, String> {
     let job = input.job;
     let mut a: BTreeMap<String, String> = settings.pod.annotations.clone();
+    a.extend(input.knobs.annotations.clone());
     let url = input
         .env
         .get("CI_JOB_URL")
@@ -589,9 +605,12 @@ fn spot_requirement(operator: &str) -> NodeSelectorRequirement {
 /// Node selector, affinity and tolerations for a spot policy plus the operator's own.
 fn placement(
     settings: &Settings,
+    knobs: &JobKnobs,
     spot: SpotPolicy,
 ) -> (BTreeMap<String, String>, Option<Affinity>, Vec<Toleration>) {
     let mut selector = settings.pod.node_selector.clone();
+    // Allowed job overrides win over the operator's values, the spot policy over both.
+    selector.extend(knobs.node_selector.clone());
     let mut tolerations: Vec<Toleration> = settings
         .pod
         .tolerations

@@ -123,6 +123,31 @@ fn cases() -> Vec<Case> {
 
     let mut capped = example_settings();
     capped.spot.policy = SpotPolicy::Require;
+
+    // 6. The Kubernetes executor's job variables within the operator's maxima and regexps.
+    let mut k8s_vars = Settings::default();
+    let q = |t: &str| Some(crate::quantity::Quantity::parse(t).unwrap());
+    k8s_vars.resources.build.memory_request = q("1Gi");
+    k8s_vars.resources.build.memory_limit = q("2Gi");
+    k8s_vars.resources.build.memory_limit_overwrite_max_allowed = q("4Gi");
+    k8s_vars.resources.build.cpu_request_overwrite_max_allowed = q("2");
+    k8s_vars.resources.helper.memory_limit_overwrite_max_allowed = q("1Gi");
+    k8s_vars.resources.services.cpu_limit_overwrite_max_allowed = q("1");
+    k8s_vars.pod.node_selector_overwrite_allowed = Some("^kubernetes.io/arch=".into());
+    k8s_vars.pod.pod_labels_overwrite_allowed = Some("^team=".into());
+    k8s_vars.pod.pod_annotations_overwrite_allowed = Some(".*".into());
+    k8s_vars.pod.service_account_overwrite_allowed = Some("^ci-".into());
+    let mut k8s_job = minimal_job(1005);
+    k8s_job.services.push(ImageSpec {
+        name: "postgres:16".into(),
+        alias: "db".into(),
+        variables: vec![JobVariable {
+            key: "KUBERNETES_SERVICE_CPU_LIMIT".into(),
+            value: "500m".into(),
+            ..JobVariable::default()
+        }],
+        ..ImageSpec::default()
+    });
     vec![
         Case {
             name: "fixture-job",
@@ -177,12 +202,34 @@ fn cases() -> Vec<Case> {
             env: mk_env("1004", &[]),
             fallback: false,
         },
+        Case {
+            name: "kubernetes-executor-variables",
+            settings: k8s_vars,
+            job: k8s_job,
+            env: mk_env(
+                "1005",
+                &[
+                    ("KUBERNETES_MEMORY_LIMIT", "8Gi"),
+                    ("KUBERNETES_CPU_REQUEST", "1500m"),
+                    ("KUBERNETES_HELPER_MEMORY_LIMIT", "768Mi"),
+                    ("KUBERNETES_SERVICE_CPU_LIMIT", "2"),
+                    ("KUBERNETES_NODE_SELECTOR_ARCH", "kubernetes.io/arch=arm64"),
+                    ("KUBERNETES_POD_LABELS_TEAM", "team=payments"),
+                    (
+                        "KUBERNETES_POD_ANNOTATIONS_OWNER",
+                        "example.com/owner=payments",
+                    ),
+                    ("KUBERNETES_SERVICE_ACCOUNT_OVERWRITE", "ci-deployer"),
+                ],
+            ),
+            fallback: false,
+        },
     ]
 }
 
 fn plan(case: &Case) -> PodPlan {
     let identity = JobIdentity::from_env(&case.env).unwrap();
-    let knobs = job_knobs(&case.settings, &case.env).unwrap();
+    let knobs = job_knobs(&case.settings, &case.env, &case.job).unwrap();
     let spot = effective_spot_policy(&case.settings, &knobs, case.fallback);
     plan_pod(
         &case.settings,
@@ -285,11 +332,11 @@ fn kubernetes_validate_rejects_a_broken_pod() {
 #[test]
 fn spot_policies_place_as_documented() {
     let s = Settings::default();
-    let (sel, aff, tol) = placement(&s, SpotPolicy::Require);
+    let (sel, aff, tol) = placement(&s, &JobKnobs::default(), SpotPolicy::Require);
     assert_eq!(sel.get(SPOT_LABEL).map(String::as_str), Some("true"));
     assert!(aff.is_none());
     assert_eq!(tol, vec![spot_toleration()]);
-    let (sel, aff, tol) = placement(&s, SpotPolicy::Prefer);
+    let (sel, aff, tol) = placement(&s, &JobKnobs::default(), SpotPolicy::Prefer);
     assert!(sel.is_empty() && tol == vec![spot_toleration()]);
     let pref = aff
         .unwrap()
@@ -301,7 +348,7 @@ fn spot_policies_place_as_documented() {
         pref[0].preference.match_expressions.as_ref().unwrap()[0],
         spot_requirement("In")
     );
-    let (sel, aff, tol) = placement(&s, SpotPolicy::Never);
+    let (sel, aff, tol) = placement(&s, &JobKnobs::default(), SpotPolicy::Never);
     assert!(sel.is_empty() && tol.is_empty());
     let req = aff
         .unwrap()
@@ -454,7 +501,7 @@ fn strategic_patch_merges_into_generated_containers() {
         patch: r#"{"spec": {"containers": [{"image": "no-name"}]}}"#.into(),
     });
     let identity = JobIdentity::from_env(&case.env).unwrap();
-    let knobs = job_knobs(&case.settings, &case.env).unwrap();
+    let knobs = job_knobs(&case.settings, &case.env, &case.job).unwrap();
     let err = plan_pod(
         &case.settings,
         &PlanInput {

@@ -80,7 +80,10 @@ pub async fn prepare(ctx: &Ctx) -> Result<(), Failure> {
     let identity = identity(ctx, Some(&job))?;
     let name = identity.pod_name();
     ctx.events.set_context("pod", name.clone());
-    let knobs = job_knobs(settings, &ctx.env).map_err(|e| Failure::Job(e.to_string()))?;
+    let knobs = job_knobs(settings, &ctx.env, &job).map_err(|e| Failure::Job(e.to_string()))?;
+    for note in &knobs.notes {
+        say(note);
+    }
     let kube = Kube::connect(settings, ctx.events.clone()).await?;
 
     let wanted = effective_spot_policy(settings, &knobs, false);

@@ -92,7 +92,9 @@ impl Default for SpotSettings {
     }
 }
 
-/// Requests and limits of one container class (Kubernetes quantity strings).
+/// Requests and limits of one container class (Kubernetes quantity strings), and the maxima a
+/// job may raise them to with the Kubernetes executor's variables (`KUBERNETES_CPU_LIMIT`, ...):
+/// a value without a maximum cannot be overridden (as `*_overwrite_max_allowed` there).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ResourceSettings {
@@ -102,6 +104,23 @@ pub struct ResourceSettings {
     pub memory_limit: Option<Quantity>,
     pub ephemeral_storage_request: Option<Quantity>,
     pub ephemeral_storage_limit: Option<Quantity>,
+    pub cpu_request_overwrite_max_allowed: Option<Quantity>,
+    pub cpu_limit_overwrite_max_allowed: Option<Quantity>,
+    pub memory_request_overwrite_max_allowed: Option<Quantity>,
+    pub memory_limit_overwrite_max_allowed: Option<Quantity>,
+    pub ephemeral_storage_request_overwrite_max_allowed: Option<Quantity>,
+    pub ephemeral_storage_limit_overwrite_max_allowed: Option<Quantity>,
+}
+
+/// What a job override above its maximum gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverMax {
+    /// One warning line and the maximum is used (what users asked for in gitlab-runner#38958).
+    #[default]
+    Cap,
+    /// The job fails naming the variable and the maximum (the Kubernetes executor's behaviour).
+    Fail,
 }
 
 /// Maxima for the job's `SPOTRUN_*` resource variables; a variable without a maximum is refused.
@@ -119,7 +138,11 @@ pub struct ResourcesSettings {
     pub build: ResourceSettings,
     pub helper: ResourceSettings,
     pub services: ResourceSettings,
+    /// Older maxima for the build container (request and limit alike), used where the
+    /// `*_overwrite_max_allowed` key is not set.
     pub job_max: JobCaps,
+    /// A job override above its maximum: `cap` (warn, use the maximum) or `fail`.
+    pub overwrite_over_max: OverMax,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -176,6 +199,14 @@ pub struct PodSettings {
     pub priority_class_name: Option<String>,
     pub termination_grace_period_seconds: i64,
     pub patch: Option<PodSpecPatch>,
+    /// Regular expressions (Go/RE2 syntax, unanchored as in the Kubernetes executor) a job's
+    /// `KUBERNETES_NODE_SELECTOR_*`, `KUBERNETES_POD_LABELS_*`, `KUBERNETES_POD_ANNOTATIONS_*`
+    /// (`key=value`) and `KUBERNETES_SERVICE_ACCOUNT_OVERWRITE` values must match; unset = no
+    /// override.
+    pub node_selector_overwrite_allowed: Option<String>,
+    pub pod_labels_overwrite_allowed: Option<String>,
+    pub pod_annotations_overwrite_allowed: Option<String>,
+    pub service_account_overwrite_allowed: Option<String>,
 }
 
 impl Default for PodSettings {
@@ -195,6 +226,10 @@ impl Default for PodSettings {
             priority_class_name: None,
             termination_grace_period_seconds: 10,
             patch: None,
+            node_selector_overwrite_allowed: None,
+            pod_labels_overwrite_allowed: None,
+            pod_annotations_overwrite_allowed: None,
+            service_account_overwrite_allowed: None,
         }
     }
 }
@@ -345,6 +380,9 @@ impl Default for ServiceSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub namespace: String,
+    /// Regular expression `KUBERNETES_NAMESPACE_OVERWRITE` must match; unset = no override.
+    /// The executor's service account needs the same rights in every namespace it allows.
+    pub namespace_overwrite_allowed: Option<String>,
     /// Where the JSON event lines go: `stderr`, `off`, or a file path (appended).
     pub events_log: String,
     pub spot: SpotSettings,
@@ -361,6 +399,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             namespace: "default".into(),
+            namespace_overwrite_allowed: None,
             events_log: "stderr".into(),
             spot: SpotSettings::default(),
             images: ImageSettings::default(),
@@ -446,6 +485,33 @@ impl Settings {
         ] {
             for g in globs {
                 globset::Glob::new(g).map_err(|e| invalid(key, format!("bad glob {g:?}: {e}")))?;
+            }
+        }
+        for (key, re) in [
+            (
+                "namespace_overwrite_allowed",
+                &self.namespace_overwrite_allowed,
+            ),
+            (
+                "pod.node_selector_overwrite_allowed",
+                &self.pod.node_selector_overwrite_allowed,
+            ),
+            (
+                "pod.pod_labels_overwrite_allowed",
+                &self.pod.pod_labels_overwrite_allowed,
+            ),
+            (
+                "pod.pod_annotations_overwrite_allowed",
+                &self.pod.pod_annotations_overwrite_allowed,
+            ),
+            (
+                "pod.service_account_overwrite_allowed",
+                &self.pod.service_account_overwrite_allowed,
+            ),
+        ] {
+            if let Some(re) = re {
+                regex::Regex::new(re)
+                    .map_err(|e| invalid(key, format!("bad regular expression {re:?}: {e}")))?;
             }
         }
         for (key, dir) in [

@@ -117,7 +117,7 @@ async fn service_is_reachable_by_alias() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_cap_cpu_and_disallowed_image_fail_with_one_line_and_no_pod() {
     let env =
-        Env::start("[resources.job_max]\ncpu = \"2\"\n[images]\nallowed_images = [\"alpine:*\"]\n")
+        Env::start("[resources]\noverwrite_over_max = \"fail\"\n[resources.job_max]\ncpu = \"2\"\n[images]\nallowed_images = [\"alpine:*\"]\n")
             .await;
     let out = env
         .runner()

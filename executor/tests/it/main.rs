@@ -3,6 +3,7 @@
 
 mod classification;
 mod jobs;
+mod overrides;
 mod rbac;
 mod resilience;
 mod services;
