@@ -383,7 +383,8 @@ pub struct Settings {
     /// Regular expression `KUBERNETES_NAMESPACE_OVERWRITE` must match; unset = no override.
     /// The executor's service account needs the same rights in every namespace it allows.
     pub namespace_overwrite_allowed: Option<String>,
-    /// Where the JSON event lines go: `stderr`, `off`, or a file path (appended).
+    /// Where the JSON event lines go: `runner` (gitlab-runner's own stderr, the default),
+    /// `stderr` (copied into job logs by the runner), `off`, or a file path (appended).
     pub events_log: String,
     pub spot: SpotSettings,
     pub images: ImageSettings,
@@ -400,7 +401,7 @@ impl Default for Settings {
         Self {
             namespace: "default".into(),
             namespace_overwrite_allowed: None,
-            events_log: "stderr".into(),
+            events_log: "runner".into(),
             spot: SpotSettings::default(),
             images: ImageSettings::default(),
             resources: ResourcesSettings::default(),

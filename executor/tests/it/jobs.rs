@@ -303,3 +303,26 @@ async fn unschedulable_pod_is_a_system_failure_with_the_scheduler_message() {
         "a pod was left"
     );
 }
+
+/// With no `events_log` setting, event lines go to the runner's own stderr, never into the job
+/// log (the runner copies the driver's stderr there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_events_log_never_lands_in_the_job_log() {
+    let env = Env::start("").await;
+    std::fs::write(
+        &env.settings,
+        "namespace = \"ci-jobs\"\n[timeouts]\nexec_silence_seconds = 5\n",
+    )
+    .unwrap();
+    let out = env
+        .runner()
+        .run(&JobBuilder::new(5301).script(&["echo quiet"]).build())
+        .await;
+    assert_eq!(out.result, JobResult::Success, "{}", out.log);
+    assert!(out.log.contains("quiet"), "{}", out.log);
+    assert!(
+        !out.log.contains("\"event\":"),
+        "event lines in the job log:\n{}",
+        out.log
+    );
+}
