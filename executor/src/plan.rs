@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use crate::job::{CustomEnv, ImageSpec, JobIdentity, JobKnobs, JobResources, JobResponse};
 use crate::naming::{self, KIND_LABEL, MANAGED_BY_KEY, MANAGED_BY_VALUE, POD_LABEL};
 use crate::quantity::Quantity;
-use crate::settings::{PatchType, ResourceSettings, Settings, SpotPolicy};
+use crate::settings::{PatchType, PullPolicy, ResourceSettings, Settings, SpotPolicy};
 
 /// GKE's spot node label and taint key.
 pub const SPOT_LABEL: &str = "cloud.google.com/gke-spot";
@@ -46,6 +46,21 @@ pub enum PlanError {
     /// The operator's `pod.patch` does not apply or yields an invalid Pod: the operator's fault.
     #[error("pod.patch: {0}")]
     Patch(String),
+    /// The job asked for pull policies the operator does not allow (the Kubernetes executor's
+    /// wording): the job's fault.
+    #[error(
+        "invalid pull policy for image {image:?}: pull_policy ([{requested}]) defined in GitLab pipeline config is not one of the allowed_pull_policies ([{allowed}])"
+    )]
+    PullPolicyNotAllowed {
+        image: String,
+        requested: String,
+        allowed: String,
+    },
+    /// A `pull_policy` value GitLab does not define.
+    #[error(
+        "invalid pull policy for image {image:?}: {value:?} is not always, if-not-present or never"
+    )]
+    UnknownPullPolicy { image: String, value: String },
 }
 
 /// Everything `plan_pod` needs; built by the IO layer from the environment.
@@ -57,12 +72,80 @@ pub struct PlanInput<'a> {
     pub knobs: &'a JobKnobs,
     /// Placement after the job override and the preemption fallback were applied.
     pub spot: SpotPolicy,
+    /// Which entry of each image's pull-policy list to use (0, then 1 after a failed pull, ...).
+    pub pull_attempt: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodPlan {
     pub pod: Pod,
     pub secret: Option<Secret>,
+    /// Job-log lines about the plan (a pull policy left out).
+    pub notes: Vec<String>,
+    /// How many pull attempts the pull-policy lists allow (the longest list, at least 1).
+    pub pull_attempts: usize,
+}
+
+/// The pull policies of one image: the job's within what the operator allows, else the
+/// operator's `pull_policy`. Empty: the cluster's default.
+pub fn pull_policies(
+    settings: &Settings,
+    image: &str,
+    job: &[String],
+    notes: &mut Vec<String>,
+) -> Result<Vec<PullPolicy>, PlanError> {
+    let configured = &settings.images.pull_policy;
+    let mut requested = Vec::new();
+    for v in job.iter().filter(|v| !v.is_empty()) {
+        let p = PullPolicy::parse(v).ok_or_else(|| PlanError::UnknownPullPolicy {
+            image: image.into(),
+            value: v.clone(),
+        })?;
+        if !requested.contains(&p) {
+            requested.push(p);
+        }
+    }
+    if requested.is_empty() {
+        return Ok(configured.clone());
+    }
+    let allowed = if settings.images.allowed_pull_policies.is_empty() {
+        configured
+    } else {
+        &settings.images.allowed_pull_policies
+    };
+    // Nothing configured at all: the job decides (the Kubernetes executor would refuse).
+    if allowed.is_empty() {
+        return Ok(requested);
+    }
+    let names = |v: &[PullPolicy]| v.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(" ");
+    let kept: Vec<PullPolicy> = requested
+        .iter()
+        .copied()
+        .filter(|p| allowed.contains(p))
+        .collect();
+    if kept.is_empty() {
+        return Err(PlanError::PullPolicyNotAllowed {
+            image: image.into(),
+            requested: names(&requested),
+            allowed: names(allowed),
+        });
+    }
+    if kept.len() < requested.len() {
+        notes.push(format!(
+            "WARNING: image {image:?}: pull_policy [{}] is not all in allowed_pull_policies [{}]; using [{}]",
+            names(&requested),
+            names(allowed),
+            names(&kept)
+        ));
+    }
+    Ok(kept)
+}
+
+/// The Kubernetes `imagePullPolicy` of a policy list on a given attempt (the last entry sticks).
+fn policy_for_attempt(list: &[PullPolicy], attempt: usize) -> Option<String> {
+    list.get(attempt)
+        .or_else(|| list.last())
+        .map(|p| p.k8s().to_string())
 }
 
 /// The effective spot policy: operator default, then an allowed job override, then the fallback.
@@ -121,16 +204,26 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
     }
     volumes.push(empty_dir("tools"));
 
-    let pull_policy = settings
-        .images
-        .pull_policy
-        .map(|p| p.k8s().to_string())
-        .or_else(|| {
-            job.image
-                .pull_policy
-                .first()
-                .and_then(|p| job_pull_policy(p))
-        });
+    let mut notes = Vec::new();
+    let build_policies = pull_policies(settings, &image, &job.image.pull_policy, &mut notes)?;
+    let helper_policies = settings.images.pull_policy.clone();
+    let mut service_policies = Vec::new();
+    for svc in &job.services {
+        service_policies.push(pull_policies(
+            settings,
+            &svc.name,
+            &svc.pull_policy,
+            &mut notes,
+        )?);
+    }
+    let pull_attempts = std::iter::once(&build_policies)
+        .chain(std::iter::once(&helper_policies))
+        .chain(service_policies.iter())
+        .map(Vec::len)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let pull_policy = policy_for_attempt(&build_policies, input.pull_attempt);
 
     let build_resources = merge_job_resources(&settings.resources.build, &input.knobs.resources);
     let mut build = Container {
@@ -164,7 +257,7 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
     let helper = Container {
         name: HELPER_CONTAINER.into(),
         image: Some(settings.images.helper_image.clone()),
-        image_pull_policy: settings.images.pull_policy.map(|p| p.k8s().to_string()),
+        image_pull_policy: policy_for_attempt(&helper_policies, input.pull_attempt),
         command: Some(vec!["sh".into(), "-c".into(), HELPER_IDLE_SCRIPT.into()]),
         env: Some(vec![EnvVar {
             name: "PATH".into(),
@@ -199,7 +292,10 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
                 host_names.push(h);
             }
         }
-        containers.push(service_container(settings, input, i, cname, &mounts));
+        let policy = policy_for_attempt(&service_policies[i], input.pull_attempt);
+        containers.push(service_container(
+            settings, input, i, cname, &mounts, policy,
+        ));
     }
 
     let secret = registry_secret(input, &name, &labels);
@@ -260,7 +356,12 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         status: None,
     };
     let pod = apply_patch(settings, pod)?;
-    Ok(PodPlan { pod, secret })
+    Ok(PodPlan {
+        pod,
+        secret,
+        notes,
+        pull_attempts,
+    })
 }
 
 fn check_allowed(image: &str, globs: &[String], key: &'static str) -> Result<(), PlanError> {
@@ -286,15 +387,6 @@ fn check_allowed(image: &str, globs: &[String], key: &'static str) -> Result<(),
             key,
             globs: globs.join(", "),
         })
-    }
-}
-
-fn job_pull_policy(p: &str) -> Option<String> {
-    match p {
-        "always" => Some("Always".into()),
-        "if-not-present" => Some("IfNotPresent".into()),
-        "never" => Some("Never".into()),
-        _ => None,
     }
 }
 
@@ -412,6 +504,7 @@ fn service_container(
     index: usize,
     name: String,
     mounts: &[VolumeMount],
+    pull_policy: Option<String>,
 ) -> Container {
     let svc = &input.job.services[index];
     let mut vars: Vec<(String, String)> = crate::job::service_job_variables(input.job, input.env);
@@ -441,11 +534,7 @@ fn service_container(
     Container {
         name,
         image: Some(svc.name.clone()),
-        image_pull_policy: settings
-            .images
-            .pull_policy
-            .map(|p| p.k8s().to_string())
-            .or_else(|| svc.pull_policy.first().and_then(|p| job_pull_policy(p))),
+        image_pull_policy: pull_policy,
         command: (!entrypoint.is_empty()).then_some(entrypoint),
         args: (!svc.command.is_empty()).then(|| svc.command.clone()),
         env: (!env.is_empty()).then_some(env),

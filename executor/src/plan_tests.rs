@@ -239,6 +239,7 @@ fn plan(case: &Case) -> PodPlan {
             env: &case.env,
             knobs: &knobs,
             spot,
+            pull_attempt: 0,
         },
     )
     .unwrap()
@@ -383,6 +384,7 @@ fn images_outside_the_allow_list_are_refused_by_name() {
             env: &e,
             knobs: &knobs,
             spot: SpotPolicy::Never,
+            pull_attempt: 0,
         },
     )
     .unwrap_err();
@@ -404,6 +406,7 @@ fn images_outside_the_allow_list_are_refused_by_name() {
             env: &e,
             knobs: &knobs,
             spot: SpotPolicy::Never,
+            pull_attempt: 0,
         },
     )
     .unwrap_err();
@@ -417,7 +420,8 @@ fn images_outside_the_allow_list_are_refused_by_name() {
                 identity: &id,
                 env: &e,
                 knobs: &knobs,
-                spot: SpotPolicy::Never
+                spot: SpotPolicy::Never,
+                pull_attempt: 0,
             }
         )
         .is_ok()
@@ -510,6 +514,7 @@ fn strategic_patch_merges_into_generated_containers() {
             env: &case.env,
             knobs: &knobs,
             spot: SpotPolicy::Never,
+            pull_attempt: 0,
         },
     )
     .unwrap_err();
@@ -628,4 +633,59 @@ fn services_get_public_job_variables_their_own_expanded_and_dollars_kept() {
         svc.termination_message_policy.as_deref(),
         Some("FallbackToLogsOnError")
     );
+}
+
+#[test]
+fn pull_policies_follow_the_job_within_what_the_operator_allows() {
+    use crate::settings::PullPolicy::{Always, IfNotPresent, Never};
+    let v = |xs: &[&str]| xs.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
+    let mut s = Settings::default();
+    let mut notes = Vec::new();
+    // Nothing configured: the job decides; no job policy: the cluster default.
+    assert_eq!(
+        pull_policies(&s, "img", &v(&["always", "if-not-present"]), &mut notes).unwrap(),
+        [Always, IfNotPresent]
+    );
+    assert!(
+        pull_policies(&s, "img", &[], &mut notes)
+            .unwrap()
+            .is_empty()
+    );
+    // The operator's list is the default and, without allowed_pull_policies, the allow-list.
+    s.images.pull_policy = vec![IfNotPresent];
+    assert_eq!(
+        pull_policies(&s, "img", &[], &mut notes).unwrap(),
+        [IfNotPresent]
+    );
+    let e = pull_policies(&s, "img", &v(&["always"]), &mut notes).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid pull policy for image \"img\": pull_policy ([always]) defined in GitLab pipeline config is not one of the allowed_pull_policies ([if-not-present])"
+    );
+    // allowed_pull_policies: the allowed part of the job's list is kept, with one warning.
+    s.images.allowed_pull_policies = vec![Always, IfNotPresent];
+    assert_eq!(
+        pull_policies(&s, "img", &v(&["never", "always"]), &mut notes).unwrap(),
+        [Always]
+    );
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].starts_with("WARNING: image \"img\": pull_policy [never always]"),
+        "{notes:?}"
+    );
+    let e = pull_policies(&s, "img", &v(&["sometimes"]), &mut notes).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("\"sometimes\" is not always, if-not-present or never"),
+        "{e}"
+    );
+    assert_eq!(
+        policy_for_attempt(&[Always, Never], 0).as_deref(),
+        Some("Always")
+    );
+    assert_eq!(
+        policy_for_attempt(&[Always, Never], 5).as_deref(),
+        Some("Never")
+    );
+    assert_eq!(policy_for_attempt(&[], 0), None);
 }

@@ -103,20 +103,30 @@ pub async fn prepare(ctx: &Ctx) -> Result<(), Failure> {
         }
     }
     let spot = effective_spot_policy(settings, &knobs, fallback);
-    let plan = plan_pod(
-        settings,
-        &PlanInput {
-            job: &job,
-            identity: &identity,
-            env: &ctx.env,
-            knobs: &knobs,
-            spot,
-        },
-    )
-    .map_err(|e| match e {
-        PlanError::ImageNotAllowed { .. } => Failure::Job(e.to_string()),
-        PlanError::Patch(_) => Failure::System(e.to_string()),
-    })?;
+    let make_plan = |pull_attempt: usize| {
+        plan_pod(
+            settings,
+            &PlanInput {
+                job: &job,
+                identity: &identity,
+                env: &ctx.env,
+                knobs: &knobs,
+                spot,
+                pull_attempt,
+            },
+        )
+        .map_err(|e| match e {
+            PlanError::ImageNotAllowed { .. }
+            | PlanError::PullPolicyNotAllowed { .. }
+            | PlanError::UnknownPullPolicy { .. } => Failure::Job(e.to_string()),
+            PlanError::Patch(_) => Failure::System(e.to_string()),
+        })
+    };
+    let plan = make_plan(0)?;
+    for note in &plan.notes {
+        say(note);
+    }
+    let secret_name = plan.secret.as_ref().and_then(|s| s.metadata.name.clone());
 
     say(&format!(
         "Creating pod {}/{name} (spot policy: {})",
@@ -142,31 +152,72 @@ pub async fn prepare(ctx: &Ctx) -> Result<(), Failure> {
                 Err(e) => return Err(Failure::from(e)),
             }
         }
-        let pod = create_or_reuse(&kube, &pods, &plan.pod, job.id).await?;
-        if let (Some(secret), Some(uid)) = (&plan.secret, pod.metadata.uid.clone()) {
-            // The secret goes when the pod goes, even if cleanup never runs (kubernetes GC).
-            let owner = OwnerReference {
-                api_version: "v1".into(),
-                kind: "Pod".into(),
-                name: name.clone(),
-                uid,
-                ..OwnerReference::default()
-            };
-            let patch = Patch::Merge(json!({ "metadata": { "ownerReferences": [owner] } }));
-            let sname = secret.metadata.name.clone().unwrap_or_default();
-            if let Err(e) = kube
-                .call("patch secret owner", || {
-                    secrets.patch(&sname, &patch_params, &patch)
-                })
-                .await
+        let mut plan = plan.clone();
+        let mut attempt = 0;
+        loop {
+            let pod = create_or_reuse(&kube, &pods, &plan.pod, job.id).await?;
+            if let (Some(secret), Some(uid)) = (&plan.secret, pod.metadata.uid.clone()) {
+                // The secret goes when the pod goes, even if cleanup never runs (kubernetes GC).
+                let owner = OwnerReference {
+                    api_version: "v1".into(),
+                    kind: "Pod".into(),
+                    name: name.clone(),
+                    uid,
+                    ..OwnerReference::default()
+                };
+                let patch = Patch::Merge(json!({ "metadata": { "ownerReferences": [owner] } }));
+                let sname = secret.metadata.name.clone().unwrap_or_default();
+                if let Err(e) = kube
+                    .call("patch secret owner", || {
+                        secrets.patch(&sname, &patch_params, &patch)
+                    })
+                    .await
+                {
+                    ctx.events
+                        .warn("secret_owner_failed", json!({ "error": e.to_string() }));
+                }
+            }
+            let mut reported_exits = BTreeSet::new();
+            match wait_running(
+                ctx,
+                &kube,
+                &pods,
+                &name,
+                &job,
+                pod.metadata.uid.clone(),
+                &mut reported_exits,
+            )
+            .await
             {
-                ctx.events
-                    .warn("secret_owner_failed", json!({ "error": e.to_string() }));
+                // A pull policy list: the next entry gets a new pod, as the Kubernetes executor's
+                // pull retry does (e.g. `[always, if-not-present]` while the registry is down).
+                Err(Failure::Job(msg))
+                    if msg.starts_with(PULL_FAILURE) && attempt + 1 < plan.pull_attempts =>
+                {
+                    attempt += 1;
+                    say(&format!(
+                        "WARNING: {msg}; retrying with the next pull policy (attempt {} of {})",
+                        attempt + 1,
+                        plan.pull_attempts
+                    ));
+                    delete_and_wait_gone(&kube, &pods, &name, pod.metadata.uid.as_deref()).await?;
+                    plan = make_plan(attempt)?;
+                }
+                Err(e) => return Err(e),
+                Ok(node) => {
+                    crate::services::wait_for_services(
+                        ctx,
+                        &kube,
+                        &pods,
+                        &name,
+                        &plan.pod,
+                        &mut reported_exits,
+                    )
+                    .await;
+                    return Ok(node);
+                }
             }
         }
-        let node = wait_running(ctx, &kube, &pods, &name, &job).await?;
-        crate::services::wait_for_services(ctx, &kube, &pods, &name, &plan.pod).await;
-        Ok(node)
     };
     let result = tokio::select! {
         r = work => r,
@@ -176,8 +227,8 @@ pub async fn prepare(ctx: &Ctx) -> Result<(), Failure> {
             let dp = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
             let _ = tokio::time::timeout(Duration::from_secs(3), async {
                 let _ = pods.delete(&name, &dp).await;
-                if let Some(s) = &plan.secret {
-                    let _ = secrets.delete(s.metadata.name.as_deref().unwrap_or_default(), &DeleteParams::default()).await;
+                if let Some(s) = &secret_name {
+                    let _ = secrets.delete(s, &DeleteParams::default()).await;
                 }
             }).await;
             Err(Failure::Cancelled("prepare cancelled; the job pod was deleted".into()))
@@ -195,6 +246,42 @@ pub async fn prepare(ctx: &Ctx) -> Result<(), Failure> {
         ),
     }
     result.map(|_| ())
+}
+
+/// How every pull failure's job-log line starts (the pull-policy fallback looks for it).
+const PULL_FAILURE: &str = "cannot pull image";
+
+/// Deletes the pod now and waits (bounded, with backoff) until it is gone or replaced.
+async fn delete_and_wait_gone(
+    kube: &Kube,
+    pods: &Api<Pod>,
+    name: &str,
+    uid: Option<&str>,
+) -> Result<(), Failure> {
+    let dp = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    match kube.call("delete pod", || pods.delete(name, &dp)).await {
+        Ok(_) => {}
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    let deadline = Instant::now() + Duration::from_mins(1);
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let current = kube.call("get pod", || pods.get_opt(name)).await?;
+        if current.is_none_or(|p| p.metadata.uid.as_deref() != uid) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Failure::System(format!(
+                "pod {name} was not deleted within 60 s"
+            )));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
 }
 
 /// Creates the pod; an existing pod of the same job is reused (the runner retries prepare), a
@@ -285,6 +372,8 @@ async fn wait_running(
     pods: &Api<Pod>,
     name: &str,
     job: &JobResponse,
+    uid: Option<String>,
+    reported_exits: &mut BTreeSet<String>,
 ) -> Result<String, Failure> {
     let settings = &ctx.settings;
     let ns = kube.namespace.clone();
@@ -305,12 +394,12 @@ async fn wait_running(
         tokio::time::Instant::now() + Duration::from_secs(settings.timeouts.prepare_seconds);
     let mut unschedulable_since: Option<tokio::time::Instant> = None;
     let mut last_unsched_msg = String::new();
-    let mut pod_uid: Option<String> = None;
+    // Known from the create: events of an earlier pod of the same name are told apart at once.
+    let mut pod_uid: Option<String> = uid;
     let mut seen_events: BTreeSet<String> = BTreeSet::new();
     let mut announced_node = String::new();
     let mut last_waiting: Vec<(String, String)> = Vec::new();
     let mut said_waiting = false;
-    let mut reported_exits: BTreeSet<String> = BTreeSet::new();
     let far = prepare_deadline + Duration::from_hours(1);
 
     loop {
@@ -342,14 +431,7 @@ async fn wait_running(
                     said_waiting = true;
                     say(&format!("Waiting for pod {ns}/{name} to be scheduled..."));
                 }
-                for exit in podstate::exited_services(&pod) {
-                    if reported_exits.insert(exit.container.clone()) {
-                        ctx.events.warn("service_exited", json!({ "container": exit.container, "exit_code": exit.exit_code, "reason": exit.reason }));
-                        for line in crate::services::exit_report(&exit) {
-                            say(&line);
-                        }
-                    }
-                }
+                crate::services::report_exits(ctx, &podstate::exited_services(&pod), reported_exits);
                 match podstate::progress(&pod) {
                     Progress::Running { node } => {
                         let spot = node_is_spot(kube, &node).await;
@@ -388,7 +470,7 @@ async fn wait_running(
                         }
                     }
                     Progress::JobError { container, image, reason, message } => {
-                        let what = if reason.contains("Pull") || reason.contains("Image") { "cannot pull image" } else { "cannot start container" };
+                        let what = if reason.contains("Pull") || reason.contains("Image") { PULL_FAILURE } else { "cannot start container" };
                         return Err(Failure::Job(format!("{what} {image:?} (container {container}): {reason}: {message}")));
                     }
                     Progress::Ended(end) => return Err(lost(ctx, kube, job, end).await),
@@ -456,9 +538,7 @@ fn on_event(
     say(&format!("WARNING: Event {reason}: {message}"));
     if reason == "Failed" && message.starts_with("Failed to pull image") {
         let image = message.split('"').nth(1).unwrap_or("").to_string();
-        return Some(Failure::Job(format!(
-            "cannot pull image {image:?}: {message}"
-        )));
+        return Some(Failure::Job(format!("{PULL_FAILURE} {image:?}: {message}")));
     }
     if reason == "InspectFailed" || message.contains("InvalidImageName") {
         return Some(Failure::Job(format!("invalid image: {message}")));

@@ -53,6 +53,21 @@ pub fn exit_report(e: &ServiceExit) -> Vec<String> {
     lines
 }
 
+/// Prints the exit report of every stopped service not reported yet.
+pub fn report_exits(ctx: &Ctx, exits: &[ServiceExit], reported: &mut BTreeSet<String>) {
+    for exit in exits {
+        if reported.insert(exit.container.clone()) {
+            ctx.events.warn(
+                "service_exited",
+                json!({ "container": exit.container, "exit_code": exit.exit_code, "reason": exit.reason }),
+            );
+            for line in exit_report(exit) {
+                say(&line);
+            }
+        }
+    }
+}
+
 /// Service containers and the TCP ports each is waited for on: `HEALTHCHECK_TCP_PORT` in its env
 /// and its declared `ports`, read from the pod spec the plan built.
 pub fn wanted_ports(pod: &Pod) -> Result<Vec<(String, Vec<u16>)>, String> {
@@ -97,7 +112,17 @@ pub fn listening_ports(text: &str) -> BTreeSet<u16> {
 
 /// Waits (bounded by `services.wait_for_services_timeout`) until every wanted port listens; a
 /// service that does not make it gets the Kubernetes executor's warning, and the job goes on.
-pub async fn wait_for_services(ctx: &Ctx, kube: &Kube, pods: &Api<Pod>, name: &str, pod: &Pod) {
+///
+/// `reported` holds the services whose exit the job log already shows; one that stops now is
+/// reported the same way.
+pub async fn wait_for_services(
+    ctx: &Ctx,
+    kube: &Kube,
+    pods: &Api<Pod>,
+    name: &str,
+    pod: &Pod,
+    reported: &mut BTreeSet<String>,
+) {
     let timeout = ctx.settings.services.wait_for_services_timeout;
     let wanted = match wanted_ports(pod) {
         Ok(w) => w,
@@ -107,6 +132,10 @@ pub async fn wait_for_services(ctx: &Ctx, kube: &Kube, pods: &Api<Pod>, name: &s
         }
     };
     if wanted.is_empty() || timeout == 0 {
+        // No wait, but one last look: a service that stopped since the pod ran is still news.
+        if let Ok(Some(p)) = kube.call("get pod", || pods.get_opt(name)).await {
+            report_exits(ctx, &podstate::exited_services(&p), reported);
+        }
         return;
     }
     say(&format!(
@@ -149,6 +178,7 @@ pub async fn wait_for_services(ctx: &Ctx, kube: &Kube, pods: &Api<Pod>, name: &s
         if !pending.is_empty() {
             if let Ok(Some(p)) = kube.call("get pod", || pods.get_opt(name)).await {
                 let exits = podstate::exited_services(&p);
+                report_exits(ctx, &exits, reported);
                 pending.retain(
                     |(c, ports)| match exits.iter().find(|e| &e.container == c) {
                         Some(e) => {
@@ -183,19 +213,12 @@ pub async fn wait_for_services(ctx: &Ctx, kube: &Kube, pods: &Api<Pod>, name: &s
         say("");
         say("Health check error:");
         match exit {
-            Some(e) => {
-                say(&format!(
-                    "service {container} exited with code {} ({}) before TCP port {} opened",
-                    e.exit_code,
-                    e.reason,
-                    list.join(", ")
-                ));
-                say("");
-                say("Service container logs:");
-                for l in e.message.trim_end().lines() {
-                    say(&format!("[service:{container}] {l}"));
-                }
-            }
+            Some(e) => say(&format!(
+                "service {container} exited with code {} ({}) before TCP port {} opened; its last log lines are above",
+                e.exit_code,
+                e.reason,
+                list.join(", ")
+            )),
             None if !last_error.is_empty() => say(&format!(
                 "no answer on TCP port {} within {timeout} s ({last_error})",
                 list.join(", ")

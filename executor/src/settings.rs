@@ -242,7 +242,41 @@ pub enum PullPolicy {
     Never,
 }
 
+/// A TOML string or list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PullPolicy>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PullPolicy),
+        Many(Vec<PullPolicy>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 impl PullPolicy {
+    /// The job's spelling (`.gitlab-ci.yml` `pull_policy`).
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "always" => Some(Self::Always),
+            "if-not-present" => Some(Self::IfNotPresent),
+            "never" => Some(Self::Never),
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "always",
+            Self::IfNotPresent => "if-not-present",
+            Self::Never => "never",
+        }
+    }
+
     #[must_use]
     pub fn k8s(self) -> &'static str {
         match self {
@@ -258,7 +292,14 @@ impl PullPolicy {
 pub struct ImageSettings {
     pub default_image: String,
     pub helper_image: String,
-    pub pull_policy: Option<PullPolicy>,
+    /// One policy or a list: the default for images whose job sets none, and (first entry) the
+    /// helper's; a later entry is tried when a pull fails with the one before (as the Kubernetes
+    /// executor does).
+    #[serde(deserialize_with = "one_or_many")]
+    pub pull_policy: Vec<PullPolicy>,
+    /// What a job's `pull_policy` may use; empty = the `pull_policy` list (and if that is empty too,
+    /// any).
+    pub allowed_pull_policies: Vec<PullPolicy>,
     /// Globs; empty = any image.
     pub allowed_images: Vec<String>,
     /// Globs; empty = any service image.
@@ -272,7 +313,8 @@ impl Default for ImageSettings {
             helper_image:
                 "registry.gitlab.com/gitlab-org/gitlab-runner/gitlab-runner-helper:x86_64-v19.4.0"
                     .into(),
-            pull_policy: None,
+            pull_policy: Vec::new(),
+            allowed_pull_policies: Vec::new(),
             allowed_images: Vec::new(),
             allowed_services: Vec::new(),
         }

@@ -4,6 +4,7 @@
 mod classification;
 mod jobs;
 mod overrides;
+mod pull;
 mod rbac;
 mod resilience;
 mod services;

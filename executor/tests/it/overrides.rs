@@ -14,13 +14,21 @@ async fn run_and_capture_pod(
     env: &Env,
     job: spotrun_testkit::harness::JobSpec,
 ) -> (JobOutcome, Option<Pod>) {
+    let id = job.id.to_string();
     let runner = env.runner();
     let mut handle = tokio::spawn(async move { runner.run(&job).await });
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut pod = None;
     let out = loop {
         if pod.is_none() {
-            pod = env.pods().await.into_iter().next();
+            // This job's pod: an earlier job's may still be terminating.
+            pod = env.pods().await.into_iter().find(|p| {
+                p.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("job.runner.gitlab.com/id"))
+                    == Some(&id)
+            });
         }
         tokio::select! {
             r = &mut handle => break r.unwrap(),

@@ -428,13 +428,49 @@ impl Worker {
 
     fn spawn_pull(&self, i: usize) {
         let c = &self.ctrs[i];
+        let rule = self.shared.cfg.image_rule(&c.image).cloned();
+        if matches!(
+            rule.as_ref().map(|r| &r.outcome),
+            Some(PullOutcome::RegistryDownImageCached)
+        ) {
+            // The kubelet's defaulting: Always for `:latest` or no tag, else IfNotPresent.
+            let last = c.image.rsplit('/').next().unwrap_or(&c.image);
+            let default = if last.contains(':') && !last.ends_with(":latest") {
+                "IfNotPresent"
+            } else {
+                "Always"
+            };
+            let policy = c.spec["imagePullPolicy"].as_str().unwrap_or(default);
+            let tx = self.h.tx.clone();
+            if policy == "Always" {
+                self.event(
+                    "Normal",
+                    "Pulling",
+                    &format!("Pulling image {:?}", c.image),
+                    Some(&c.name),
+                );
+                let err = format!(
+                    "rpc error: code = Unavailable desc = failed to pull and unpack image {:?}: failed to resolve reference {:?}: failed to do request: dial tcp 10.0.0.53:443: i/o timeout",
+                    c.image, c.image
+                );
+                let _ = tx.send(PodCmd::PullFailed(i, err));
+            } else {
+                self.event(
+                    "Normal",
+                    "Pulled",
+                    &format!("Container image {:?} already present on machine", c.image),
+                    Some(&c.name),
+                );
+                let _ = tx.send(PodCmd::Pulled(i));
+            }
+            return;
+        }
         self.event(
             "Normal",
             "Pulling",
             &format!("Pulling image {:?}", c.image),
             Some(&c.name),
         );
-        let rule = self.shared.cfg.image_rule(&c.image).cloned();
         let delay = self.shared.faults.pull_delay()
             + match rule.as_ref().map(|r| &r.outcome) {
                 Some(PullOutcome::Delay(d)) => *d,

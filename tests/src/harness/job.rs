@@ -175,6 +175,8 @@ pub struct JobSpec {
     pub pipeline_id: u64,
     pub image: String,
     pub image_entrypoint: Option<Vec<String>>,
+    /// `image: pull_policy:` (empty: not sent).
+    pub image_pull_policy: Vec<String>,
     pub services: Vec<Service>,
     pub variables: Vec<Variable>,
     pub script: Vec<String>,
@@ -211,6 +213,7 @@ impl JobBuilder {
                 pipeline_id: 55555,
                 image: "alpine:3.20".to_owned(),
                 image_entrypoint: None,
+                image_pull_policy: Vec::new(),
                 services: Vec::new(),
                 variables: Vec::new(),
                 script: vec!["echo hello".to_owned()],
@@ -249,6 +252,12 @@ impl JobBuilder {
     #[must_use]
     pub fn image(mut self, image: &str) -> Self {
         image.clone_into(&mut self.spec.image);
+        self
+    }
+
+    #[must_use]
+    pub fn image_pull_policy(mut self, policies: &[&str]) -> Self {
+        self.spec.image_pull_policy = policies.iter().map(|s| (*s).to_owned()).collect();
         self
     }
 
@@ -381,6 +390,9 @@ impl JobSpec {
         let mut image = json!({ "name": self.image });
         if let Some(e) = &self.image_entrypoint {
             image["entrypoint"] = json!(e);
+        }
+        if !self.image_pull_policy.is_empty() {
+            image["pull_policy"] = json!(self.image_pull_policy);
         }
         image["executor_opts"] =
             json!({"docker": {"platform": "", "user": ""}, "kubernetes": {"user": ""}});
