@@ -143,3 +143,63 @@ async fn malformed_and_disallowed_overrides_are_named() {
         );
     }
 }
+
+/// `KUBERNETES_NAMESPACE_OVERWRITE` within the operator's expression: prepare, every stage and
+/// cleanup find the pod in the job's namespace (each subcommand derives it on its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_overwrite_is_used_by_every_subcommand() {
+    let mut cfg = spotrun_testkit::emulator::EmulatorConfig::gke();
+    cfg.namespaces.push("ci-team-a".into());
+    let env = Env::start_with(cfg, "namespace_overwrite_allowed = \"^ci-team-\"\n").await;
+    let job = JobBuilder::new(5205)
+        .variable("KUBERNETES_NAMESPACE_OVERWRITE", "ci-team-a")
+        .script(&["echo in-team-namespace"])
+        .after_script(&["echo after-too"])
+        .build();
+    let out = env.runner().run(&job).await;
+    assert_eq!(out.result, JobResult::Success, "{}", out.log);
+    assert!(out.log.contains("Creating pod ci-team-a/"), "{}", out.log);
+    assert!(out.log.contains("in-team-namespace") && out.log.contains("after-too"));
+    // Cleanup found it there too: nothing left in the job's namespace.
+    let api: kube::Api<Pod> = kube::Api::namespaced(env.emu.client().await, "ci-team-a");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = api
+            .list(&kube::api::ListParams::default())
+            .await
+            .unwrap()
+            .items;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cleanup left {} pod(s)",
+            left.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A namespace outside the expression: one warning, the operator's namespace.
+    let out = env
+        .runner()
+        .run(
+            &JobBuilder::new(5206)
+                .variable("KUBERNETES_NAMESPACE_OVERWRITE", "kube-system")
+                .script(&["echo ok"])
+                .build(),
+        )
+        .await;
+    assert_eq!(out.result, JobResult::Success, "{}", out.log);
+    assert!(out.log.contains("Creating pod ci-jobs/"), "{}", out.log);
+    let lines: Vec<&str> = out
+        .log
+        .lines()
+        .filter(|l| l.contains("KUBERNETES_NAMESPACE_OVERWRITE"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("WARNING: ")
+            && lines[0].contains("does not match namespace_overwrite_allowed"),
+        "{lines:?}"
+    );
+}
