@@ -37,6 +37,8 @@ struct Progress {
 #[derive(Debug)]
 enum PodCmd {
     Pulled(usize),
+    /// The image is on the node already (no pull, no `Pulled` event beyond "already present").
+    Present(usize),
     PullFailed(usize, String),
     BackOff(usize),
     Start(usize),
@@ -461,7 +463,7 @@ impl Worker {
                     &format!("Container image {:?} already present on machine", c.image),
                     Some(&c.name),
                 );
-                let _ = tx.send(PodCmd::Pulled(i));
+                let _ = tx.send(PodCmd::Present(i));
             }
             return;
         }
@@ -548,6 +550,12 @@ impl Worker {
                 );
             }
             PodCmd::Start(i) => {
+                if self.deleting.is_none() && self.forced.is_none() {
+                    self.start(i);
+                }
+            }
+            PodCmd::Present(i) => {
+                self.ctrs[i].pulled = true;
                 if self.deleting.is_none() && self.forced.is_none() {
                     self.start(i);
                 }
