@@ -224,8 +224,6 @@ pub fn service_job_variables(job: &JobResponse, env: &CustomEnv) -> Vec<(String,
 #[derive(Debug, Deserialize)]
 struct JobServiceEntry {
     #[serde(default)]
-    name: String,
-    #[serde(default)]
     variables: Option<BTreeMap<String, String>>,
 }
 
@@ -244,8 +242,10 @@ pub fn service_own_variables(
         .0
         .get("CI_JOB_SERVICES")
         .and_then(|t| serde_json::from_str(t).ok());
+    // Same list in the same order (the runner writes it from the job's services); its names are
+    // expanded, so they are not compared with the payload's.
     if let Some(entries) = expanded.filter(|e| e.len() == job.services.len()) {
-        if let Some(e) = entries.get(index).filter(|e| e.name == svc.name) {
+        if let Some(e) = entries.get(index) {
             return e
                 .variables
                 .clone()
@@ -1064,6 +1064,37 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn service_variables_come_expanded_from_ci_job_services_by_position() {
+        let mut job = JobResponse::default();
+        job.services.push(ImageSpec {
+            name: "$CI_REGISTRY_IMAGE/db:1".into(),
+            variables: vec![JobVariable {
+                key: "DB".into(),
+                value: "app-$CI_JOB_ID".into(),
+                ..JobVariable::default()
+            }],
+            ..ImageSpec::default()
+        });
+        let services = r#"[{"name":"registry.example.com/g/p/db:1","alias":"","entrypoint":null,"command":null,"variables":{"DB":"app-7"}}]"#;
+        let e = env(&[("CI_JOB_SERVICES", services)]);
+        assert_eq!(
+            service_own_variables(&job, &e, 0),
+            [("DB".to_string(), "app-7".to_string())]
+        );
+        // No (or a different) list from the runner: the payload's values as written.
+        assert_eq!(
+            service_own_variables(&job, &env(&[]), 0),
+            [("DB".to_string(), "app-$CI_JOB_ID".to_string())]
+        );
+        let two = format!("[{0},{0}]", &services[1..services.len() - 1]);
+        assert_eq!(
+            service_own_variables(&job, &env(&[("CI_JOB_SERVICES", &two)]), 0),
+            [("DB".to_string(), "app-$CI_JOB_ID".to_string())]
+        );
+        assert!(service_own_variables(&job, &e, 1).is_empty());
     }
 
     #[test]
