@@ -687,6 +687,51 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_executor_keys_parse_and_bad_ones_are_named() {
+        let s = parse(
+            r#"namespace_overwrite_allowed = "^ci-team-"
+[services]
+wait_for_services_timeout = 10
+[images]
+pull_policy = ["always", "if-not-present"]
+allowed_pull_policies = ["always", "if-not-present"]
+[resources]
+overwrite_over_max = "fail"
+[resources.build]
+cpu_limit_overwrite_max_allowed = "4"
+memory_request_overwrite_max_allowed = "8Gi"
+[resources.helper]
+ephemeral_storage_limit_overwrite_max_allowed = "1Gi"
+[resources.services]
+cpu_request_overwrite_max_allowed = "2"
+[pod]
+node_selector_overwrite_allowed = "^kubernetes\\.io/arch="
+pod_labels_overwrite_allowed = "^team="
+pod_annotations_overwrite_allowed = ".*"
+service_account_overwrite_allowed = "^ci-"
+"#,
+        )
+        .unwrap();
+        assert_eq!(s.services.wait_for_services_timeout, 10);
+        assert_eq!(
+            s.images.pull_policy,
+            [PullPolicy::Always, PullPolicy::IfNotPresent]
+        );
+        assert_eq!(s.resources.overwrite_over_max, OverMax::Fail);
+        assert!(s.resources.build.cpu_limit_overwrite_max_allowed.is_some());
+        let single = parse("[images]\npull_policy = \"never\"\n").unwrap();
+        assert_eq!(single.images.pull_policy, [PullPolicy::Never]);
+        let err = parse("[pod]\npod_labels_overwrite_allowed = \"(\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pod.pod_labels_overwrite_allowed"), "{err}");
+        let err = parse("[images]\npull_policy = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pull_policy"), "{err}");
+    }
+
+    #[test]
     fn precedence_file_then_env_then_flag() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("e.toml");
