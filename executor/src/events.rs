@@ -1,7 +1,9 @@
 //! Structured JSON event lines for the runner's log (one object per line), never the job log.
 //!
 //! gitlab-runner copies a driver's stderr of `prepare`/`run` into the job log, so the sink is
-//! configurable (`events_log`): `stderr`, `off`, or a file (e.g. `/proc/1/fd/2` in the manager pod).
+//! configurable (`events_log`): `runner` (the default: the stderr of the process that started us,
+//! i.e. gitlab-runner's own log), `stderr`, `off`, or a file (e.g. `/proc/1/fd/2` in the manager
+//! pod). Nothing but an explicit `stderr` ever writes to our stderr.
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
@@ -23,17 +25,27 @@ enum Sink {
 }
 
 impl Events {
-    /// Opens the sink; an unusable file falls back to stderr (observability must never fail a job).
+    /// Opens the sink; an unusable one is off (observability must never fail a job, and a
+    /// fallback to our stderr would put event lines in the job log).
     #[must_use]
     pub fn open(spec: &str) -> Self {
-        let sink = match spec {
-            "off" | "" => Sink::Off,
-            "stderr" => Sink::Stderr,
-            path => std::fs::OpenOptions::new()
+        let append = |path: &str| {
+            std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_or(Sink::Stderr, Sink::File),
+                .map_or(Sink::Off, Sink::File)
+        };
+        let sink = match spec {
+            "off" | "" => Sink::Off,
+            "stderr" => Sink::Stderr,
+            // gitlab-runner starts each stage command directly: its stderr is the runner's log.
+            // Opening it through /proc needs the same user, which the runner and its driver are.
+            "runner" => append(&format!(
+                "/proc/{}/fd/2",
+                std::os::unix::process::parent_id()
+            )),
+            path => append(path),
         };
         Self {
             sink: Arc::new(Mutex::new(sink)),
@@ -88,6 +100,14 @@ impl Events {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unusable_sink_is_off_never_stderr() {
+        let ev = Events::open("/nonexistent-dir/events.log");
+        assert!(matches!(*ev.sink.lock().unwrap(), Sink::Off));
+        let ev = Events::open("runner");
+        assert!(!matches!(*ev.sink.lock().unwrap(), Sink::Stderr));
+    }
 
     #[test]
     fn lines_are_json_with_context() {

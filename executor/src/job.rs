@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::quantity::Quantity;
-use crate::settings::{Settings, SpotPolicy};
+use crate::settings::{OverMax, Settings, SpotPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -54,7 +54,19 @@ pub struct ImageSpec {
     pub command: Vec<String>,
     pub entrypoint: Vec<String>,
     pub variables: Vec<JobVariable>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub ports: Vec<ServicePort>,
     pub pull_policy: Vec<String>,
+}
+
+/// A port a service declares (`services: [{name, ports: [...]}]`); waited for like
+/// `HEALTHCHECK_TCP_PORT`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ServicePort {
+    pub number: u32,
+    pub protocol: String,
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -175,6 +187,80 @@ impl CustomEnv {
     }
 }
 
+/// Whether Kubernetes accepts `name` as an environment variable name (letters, digits, `_`, `-`,
+/// `.`; not starting with a digit): others are left out of a container's env.
+#[must_use]
+pub fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// The job variables services get, as the Kubernetes executor gives them
+/// (`GetAllVariables().PublicOrInternal()`): every variable the runner passed (`CUSTOM_ENV_*`,
+/// already expanded the runner's way) except those the payload marks non-public (project and
+/// group secrets, `CI_JOB_TOKEN`) or masked: those never land in a pod spec.
+#[must_use]
+pub fn service_job_variables(job: &JobResponse, env: &CustomEnv) -> Vec<(String, String)> {
+    let mut hidden: BTreeMap<&str, bool> = BTreeMap::new();
+    for v in &job.variables {
+        // The last definition of a key wins, as in the runner.
+        hidden.insert(v.key.as_str(), !v.public || v.masked);
+    }
+    env.0
+        .iter()
+        .filter(|(k, _)| {
+            k.as_str() != "CI_JOB_SERVICES"
+                && is_env_name(k)
+                && !hidden.get(k.as_str()).copied().unwrap_or(false)
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// One entry of `CI_JOB_SERVICES` (the runner's `json.Marshal` of the job's services).
+#[derive(Debug, Deserialize)]
+struct JobServiceEntry {
+    #[serde(default)]
+    variables: Option<BTreeMap<String, String>>,
+}
+
+/// The own variables of service `index`: from `CI_JOB_SERVICES`, where the runner expanded them
+/// against the job's variables, else (no or mismatching `CI_JOB_SERVICES`) the payload's as written.
+#[must_use]
+pub fn service_own_variables(
+    job: &JobResponse,
+    env: &CustomEnv,
+    index: usize,
+) -> Vec<(String, String)> {
+    let Some(svc) = job.services.get(index) else {
+        return Vec::new();
+    };
+    let expanded: Option<Vec<JobServiceEntry>> = env
+        .0
+        .get("CI_JOB_SERVICES")
+        .and_then(|t| serde_json::from_str(t).ok());
+    // Same list in the same order (the runner writes it from the job's services); its names are
+    // expanded, so they are not compared with the payload's.
+    if let Some(entries) = expanded.filter(|e| e.len() == job.services.len()) {
+        if let Some(e) = entries.get(index) {
+            return e
+                .variables
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+        }
+    }
+    svc.variables
+        .iter()
+        .filter(|v| !v.key.is_empty())
+        .map(|v| (v.key.clone(), v.value.clone()))
+        .collect()
+}
+
 /// What the runner knows about the job and its slot: everything naming derives from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobIdentity {
@@ -218,26 +304,355 @@ pub struct JobResources {
     pub ephemeral_storage_limit: Option<Quantity>,
 }
 
-/// The job knobs after validation.
+impl JobResources {
+    fn slot(&mut self, field: Field) -> &mut Option<Quantity> {
+        match field {
+            Field::CpuRequest => &mut self.cpu_request,
+            Field::CpuLimit => &mut self.cpu_limit,
+            Field::MemoryRequest => &mut self.memory_request,
+            Field::MemoryLimit => &mut self.memory_limit,
+            Field::EphemeralStorageRequest => &mut self.ephemeral_storage_request,
+            Field::EphemeralStorageLimit => &mut self.ephemeral_storage_limit,
+        }
+    }
+}
+
+/// The job knobs after validation, and what the job log says about them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobKnobs {
     pub spot: Option<SpotPolicy>,
+    /// The build container's (`KUBERNETES_CPU_LIMIT`, ..., and the older `SPOTRUN_*` names).
     pub resources: JobResources,
+    /// `KUBERNETES_HELPER_*`.
+    pub helper_resources: JobResources,
+    /// `KUBERNETES_SERVICE_*` set on the job: every service.
+    pub service_resources: JobResources,
+    /// `KUBERNETES_SERVICE_*` in a service's own variables (index-aligned with the services).
+    pub per_service: Vec<JobResources>,
+    /// `KUBERNETES_NODE_SELECTOR_*`, `KUBERNETES_POD_LABELS_*`, `KUBERNETES_POD_ANNOTATIONS_*`.
+    pub node_selector: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// `KUBERNETES_SERVICE_ACCOUNT_OVERWRITE`.
+    pub service_account: Option<String>,
+    /// One job-log line per override: applied, or a warning when ignored, capped or refused.
+    pub notes: Vec<String>,
 }
 
 /// Job variable names for the knobs (read from `CUSTOM_ENV_<name>`).
 pub const SPOT_VAR: &str = "SPOTRUN_SPOT";
-const RESOURCE_VARS: [&str; 6] = [
-    "SPOTRUN_CPU_REQUEST",
-    "SPOTRUN_CPU_LIMIT",
-    "SPOTRUN_MEMORY_REQUEST",
-    "SPOTRUN_MEMORY_LIMIT",
-    "SPOTRUN_EPHEMERAL_STORAGE_REQUEST",
-    "SPOTRUN_EPHEMERAL_STORAGE_LIMIT",
+pub const NAMESPACE_VAR: &str = "KUBERNETES_NAMESPACE_OVERWRITE";
+pub const SERVICE_ACCOUNT_VAR: &str = "KUBERNETES_SERVICE_ACCOUNT_OVERWRITE";
+const NODE_SELECTOR_PREFIX: &str = "KUBERNETES_NODE_SELECTOR_";
+const LABELS_PREFIX: &str = "KUBERNETES_POD_LABELS_";
+const ANNOTATIONS_PREFIX: &str = "KUBERNETES_POD_ANNOTATIONS_";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    CpuRequest,
+    CpuLimit,
+    MemoryRequest,
+    MemoryLimit,
+    EphemeralStorageRequest,
+    EphemeralStorageLimit,
+}
+
+const FIELDS: [(Field, &str); 6] = [
+    (Field::CpuRequest, "CPU_REQUEST"),
+    (Field::CpuLimit, "CPU_LIMIT"),
+    (Field::MemoryRequest, "MEMORY_REQUEST"),
+    (Field::MemoryLimit, "MEMORY_LIMIT"),
+    (Field::EphemeralStorageRequest, "EPHEMERAL_STORAGE_REQUEST"),
+    (Field::EphemeralStorageLimit, "EPHEMERAL_STORAGE_LIMIT"),
 ];
 
-/// Validates every knob against the operator's caps; the first violation is a build failure.
-pub fn job_knobs(settings: &Settings, env: &CustomEnv) -> Result<JobKnobs, JobError> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Build,
+    Helper,
+    Services,
+}
+
+impl Class {
+    fn key(self) -> &'static str {
+        match self {
+            Self::Build => "build",
+            Self::Helper => "helper",
+            Self::Services => "services",
+        }
+    }
+}
+
+/// The maximum for one (class, field) and the settings key that holds it.
+fn cap_of(settings: &Settings, class: Class, field: Field) -> (Option<Quantity>, String) {
+    let r = match class {
+        Class::Build => &settings.resources.build,
+        Class::Helper => &settings.resources.helper,
+        Class::Services => &settings.resources.services,
+    };
+    let (cap, name) = match field {
+        Field::CpuRequest => (&r.cpu_request_overwrite_max_allowed, "cpu_request"),
+        Field::CpuLimit => (&r.cpu_limit_overwrite_max_allowed, "cpu_limit"),
+        Field::MemoryRequest => (&r.memory_request_overwrite_max_allowed, "memory_request"),
+        Field::MemoryLimit => (&r.memory_limit_overwrite_max_allowed, "memory_limit"),
+        Field::EphemeralStorageRequest => (
+            &r.ephemeral_storage_request_overwrite_max_allowed,
+            "ephemeral_storage_request",
+        ),
+        Field::EphemeralStorageLimit => (
+            &r.ephemeral_storage_limit_overwrite_max_allowed,
+            "ephemeral_storage_limit",
+        ),
+    };
+    let key = format!("resources.{}.{name}_overwrite_max_allowed", class.key());
+    if cap.is_some() || class != Class::Build {
+        return (cap.clone(), key);
+    }
+    // The older per-resource maxima still bound the build container.
+    let caps = &settings.resources.job_max;
+    match field {
+        Field::CpuRequest | Field::CpuLimit => (caps.cpu.clone(), "resources.job_max.cpu".into()),
+        Field::MemoryRequest | Field::MemoryLimit => {
+            (caps.memory.clone(), "resources.job_max.memory".into())
+        }
+        _ => (
+            caps.ephemeral_storage.clone(),
+            "resources.job_max.ephemeral_storage".into(),
+        ),
+    }
+}
+
+/// One resource override checked against its maximum: the value to use, if any.
+fn resource_override(
+    settings: &Settings,
+    class: Class,
+    field: Field,
+    var: &str,
+    value: &str,
+    notes: &mut Vec<String>,
+) -> Result<Option<Quantity>, JobError> {
+    let refused = |reason: String| JobError::Refused {
+        variable: var.into(),
+        value: value.into(),
+        reason,
+    };
+    // A malformed value is a mistake in the job, never silently dropped (the Kubernetes
+    // executor fails the job as well).
+    let q = Quantity::parse(value).map_err(|e| refused(e.to_string()))?;
+    let (cap, key) = cap_of(settings, class, field);
+    let Some(cap) = cap else {
+        notes.push(format!(
+            "WARNING: {var}={value} ignored: the operator allows no override ({key} is not set)"
+        ));
+        return Ok(None);
+    };
+    if q.exceeds(&cap) {
+        return match settings.resources.overwrite_over_max {
+            OverMax::Fail => Err(refused(format!("over the maximum {cap} ({key})"))),
+            OverMax::Cap => {
+                notes.push(format!(
+                    "WARNING: {var}={value} is over the maximum {cap} ({key}); using {cap}"
+                ));
+                Ok(Some(cap))
+            }
+        };
+    }
+    notes.push(format!("Using {var}={value} (maximum {cap})"));
+    Ok(Some(q))
+}
+
+/// Overrides of one class from `vars` (name → value): `prefixes` in increasing precedence.
+fn class_overrides(
+    settings: &Settings,
+    class: Class,
+    prefixes: &[&str],
+    vars: &BTreeMap<String, String>,
+    notes: &mut Vec<String>,
+) -> Result<JobResources, JobError> {
+    let mut out = JobResources::default();
+    for prefix in prefixes {
+        for (field, suffix) in FIELDS {
+            let var = format!("{prefix}{suffix}");
+            let Some(value) = vars.get(&var).filter(|v| !v.is_empty()) else {
+                continue;
+            };
+            if let Some(q) = resource_override(settings, class, field, &var, value, notes)? {
+                *out.slot(field) = Some(q);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A request above its limit would make the API refuse the pod: the request is lowered to the
+/// limit, with one warning (only when a job override is involved).
+fn clamp_requests(
+    base: &crate::settings::ResourceSettings,
+    job: &mut JobResources,
+    what: &str,
+    notes: &mut Vec<String>,
+) {
+    for (req_field, lim_field, name) in [
+        (Field::CpuRequest, Field::CpuLimit, "cpu"),
+        (Field::MemoryRequest, Field::MemoryLimit, "memory"),
+        (
+            Field::EphemeralStorageRequest,
+            Field::EphemeralStorageLimit,
+            "ephemeral-storage",
+        ),
+    ] {
+        let base_of = |f: Field| match f {
+            Field::CpuRequest => base.cpu_request.clone(),
+            Field::CpuLimit => base.cpu_limit.clone(),
+            Field::MemoryRequest => base.memory_request.clone(),
+            Field::MemoryLimit => base.memory_limit.clone(),
+            Field::EphemeralStorageRequest => base.ephemeral_storage_request.clone(),
+            Field::EphemeralStorageLimit => base.ephemeral_storage_limit.clone(),
+        };
+        let from_job = job.slot(req_field).is_some() || job.slot(lim_field).is_some();
+        let req = job.slot(req_field).clone().or_else(|| base_of(req_field));
+        let lim = job.slot(lim_field).clone().or_else(|| base_of(lim_field));
+        if let (true, Some(req), Some(lim)) = (from_job, req, lim) {
+            if req.exceeds(&lim) {
+                notes.push(format!(
+                    "WARNING: the {what} {name} request {req} is above its limit {lim}; using {lim} as the request"
+                ));
+                *job.slot(req_field) = Some(lim);
+            }
+        }
+    }
+}
+
+/// Whether `s` is a qualified name (`[prefix/]name`) as label and annotation keys must be.
+fn is_qualified_name(s: &str) -> bool {
+    let (prefix, name) = match s.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty() && p.len() <= 253 && p.split('.').all(crate::naming::is_dns1123_label)
+    });
+    prefix_ok
+        && !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Keys the executor and the runner own: a job may not set them.
+fn is_protected_key(key: &str) -> bool {
+    key.starts_with("spotrun.dev/")
+        || key == crate::naming::MANAGED_BY_KEY
+        || key
+            .split_once('/')
+            .is_some_and(|(p, _)| p == "runner.gitlab.com" || p.ends_with(".runner.gitlab.com"))
+}
+
+/// `KEY=VALUE` overrides under `prefix`, each matched against the operator's regular expression.
+fn map_overrides(
+    env: &CustomEnv,
+    prefix: &str,
+    allowed: Option<&str>,
+    allowed_key: &str,
+    check: &dyn Fn(&str, &str) -> Result<(), String>,
+    notes: &mut Vec<String>,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (var, value) in env.0.iter().filter(|(k, _)| k.starts_with(prefix)) {
+        let Some(re) = allowed else {
+            notes.push(format!(
+                "WARNING: {var} ignored: the operator allows no override ({allowed_key} is not set)"
+            ));
+            continue;
+        };
+        // Validated at load time.
+        let Ok(re) = regex::Regex::new(re) else {
+            continue;
+        };
+        if !re.is_match(value) {
+            notes.push(format!(
+                "WARNING: {var}={value:?} refused: it does not match {allowed_key} ({re})"
+            ));
+            continue;
+        }
+        let Some((k, v)) = value.split_once('=') else {
+            notes.push(format!(
+                "WARNING: {var}={value:?} refused: expected KEY=VALUE"
+            ));
+            continue;
+        };
+        if let Err(why) = check(k, v) {
+            notes.push(format!("WARNING: {var}={value:?} refused: {why}"));
+            continue;
+        }
+        notes.push(format!("Using {var}={value}"));
+        out.insert(k.to_string(), v.to_string());
+    }
+    out
+}
+
+/// A single-value override matched against the operator's regular expression.
+fn value_override(
+    env: &CustomEnv,
+    var: &str,
+    allowed: Option<&str>,
+    allowed_key: &str,
+    valid: &dyn Fn(&str) -> bool,
+    notes: &mut Vec<String>,
+) -> Option<String> {
+    let value = env.get(var)?;
+    let Some(re) = allowed else {
+        notes.push(format!(
+            "WARNING: {var} ignored: the operator allows no override ({allowed_key} is not set)"
+        ));
+        return None;
+    };
+    let re = regex::Regex::new(re).ok()?;
+    if !re.is_match(value) {
+        notes.push(format!(
+            "WARNING: {var}={value:?} refused: it does not match {allowed_key} ({re})"
+        ));
+        return None;
+    }
+    if !valid(value) {
+        notes.push(format!(
+            "WARNING: {var}={value:?} refused: not a valid Kubernetes name"
+        ));
+        return None;
+    }
+    notes.push(format!("Using {var}={value}"));
+    Some(value.to_string())
+}
+
+/// The namespace of the job's pod: the operator's, or an allowed `KUBERNETES_NAMESPACE_OVERWRITE`
+/// (every subcommand computes it the same way; only `prepare` prints `notes`).
+#[must_use]
+pub fn namespace_overwrite(
+    settings: &Settings,
+    env: &CustomEnv,
+    notes: &mut Vec<String>,
+) -> Option<String> {
+    value_override(
+        env,
+        NAMESPACE_VAR,
+        settings.namespace_overwrite_allowed.as_deref(),
+        "namespace_overwrite_allowed",
+        &crate::naming::is_dns1123_label,
+        notes,
+    )
+}
+
+/// Validates every knob against the operator's caps. A malformed value or a refused `SPOTRUN_SPOT`
+/// is a build failure; an override the operator does not allow is ignored with one warning, one
+/// above its maximum is capped with one warning (or fails, with `overwrite_over_max = "fail"`).
+pub fn job_knobs(
+    settings: &Settings,
+    env: &CustomEnv,
+    job: &JobResponse,
+) -> Result<JobKnobs, JobError> {
     let mut knobs = JobKnobs::default();
     if let Some(v) = env.get(SPOT_VAR) {
         let refused = |reason: String| JobError::Refused {
@@ -265,44 +680,140 @@ pub fn job_knobs(settings: &Settings, env: &CustomEnv) -> Result<JobKnobs, JobEr
         }
         knobs.spot = Some(policy);
     }
-    let caps = &settings.resources.job_max;
-    for var in RESOURCE_VARS {
-        let Some(v) = env.get(var) else { continue };
-        let (cap, cap_key) = if var.contains("_CPU_") {
-            (&caps.cpu, "resources.job_max.cpu")
-        } else if var.contains("_MEMORY_") {
-            (&caps.memory, "resources.job_max.memory")
-        } else {
-            (
-                &caps.ephemeral_storage,
-                "resources.job_max.ephemeral_storage",
-            )
-        };
-        let refused = |reason: String| JobError::Refused {
-            variable: var.into(),
-            value: v.into(),
-            reason,
-        };
-        let q = Quantity::parse(v).map_err(|e| refused(e.to_string()))?;
-        let Some(cap) = cap else {
-            return Err(refused(format!(
-                "the operator set no maximum ({cap_key}), so it cannot be overridden"
-            )));
-        };
-        if q.exceeds(cap) {
-            return Err(refused(format!("over the maximum {cap} ({cap_key})")));
+    let notes = &mut knobs.notes;
+    let vars = &env.0;
+    // The older SPOTRUN_* names first: KUBERNETES_* (the Kubernetes executor's) win.
+    knobs.resources = class_overrides(
+        settings,
+        Class::Build,
+        &["SPOTRUN_", "KUBERNETES_"],
+        vars,
+        notes,
+    )?;
+    knobs.helper_resources = class_overrides(
+        settings,
+        Class::Helper,
+        &["KUBERNETES_HELPER_"],
+        vars,
+        notes,
+    )?;
+    knobs.service_resources = class_overrides(
+        settings,
+        Class::Services,
+        &["KUBERNETES_SERVICE_"],
+        vars,
+        notes,
+    )?;
+    clamp_requests(
+        &settings.resources.build,
+        &mut knobs.resources,
+        "build container's",
+        notes,
+    );
+    clamp_requests(
+        &settings.resources.helper,
+        &mut knobs.helper_resources,
+        "helper container's",
+        notes,
+    );
+    for (i, svc) in job.services.iter().enumerate() {
+        let own: BTreeMap<String, String> =
+            service_own_variables(job, env, i).into_iter().collect();
+        let mut before = Vec::new();
+        let mut r = class_overrides(
+            settings,
+            Class::Services,
+            &["KUBERNETES_SERVICE_"],
+            &own,
+            &mut before,
+        )?;
+        // The job-wide values apply where the service sets none of its own.
+        let mut job_wide = knobs.service_resources.clone();
+        for (field, _) in FIELDS {
+            if r.slot(field).is_none() {
+                r.slot(field).clone_from(job_wide.slot(field));
+            }
         }
-        let r = &mut knobs.resources;
-        let slot = match var {
-            "SPOTRUN_CPU_REQUEST" => &mut r.cpu_request,
-            "SPOTRUN_CPU_LIMIT" => &mut r.cpu_limit,
-            "SPOTRUN_MEMORY_REQUEST" => &mut r.memory_request,
-            "SPOTRUN_MEMORY_LIMIT" => &mut r.memory_limit,
-            "SPOTRUN_EPHEMERAL_STORAGE_REQUEST" => &mut r.ephemeral_storage_request,
-            _ => &mut r.ephemeral_storage_limit,
+        let label = if svc.alias.is_empty() {
+            svc.name.clone()
+        } else {
+            svc.alias.clone()
         };
-        *slot = Some(q);
+        clamp_requests(
+            &settings.resources.services,
+            &mut r,
+            &format!("service {label}'s"),
+            &mut before,
+        );
+        notes.extend(
+            before
+                .into_iter()
+                .map(|n| match n.strip_prefix("WARNING: ") {
+                    Some(rest) => format!("WARNING: service {label}: {rest}"),
+                    None => format!("service {label}: {n}"),
+                }),
+        );
+        knobs.per_service.push(r);
     }
+    let pod = &settings.pod;
+    knobs.node_selector = map_overrides(
+        env,
+        NODE_SELECTOR_PREFIX,
+        pod.node_selector_overwrite_allowed.as_deref(),
+        "pod.node_selector_overwrite_allowed",
+        &|k, v| {
+            if k == crate::plan::SPOT_LABEL {
+                return Err(format!("{k} follows the spot policy (use {SPOT_VAR})"));
+            }
+            if !is_qualified_name(k) || !crate::naming::is_label_value(v) {
+                return Err("not a valid label key and value".into());
+            }
+            Ok(())
+        },
+        notes,
+    );
+    knobs.labels = map_overrides(
+        env,
+        LABELS_PREFIX,
+        pod.pod_labels_overwrite_allowed.as_deref(),
+        "pod.pod_labels_overwrite_allowed",
+        &|k, v| {
+            if is_protected_key(k) {
+                return Err(format!("{k} is set by the executor"));
+            }
+            if !is_qualified_name(k) || !crate::naming::is_label_value(v) {
+                return Err("not a valid label key and value".into());
+            }
+            Ok(())
+        },
+        notes,
+    );
+    knobs.annotations = map_overrides(
+        env,
+        ANNOTATIONS_PREFIX,
+        pod.pod_annotations_overwrite_allowed.as_deref(),
+        "pod.pod_annotations_overwrite_allowed",
+        &|k, _| {
+            if is_protected_key(k) {
+                return Err(format!("{k} is set by the executor"));
+            }
+            if !is_qualified_name(k) {
+                return Err("not a valid annotation key".into());
+            }
+            Ok(())
+        },
+        notes,
+    );
+    knobs.service_account = value_override(
+        env,
+        SERVICE_ACCOUNT_VAR,
+        pod.service_account_overwrite_allowed.as_deref(),
+        "pod.service_account_overwrite_allowed",
+        &|v| !v.is_empty() && v.len() <= 253 && v.split('.').all(crate::naming::is_dns1123_label),
+        notes,
+    );
+    // The namespace was applied at start-up (every subcommand needs it); its note is printed here.
+    let _ = namespace_overwrite(settings, env, notes);
     Ok(knobs)
 }
 
@@ -356,34 +867,234 @@ mod tests {
 
     #[test]
     fn knobs_are_capped_and_named() {
+        let job = JobResponse::default();
         let mut s = Settings::default();
         s.resources.job_max.cpu = Some(Quantity::parse("4").unwrap());
         let ok = job_knobs(
             &s,
             &env(&[("SPOTRUN_CPU_LIMIT", "3500m"), ("SPOTRUN_SPOT", "never")]),
+            &job,
         )
         .unwrap();
         assert_eq!(ok.resources.cpu_limit.unwrap().as_str(), "3500m");
         assert_eq!(ok.spot, Some(SpotPolicy::Never));
-        let e = job_knobs(&s, &env(&[("SPOTRUN_CPU_LIMIT", "5")]))
+        // Over the maximum: capped with one warning by default...
+        let capped = job_knobs(&s, &env(&[("SPOTRUN_CPU_LIMIT", "5")]), &job).unwrap();
+        assert_eq!(capped.resources.cpu_limit.unwrap().as_str(), "4");
+        assert_eq!(
+            capped.notes,
+            ["WARNING: SPOTRUN_CPU_LIMIT=5 is over the maximum 4 (resources.job_max.cpu); using 4"]
+        );
+        // ... or a failure naming the variable and the maximum, if the operator says so.
+        s.resources.overwrite_over_max = OverMax::Fail;
+        let e = job_knobs(&s, &env(&[("SPOTRUN_CPU_LIMIT", "5")]), &job)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("SPOTRUN_CPU_LIMIT") && e.contains("maximum 4"),
             "{e}"
         );
-        let e = job_knobs(&s, &env(&[("SPOTRUN_MEMORY_LIMIT", "1Gi")]))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("SPOTRUN_MEMORY_LIMIT") && e.contains("resources.job_max.memory"),
-            "{e}"
+        // No maximum: ignored with one warning naming the setting.
+        let ignored = job_knobs(&s, &env(&[("KUBERNETES_MEMORY_LIMIT", "1Gi")]), &job).unwrap();
+        assert_eq!(ignored.resources.memory_limit, None);
+        assert_eq!(
+            ignored.notes,
+            [
+                "WARNING: KUBERNETES_MEMORY_LIMIT=1Gi ignored: the operator allows no override (resources.job_max.memory is not set)"
+            ]
         );
         s.spot.job_override_allowed = vec![SpotPolicy::Never];
-        let e = job_knobs(&s, &env(&[("SPOTRUN_SPOT", "require")]))
+        let e = job_knobs(&s, &env(&[("SPOTRUN_SPOT", "require")]), &job)
             .unwrap_err()
             .to_string();
         assert!(e.contains("SPOTRUN_SPOT") && e.contains("never"), "{e}");
+    }
+
+    #[test]
+    fn kubernetes_executor_variables_per_container_class() {
+        let mut s = Settings::default();
+        let q = |t: &str| Some(Quantity::parse(t).unwrap());
+        s.resources.build.memory_limit_overwrite_max_allowed = q("4Gi");
+        s.resources.build.memory_request = q("2Gi");
+        s.resources.helper.cpu_limit_overwrite_max_allowed = q("1");
+        s.resources.services.memory_limit_overwrite_max_allowed = q("2Gi");
+        let mut job = JobResponse::default();
+        job.services.push(ImageSpec {
+            name: "postgres:16".into(),
+            alias: "db".into(),
+            variables: vec![JobVariable {
+                key: "KUBERNETES_SERVICE_MEMORY_LIMIT".into(),
+                value: "1Gi".into(),
+                ..JobVariable::default()
+            }],
+            ..ImageSpec::default()
+        });
+        job.services.push(ImageSpec {
+            name: "redis:7".into(),
+            ..ImageSpec::default()
+        });
+        let k = job_knobs(
+            &s,
+            &env(&[
+                ("KUBERNETES_MEMORY_LIMIT", "1Gi"),
+                ("KUBERNETES_HELPER_CPU_LIMIT", "500m"),
+                ("KUBERNETES_SERVICE_MEMORY_LIMIT", "3Gi"),
+            ]),
+            &job,
+        )
+        .unwrap();
+        assert_eq!(k.resources.memory_limit, q("1Gi"));
+        // The operator's 2Gi request is above the job's 1Gi limit: lowered, with a warning.
+        assert_eq!(k.resources.memory_request, q("1Gi"));
+        assert_eq!(k.helper_resources.cpu_limit, q("500m"));
+        assert_eq!(k.service_resources.memory_limit, q("2Gi"));
+        assert_eq!(
+            k.per_service[0].memory_limit,
+            q("1Gi"),
+            "its own value wins"
+        );
+        assert_eq!(
+            k.per_service[1].memory_limit,
+            q("2Gi"),
+            "the job-wide value"
+        );
+        assert_eq!(
+            k.notes,
+            [
+                "Using KUBERNETES_MEMORY_LIMIT=1Gi (maximum 4Gi)",
+                "Using KUBERNETES_HELPER_CPU_LIMIT=500m (maximum 1)",
+                "WARNING: KUBERNETES_SERVICE_MEMORY_LIMIT=3Gi is over the maximum 2Gi (resources.services.memory_limit_overwrite_max_allowed); using 2Gi",
+                "WARNING: the build container's memory request 2Gi is above its limit 1Gi; using 1Gi as the request",
+                "service db: Using KUBERNETES_SERVICE_MEMORY_LIMIT=1Gi (maximum 2Gi)",
+            ]
+        );
+        // Malformed: a build failure naming the variable and what a quantity looks like.
+        let e = job_knobs(&s, &env(&[("KUBERNETES_CPU_LIMIT", "abc")]), &job)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("KUBERNETES_CPU_LIMIT=\"abc\"") && e.contains("not a Kubernetes quantity"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn map_and_name_overrides_follow_the_operator_regexps() {
+        let mut s = Settings::default();
+        let job = JobResponse::default();
+        let vars = [
+            ("KUBERNETES_NODE_SELECTOR_ARCH", "kubernetes.io/arch=arm64"),
+            ("KUBERNETES_NODE_SELECTOR_POOL", "pool=gpu"),
+            (
+                "KUBERNETES_NODE_SELECTOR_SPOT",
+                "cloud.google.com/gke-spot=false",
+            ),
+            ("KUBERNETES_POD_LABELS_TEAM", "team=payments"),
+            ("KUBERNETES_POD_LABELS_OURS", "spotrun.dev/pod=x"),
+            ("KUBERNETES_POD_LABELS_BAD", "team"),
+            (
+                "KUBERNETES_POD_ANNOTATIONS_A",
+                "example.com/owner=pay ments",
+            ),
+            ("KUBERNETES_SERVICE_ACCOUNT_OVERWRITE", "ci-deployer"),
+            ("KUBERNETES_NAMESPACE_OVERWRITE", "ci-team-a"),
+        ];
+        // Nothing allowed: each ignored with one warning.
+        let k = job_knobs(&s, &env(&vars), &job).unwrap();
+        assert!(k.node_selector.is_empty() && k.labels.is_empty() && k.annotations.is_empty());
+        assert_eq!(k.service_account, None);
+        assert_eq!(k.notes.len(), vars.len(), "{:?}", k.notes);
+        assert!(
+            k.notes
+                .iter()
+                .all(|n| n.starts_with("WARNING: ") && n.contains("is not set"))
+        );
+        s.pod.node_selector_overwrite_allowed =
+            Some("^(kubernetes.io/arch|cloud.google.com/gke-spot)=".into());
+        s.pod.pod_labels_overwrite_allowed = Some(".*".into());
+        s.pod.pod_annotations_overwrite_allowed = Some("^example.com/".into());
+        s.pod.service_account_overwrite_allowed = Some("^ci-".into());
+        s.namespace_overwrite_allowed = Some("^ci-team-".into());
+        let k = job_knobs(&s, &env(&vars), &job).unwrap();
+        assert_eq!(
+            k.node_selector,
+            BTreeMap::from([("kubernetes.io/arch".to_string(), "arm64".to_string())])
+        );
+        assert_eq!(
+            k.labels,
+            BTreeMap::from([("team".to_string(), "payments".to_string())])
+        );
+        assert_eq!(
+            k.annotations.get("example.com/owner").map(String::as_str),
+            Some("pay ments")
+        );
+        assert_eq!(k.service_account.as_deref(), Some("ci-deployer"));
+        let warnings: Vec<&String> = k
+            .notes
+            .iter()
+            .filter(|n| n.starts_with("WARNING"))
+            .collect();
+        assert_eq!(warnings.len(), 4, "{warnings:?}");
+        for (needle, why) in [
+            (
+                "KUBERNETES_NODE_SELECTOR_POOL",
+                "does not match pod.node_selector_overwrite_allowed",
+            ),
+            ("KUBERNETES_NODE_SELECTOR_SPOT", "follows the spot policy"),
+            ("KUBERNETES_POD_LABELS_OURS", "set by the executor"),
+            ("KUBERNETES_POD_LABELS_BAD", "expected KEY=VALUE"),
+        ] {
+            assert!(
+                warnings
+                    .iter()
+                    .any(|w| w.contains(needle) && w.contains(why)),
+                "{needle}: {warnings:?}"
+            );
+        }
+        let mut notes = Vec::new();
+        assert_eq!(
+            namespace_overwrite(&s, &env(&vars), &mut notes).as_deref(),
+            Some("ci-team-a")
+        );
+        assert_eq!(
+            namespace_overwrite(
+                &s,
+                &env(&[("KUBERNETES_NAMESPACE_OVERWRITE", "kube-system")]),
+                &mut notes
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn service_variables_come_expanded_from_ci_job_services_by_position() {
+        let mut job = JobResponse::default();
+        job.services.push(ImageSpec {
+            name: "$CI_REGISTRY_IMAGE/db:1".into(),
+            variables: vec![JobVariable {
+                key: "DB".into(),
+                value: "app-$CI_JOB_ID".into(),
+                ..JobVariable::default()
+            }],
+            ..ImageSpec::default()
+        });
+        let services = r#"[{"name":"registry.example.com/g/p/db:1","alias":"","entrypoint":null,"command":null,"variables":{"DB":"app-7"}}]"#;
+        let e = env(&[("CI_JOB_SERVICES", services)]);
+        assert_eq!(
+            service_own_variables(&job, &e, 0),
+            [("DB".to_string(), "app-7".to_string())]
+        );
+        // No (or a different) list from the runner: the payload's values as written.
+        assert_eq!(
+            service_own_variables(&job, &env(&[]), 0),
+            [("DB".to_string(), "app-$CI_JOB_ID".to_string())]
+        );
+        let two = format!("[{0},{0}]", &services[1..services.len() - 1]);
+        assert_eq!(
+            service_own_variables(&job, &env(&[("CI_JOB_SERVICES", &two)]), 0),
+            [("DB".to_string(), "app-$CI_JOB_ID".to_string())]
+        );
+        assert!(service_own_variables(&job, &e, 1).is_empty());
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod preemption;
 mod prepare;
 mod quantity;
 mod retry_after;
+mod services;
 mod settings;
 mod smp;
 mod stage;
@@ -116,10 +117,14 @@ fn main() -> ExitCode {
     let result = match Settings::load(cli.config.as_deref(), &getenv, &flags) {
         // Bad operator settings are the runner's problem, not the job's.
         Err(e) => Err(Failure::System(e.to_string())),
-        Ok(settings) => {
+        Ok(mut settings) => {
+            let env = CustomEnv::from_vars(std::env::vars());
+            // Every subcommand must find the pod where prepare put it; prepare prints the note.
+            if let Some(ns) = job::namespace_overwrite(&settings, &env, &mut Vec::new()) {
+                settings.namespace = ns;
+            }
             let events = Events::open(&settings.events_log);
             events.set_context("command", command_name);
-            let env = CustomEnv::from_vars(std::env::vars());
             if let Some(id) = env.get("CI_JOB_ID") {
                 events.set_context("job_id", id.to_string());
             }

@@ -6,21 +6,23 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, EmptyDirVolumeSource, EnvVar, HostAlias, LocalObjectReference,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSecurityContext,
-    PodSpec, PreferredSchedulingTerm, ResourceRequirements, Secret, SecurityContext, Toleration,
-    Volume, VolumeMount,
+    Affinity, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HostAlias,
+    LocalObjectReference, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    Pod, PodSecurityContext, PodSpec, PreferredSchedulingTerm, ResourceRequirements, Secret,
+    SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::job::{CustomEnv, ImageSpec, JobIdentity, JobKnobs, JobResponse};
+use crate::job::{CustomEnv, ImageSpec, JobIdentity, JobKnobs, JobResources, JobResponse};
 use crate::naming::{self, KIND_LABEL, MANAGED_BY_KEY, MANAGED_BY_VALUE, POD_LABEL};
 use crate::quantity::Quantity;
-use crate::settings::{PatchType, ResourceSettings, Settings, SpotPolicy};
+use crate::settings::{PatchType, PullPolicy, ResourceSettings, Settings, SpotPolicy};
 
 /// GKE's spot node label and taint key.
 pub const SPOT_LABEL: &str = "cloud.google.com/gke-spot";
+/// The pod label recording the spot policy the pod was placed with.
+pub const SPOT_POLICY_LABEL: &str = "spotrun.dev/spot-policy";
 pub const BUILD_CONTAINER: &str = "build";
 pub const HELPER_CONTAINER: &str = "helper";
 /// Where the helper container finds `gitlab-runner` (a link to `gitlab-runner-helper`).
@@ -44,6 +46,21 @@ pub enum PlanError {
     /// The operator's `pod.patch` does not apply or yields an invalid Pod: the operator's fault.
     #[error("pod.patch: {0}")]
     Patch(String),
+    /// The job asked for pull policies the operator does not allow (the Kubernetes executor's
+    /// wording): the job's fault.
+    #[error(
+        "invalid pull policy for image {image:?}: pull_policy ([{requested}]) defined in GitLab pipeline config is not one of the allowed_pull_policies ([{allowed}])"
+    )]
+    PullPolicyNotAllowed {
+        image: String,
+        requested: String,
+        allowed: String,
+    },
+    /// A `pull_policy` value GitLab does not define.
+    #[error(
+        "invalid pull policy for image {image:?}: {value:?} is not always, if-not-present or never"
+    )]
+    UnknownPullPolicy { image: String, value: String },
 }
 
 /// Everything `plan_pod` needs; built by the IO layer from the environment.
@@ -55,12 +72,80 @@ pub struct PlanInput<'a> {
     pub knobs: &'a JobKnobs,
     /// Placement after the job override and the preemption fallback were applied.
     pub spot: SpotPolicy,
+    /// Which entry of each image's pull-policy list to use (0, then 1 after a failed pull, ...).
+    pub pull_attempt: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodPlan {
     pub pod: Pod,
     pub secret: Option<Secret>,
+    /// Job-log lines about the plan (a pull policy left out).
+    pub notes: Vec<String>,
+    /// How many pull attempts the pull-policy lists allow (the longest list, at least 1).
+    pub pull_attempts: usize,
+}
+
+/// The pull policies of one image: the job's within what the operator allows, else the
+/// operator's `pull_policy`. Empty: the cluster's default.
+pub fn pull_policies(
+    settings: &Settings,
+    image: &str,
+    job: &[String],
+    notes: &mut Vec<String>,
+) -> Result<Vec<PullPolicy>, PlanError> {
+    let configured = &settings.images.pull_policy;
+    let mut requested = Vec::new();
+    for v in job.iter().filter(|v| !v.is_empty()) {
+        let p = PullPolicy::parse(v).ok_or_else(|| PlanError::UnknownPullPolicy {
+            image: image.into(),
+            value: v.clone(),
+        })?;
+        if !requested.contains(&p) {
+            requested.push(p);
+        }
+    }
+    if requested.is_empty() {
+        return Ok(configured.clone());
+    }
+    let allowed = if settings.images.allowed_pull_policies.is_empty() {
+        configured
+    } else {
+        &settings.images.allowed_pull_policies
+    };
+    // Nothing configured at all: the job decides (the Kubernetes executor would refuse).
+    if allowed.is_empty() {
+        return Ok(requested);
+    }
+    let names = |v: &[PullPolicy]| v.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(" ");
+    let kept: Vec<PullPolicy> = requested
+        .iter()
+        .copied()
+        .filter(|p| allowed.contains(p))
+        .collect();
+    if kept.is_empty() {
+        return Err(PlanError::PullPolicyNotAllowed {
+            image: image.into(),
+            requested: names(&requested),
+            allowed: names(allowed),
+        });
+    }
+    if kept.len() < requested.len() {
+        notes.push(format!(
+            "WARNING: image {image:?}: pull_policy [{}] is not all in allowed_pull_policies [{}]; using [{}]",
+            names(&requested),
+            names(allowed),
+            names(&kept)
+        ));
+    }
+    Ok(kept)
+}
+
+/// The Kubernetes `imagePullPolicy` of a policy list on a given attempt (the last entry sticks).
+fn policy_for_attempt(list: &[PullPolicy], attempt: usize) -> Option<String> {
+    list.get(attempt)
+        .or_else(|| list.last())
+        .map(|p| p.k8s().to_string())
 }
 
 /// The effective spot policy: operator default, then an allowed job override, then the fallback.
@@ -119,18 +204,28 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
     }
     volumes.push(empty_dir("tools"));
 
-    let pull_policy = settings
-        .images
-        .pull_policy
-        .map(|p| p.k8s().to_string())
-        .or_else(|| {
-            job.image
-                .pull_policy
-                .first()
-                .and_then(|p| job_pull_policy(p))
-        });
+    let mut notes = Vec::new();
+    let build_policies = pull_policies(settings, &image, &job.image.pull_policy, &mut notes)?;
+    let helper_policies = settings.images.pull_policy.clone();
+    let mut service_policies = Vec::new();
+    for svc in &job.services {
+        service_policies.push(pull_policies(
+            settings,
+            &svc.name,
+            &svc.pull_policy,
+            &mut notes,
+        )?);
+    }
+    let pull_attempts = std::iter::once(&build_policies)
+        .chain(std::iter::once(&helper_policies))
+        .chain(service_policies.iter())
+        .map(Vec::len)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let pull_policy = policy_for_attempt(&build_policies, input.pull_attempt);
 
-    let build_resources = merge_job_resources(&settings.resources.build, input.knobs);
+    let build_resources = merge_job_resources(&settings.resources.build, &input.knobs.resources);
     let mut build = Container {
         name: BUILD_CONTAINER.into(),
         image: Some(image),
@@ -138,6 +233,7 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         volume_mounts: Some(mounts.clone()),
         resources: resources(&build_resources),
         security_context: container_security(settings.pod.build_security_context.as_ref()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
     };
     // Like the Kubernetes executor with FF_KUBERNETES_HONOR_ENTRYPOINT: a real entrypoint wraps our
@@ -161,7 +257,7 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
     let helper = Container {
         name: HELPER_CONTAINER.into(),
         image: Some(settings.images.helper_image.clone()),
-        image_pull_policy: settings.images.pull_policy.map(|p| p.k8s().to_string()),
+        image_pull_policy: policy_for_attempt(&helper_policies, input.pull_attempt),
         command: Some(vec!["sh".into(), "-c".into(), HELPER_IDLE_SCRIPT.into()]),
         env: Some(vec![EnvVar {
             name: "PATH".into(),
@@ -171,8 +267,12 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
             value_from: None,
         }]),
         volume_mounts: Some(helper_mounts),
-        resources: resources(&settings.resources.helper),
+        resources: resources(&merge_job_resources(
+            &settings.resources.helper,
+            &input.knobs.helper_resources,
+        )),
         security_context: container_security(settings.pod.helper_security_context.as_ref()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
     };
 
@@ -192,7 +292,10 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
                 host_names.push(h);
             }
         }
-        containers.push(service_container(settings, svc, cname));
+        let policy = policy_for_attempt(&service_policies[i], input.pull_attempt);
+        containers.push(service_container(
+            settings, input, i, cname, &mounts, policy,
+        ));
     }
 
     let secret = registry_secret(input, &name, &labels);
@@ -208,7 +311,7 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         });
     }
 
-    let (node_selector, affinity, tolerations) = placement(settings, input.spot);
+    let (node_selector, affinity, tolerations) = placement(settings, input.knobs, input.spot);
     let timeout = job_timeout(settings, input);
     let spec = PodSpec {
         containers,
@@ -219,7 +322,11 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         ),
         termination_grace_period_seconds: Some(settings.pod.termination_grace_period_seconds),
         automount_service_account_token: Some(settings.pod.automount_service_account_token),
-        service_account_name: settings.pod.service_account.clone(),
+        service_account_name: input
+            .knobs
+            .service_account
+            .clone()
+            .or_else(|| settings.pod.service_account.clone()),
         priority_class_name: settings.pod.priority_class_name.clone(),
         enable_service_links: Some(false),
         host_aliases: (!host_names.is_empty()).then(|| {
@@ -249,7 +356,12 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         status: None,
     };
     let pod = apply_patch(settings, pod)?;
-    Ok(PodPlan { pod, secret })
+    Ok(PodPlan {
+        pod,
+        secret,
+        notes,
+        pull_attempts,
+    })
 }
 
 fn check_allowed(image: &str, globs: &[String], key: &'static str) -> Result<(), PlanError> {
@@ -278,15 +390,6 @@ fn check_allowed(image: &str, globs: &[String], key: &'static str) -> Result<(),
     }
 }
 
-fn job_pull_policy(p: &str) -> Option<String> {
-    match p {
-        "always" => Some("Always".into()),
-        "if-not-present" => Some("IfNotPresent".into()),
-        "never" => Some("Never".into()),
-        _ => None,
-    }
-}
-
 fn empty_dir(name: &str) -> Volume {
     Volume {
         name: name.into(),
@@ -307,8 +410,7 @@ fn container_security(t: Option<&toml::Table>) -> Option<SecurityContext> {
     serde_json::from_value(serde_json::to_value(t?).ok()?).ok()
 }
 
-fn merge_job_resources(base: &ResourceSettings, knobs: &JobKnobs) -> ResourceSettings {
-    let j = &knobs.resources;
+fn merge_job_resources(base: &ResourceSettings, j: &JobResources) -> ResourceSettings {
     let pick = |job: &Option<Quantity>, op: &Option<Quantity>| job.clone().or_else(|| op.clone());
     ResourceSettings {
         cpu_request: pick(&j.cpu_request, &base.cpu_request),
@@ -320,6 +422,7 @@ fn merge_job_resources(base: &ResourceSettings, knobs: &JobKnobs) -> ResourceSet
             &base.ephemeral_storage_request,
         ),
         ephemeral_storage_limit: pick(&j.ephemeral_storage_limit, &base.ephemeral_storage_limit),
+        ..base.clone()
     }
 }
 
@@ -391,14 +494,34 @@ fn service_host_names(svc: &ImageSpec) -> Vec<String> {
     out
 }
 
-fn service_container(settings: &Settings, svc: &ImageSpec, name: String) -> Container {
-    let env: Vec<EnvVar> = svc
-        .variables
-        .iter()
-        .filter(|v| !v.key.is_empty())
-        .map(|v| EnvVar {
-            name: v.key.clone(),
-            value: Some(v.value.clone()),
+/// A service container: the job's public variables plus the service's own (which win), the build
+/// volumes (as the Kubernetes executor mounts them in services: `DinD` certs, shared files), and its
+/// last log lines as termination message when it fails, so `prepare` can report them without
+/// `pods/log`.
+fn service_container(
+    settings: &Settings,
+    input: &PlanInput<'_>,
+    index: usize,
+    name: String,
+    mounts: &[VolumeMount],
+    pull_policy: Option<String>,
+) -> Container {
+    let svc = &input.job.services[index];
+    let mut vars: Vec<(String, String)> = crate::job::service_job_variables(input.job, input.env);
+    for (k, v) in crate::job::service_own_variables(input.job, input.env, index) {
+        if !crate::job::is_env_name(&k) {
+            continue;
+        }
+        vars.retain(|(ek, _)| *ek != k);
+        vars.push((k, v));
+    }
+    let env: Vec<EnvVar> = vars
+        .into_iter()
+        .map(|(k, v)| EnvVar {
+            name: k,
+            // The kubelet expands `$(NAME)` and turns `$$` into `$` in env values: doubling every
+            // `$` keeps the runner's value byte for byte.
+            value: Some(v.replace('$', "$$")),
             value_from: None,
         })
         .collect();
@@ -411,29 +534,66 @@ fn service_container(settings: &Settings, svc: &ImageSpec, name: String) -> Cont
     Container {
         name,
         image: Some(svc.name.clone()),
-        image_pull_policy: settings
-            .images
-            .pull_policy
-            .map(|p| p.k8s().to_string())
-            .or_else(|| svc.pull_policy.first().and_then(|p| job_pull_policy(p))),
+        image_pull_policy: pull_policy,
         command: (!entrypoint.is_empty()).then_some(entrypoint),
         args: (!svc.command.is_empty()).then(|| svc.command.clone()),
         env: (!env.is_empty()).then_some(env),
-        resources: resources(&settings.resources.services),
+        resources: resources(&merge_job_resources(
+            &settings.resources.services,
+            input
+                .knobs
+                .per_service
+                .get(index)
+                .unwrap_or(&input.knobs.service_resources),
+        )),
         security_context: container_security(settings.pod.service_security_context.as_ref()),
+        volume_mounts: (!mounts.is_empty()).then(|| mounts.to_vec()),
+        ports: service_ports(svc),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
     }
+}
+
+/// The ports a service declares, as container ports (documentation for `kubectl`, and what
+/// `prepare` waits for). GitLab's `protocol` (http/https) is about the web terminal proxy; the
+/// socket is TCP either way. A name Kubernetes would refuse is left out.
+fn service_ports(svc: &ImageSpec) -> Option<Vec<ContainerPort>> {
+    let ports: Vec<ContainerPort> = svc
+        .ports
+        .iter()
+        .filter_map(|p| {
+            let number = i32::try_from(p.number)
+                .ok()
+                .filter(|n| (1..=65535).contains(n))?;
+            let name = p.name.to_ascii_lowercase();
+            let name_ok = !name.is_empty()
+                && name.len() <= 15
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && name.bytes().any(|b| b.is_ascii_lowercase())
+                && !name.starts_with('-')
+                && !name.ends_with('-')
+                && !name.contains("--");
+            Some(ContainerPort {
+                container_port: number,
+                name: name_ok.then_some(name),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            })
+        })
+        .collect();
+    (!ports.is_empty()).then_some(ports)
 }
 
 fn pod_labels(settings: &Settings, input: &PlanInput<'_>, name: &str) -> BTreeMap<String, String> {
     let job = input.job;
     let mut l: BTreeMap<String, String> = settings.pod.labels.clone();
+    l.extend(input.knobs.labels.clone());
     // Ours are written last: operators cannot overwrite the keys cleanup and gc select on.
     for (k, v) in [
         (MANAGED_BY_KEY, MANAGED_BY_VALUE.to_string()),
         (POD_LABEL, name.to_string()),
         (KIND_LABEL, "job-pod".to_string()),
-        ("spotrun.dev/spot-policy", input.spot.as_str().to_string()),
+        (SPOT_POLICY_LABEL, input.spot.as_str().to_string()),
         ("job.runner.gitlab.com/id", job.id.to_string()),
         (
             "pipeline.runner.gitlab.com/id",
@@ -468,6 +628,7 @@ fn pod_labels(settings: &Settings, input: &PlanInput<'_>, name: &str) -> BTreeMa
 fn pod_annotations(settings: &Settings, input: &PlanInput<'_>) -> BTreeMap<String, String> {
     let job = input.job;
     let mut a: BTreeMap<String, String> = settings.pod.annotations.clone();
+    a.extend(input.knobs.annotations.clone());
     let url = input
         .env
         .get("CI_JOB_URL")
@@ -533,9 +694,12 @@ fn spot_requirement(operator: &str) -> NodeSelectorRequirement {
 /// Node selector, affinity and tolerations for a spot policy plus the operator's own.
 fn placement(
     settings: &Settings,
+    knobs: &JobKnobs,
     spot: SpotPolicy,
 ) -> (BTreeMap<String, String>, Option<Affinity>, Vec<Toleration>) {
     let mut selector = settings.pod.node_selector.clone();
+    // Allowed job overrides win over the operator's values, the spot policy over both.
+    selector.extend(knobs.node_selector.clone());
     let mut tolerations: Vec<Toleration> = settings
         .pod
         .tolerations

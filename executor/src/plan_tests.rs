@@ -123,6 +123,31 @@ fn cases() -> Vec<Case> {
 
     let mut capped = example_settings();
     capped.spot.policy = SpotPolicy::Require;
+
+    // 6. The Kubernetes executor's job variables within the operator's maxima and regexps.
+    let mut k8s_vars = Settings::default();
+    let q = |t: &str| Some(crate::quantity::Quantity::parse(t).unwrap());
+    k8s_vars.resources.build.memory_request = q("1Gi");
+    k8s_vars.resources.build.memory_limit = q("2Gi");
+    k8s_vars.resources.build.memory_limit_overwrite_max_allowed = q("4Gi");
+    k8s_vars.resources.build.cpu_request_overwrite_max_allowed = q("2");
+    k8s_vars.resources.helper.memory_limit_overwrite_max_allowed = q("1Gi");
+    k8s_vars.resources.services.cpu_limit_overwrite_max_allowed = q("1");
+    k8s_vars.pod.node_selector_overwrite_allowed = Some("^kubernetes.io/arch=".into());
+    k8s_vars.pod.pod_labels_overwrite_allowed = Some("^team=".into());
+    k8s_vars.pod.pod_annotations_overwrite_allowed = Some(".*".into());
+    k8s_vars.pod.service_account_overwrite_allowed = Some("^ci-".into());
+    let mut k8s_job = minimal_job(1005);
+    k8s_job.services.push(ImageSpec {
+        name: "postgres:16".into(),
+        alias: "db".into(),
+        variables: vec![JobVariable {
+            key: "KUBERNETES_SERVICE_CPU_LIMIT".into(),
+            value: "500m".into(),
+            ..JobVariable::default()
+        }],
+        ..ImageSpec::default()
+    });
     vec![
         Case {
             name: "fixture-job",
@@ -177,12 +202,34 @@ fn cases() -> Vec<Case> {
             env: mk_env("1004", &[]),
             fallback: false,
         },
+        Case {
+            name: "kubernetes-executor-variables",
+            settings: k8s_vars,
+            job: k8s_job,
+            env: mk_env(
+                "1005",
+                &[
+                    ("KUBERNETES_MEMORY_LIMIT", "8Gi"),
+                    ("KUBERNETES_CPU_REQUEST", "1500m"),
+                    ("KUBERNETES_HELPER_MEMORY_LIMIT", "768Mi"),
+                    ("KUBERNETES_SERVICE_CPU_LIMIT", "2"),
+                    ("KUBERNETES_NODE_SELECTOR_ARCH", "kubernetes.io/arch=arm64"),
+                    ("KUBERNETES_POD_LABELS_TEAM", "team=payments"),
+                    (
+                        "KUBERNETES_POD_ANNOTATIONS_OWNER",
+                        "example.com/owner=payments",
+                    ),
+                    ("KUBERNETES_SERVICE_ACCOUNT_OVERWRITE", "ci-deployer"),
+                ],
+            ),
+            fallback: false,
+        },
     ]
 }
 
 fn plan(case: &Case) -> PodPlan {
     let identity = JobIdentity::from_env(&case.env).unwrap();
-    let knobs = job_knobs(&case.settings, &case.env).unwrap();
+    let knobs = job_knobs(&case.settings, &case.env, &case.job).unwrap();
     let spot = effective_spot_policy(&case.settings, &knobs, case.fallback);
     plan_pod(
         &case.settings,
@@ -192,6 +239,7 @@ fn plan(case: &Case) -> PodPlan {
             env: &case.env,
             knobs: &knobs,
             spot,
+            pull_attempt: 0,
         },
     )
     .unwrap()
@@ -285,11 +333,11 @@ fn kubernetes_validate_rejects_a_broken_pod() {
 #[test]
 fn spot_policies_place_as_documented() {
     let s = Settings::default();
-    let (sel, aff, tol) = placement(&s, SpotPolicy::Require);
+    let (sel, aff, tol) = placement(&s, &JobKnobs::default(), SpotPolicy::Require);
     assert_eq!(sel.get(SPOT_LABEL).map(String::as_str), Some("true"));
     assert!(aff.is_none());
     assert_eq!(tol, vec![spot_toleration()]);
-    let (sel, aff, tol) = placement(&s, SpotPolicy::Prefer);
+    let (sel, aff, tol) = placement(&s, &JobKnobs::default(), SpotPolicy::Prefer);
     assert!(sel.is_empty() && tol == vec![spot_toleration()]);
     let pref = aff
         .unwrap()
@@ -301,7 +349,7 @@ fn spot_policies_place_as_documented() {
         pref[0].preference.match_expressions.as_ref().unwrap()[0],
         spot_requirement("In")
     );
-    let (sel, aff, tol) = placement(&s, SpotPolicy::Never);
+    let (sel, aff, tol) = placement(&s, &JobKnobs::default(), SpotPolicy::Never);
     assert!(sel.is_empty() && tol.is_empty());
     let req = aff
         .unwrap()
@@ -336,6 +384,7 @@ fn images_outside_the_allow_list_are_refused_by_name() {
             env: &e,
             knobs: &knobs,
             spot: SpotPolicy::Never,
+            pull_attempt: 0,
         },
     )
     .unwrap_err();
@@ -357,6 +406,7 @@ fn images_outside_the_allow_list_are_refused_by_name() {
             env: &e,
             knobs: &knobs,
             spot: SpotPolicy::Never,
+            pull_attempt: 0,
         },
     )
     .unwrap_err();
@@ -370,7 +420,8 @@ fn images_outside_the_allow_list_are_refused_by_name() {
                 identity: &id,
                 env: &e,
                 knobs: &knobs,
-                spot: SpotPolicy::Never
+                spot: SpotPolicy::Never,
+                pull_attempt: 0,
             }
         )
         .is_ok()
@@ -454,7 +505,7 @@ fn strategic_patch_merges_into_generated_containers() {
         patch: r#"{"spec": {"containers": [{"image": "no-name"}]}}"#.into(),
     });
     let identity = JobIdentity::from_env(&case.env).unwrap();
-    let knobs = job_knobs(&case.settings, &case.env).unwrap();
+    let knobs = job_knobs(&case.settings, &case.env, &case.job).unwrap();
     let err = plan_pod(
         &case.settings,
         &PlanInput {
@@ -463,6 +514,7 @@ fn strategic_patch_merges_into_generated_containers() {
             env: &case.env,
             knobs: &knobs,
             spot: SpotPolicy::Never,
+            pull_attempt: 0,
         },
     )
     .unwrap_err();
@@ -470,4 +522,170 @@ fn strategic_patch_merges_into_generated_containers() {
         err.to_string().contains("spec.containers[]") && err.to_string().contains("\"name\""),
         "{err}"
     );
+}
+
+#[test]
+fn services_get_public_job_variables_their_own_expanded_and_dollars_kept() {
+    let mut job = minimal_job(1200);
+    job.variables = vec![
+        JobVariable {
+            key: "CI_JOB_TOKEN".into(),
+            value: "glcbt-secret".into(),
+            masked: true,
+            ..JobVariable::default()
+        },
+        JobVariable {
+            key: "DEPLOY_KEY".into(),
+            value: "project-secret".into(),
+            public: false,
+            ..JobVariable::default()
+        },
+        JobVariable {
+            key: "MASKED_BUT_PUBLIC".into(),
+            value: "hidden-too".into(),
+            public: true,
+            masked: true,
+            ..JobVariable::default()
+        },
+        JobVariable {
+            key: "POSTGRES_PASSWORD".into(),
+            value: "pw".into(),
+            public: true,
+            ..JobVariable::default()
+        },
+        JobVariable {
+            key: "DOCKER_TLS_CERTDIR".into(),
+            value: String::new(),
+            public: true,
+            ..JobVariable::default()
+        },
+    ];
+    job.services.push(ImageSpec {
+        name: "postgres:16".into(),
+        alias: "db".into(),
+        variables: vec![JobVariable {
+            key: "POSTGRES_DB".into(),
+            value: "app-$CI_JOB_ID".into(),
+            ..JobVariable::default()
+        }],
+        ports: vec![crate::job::ServicePort {
+            number: 5432,
+            protocol: "tcp".into(),
+            name: "PG".into(),
+        }],
+        ..ImageSpec::default()
+    });
+    let env = env(&[
+        ("CI_JOB_ID", "1200"),
+        ("CI_JOB_TOKEN", "glcbt-secret"),
+        ("DEPLOY_KEY", "project-secret"),
+        ("MASKED_BUT_PUBLIC", "hidden-too"),
+        ("POSTGRES_PASSWORD", "pw"),
+        ("DOCKER_TLS_CERTDIR", ""),
+        ("WEIRD", "a$(HOME)b$$c"),
+        ("FF_NETWORK_PER_BUILD", "false"),
+        ("1BAD", "x"),
+        (
+            "CI_JOB_SERVICES",
+            r#"[{"name":"postgres:16","alias":"db","entrypoint":null,"command":null,"variables":{"POSTGRES_DB":"app-1200","POSTGRES_PASSWORD":"own"}}]"#,
+        ),
+    ]);
+    let case = Case {
+        name: "services-env",
+        settings: Settings::default(),
+        job,
+        env,
+        fallback: false,
+    };
+    let p = plan(&case);
+    let svc = &p.pod.spec.as_ref().unwrap().containers[2];
+    let env: Vec<(String, String)> = svc
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        env,
+        [
+            ("CI_JOB_ID", "1200"),
+            ("DOCKER_TLS_CERTDIR", ""),
+            ("FF_NETWORK_PER_BUILD", "false"),
+            ("WEIRD", "a$$(HOME)b$$$$c"),
+            ("POSTGRES_DB", "app-1200"),
+            ("POSTGRES_PASSWORD", "own"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+    );
+    let mounts: Vec<&str> = svc
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert!(mounts.contains(&"/builds"), "{mounts:?}");
+    let port = &svc.ports.as_ref().unwrap()[0];
+    assert_eq!(
+        (port.container_port, port.name.as_deref()),
+        (5432, Some("pg"))
+    );
+    assert_eq!(
+        svc.termination_message_policy.as_deref(),
+        Some("FallbackToLogsOnError")
+    );
+}
+
+#[test]
+fn pull_policies_follow_the_job_within_what_the_operator_allows() {
+    use crate::settings::PullPolicy::{Always, IfNotPresent, Never};
+    let v = |xs: &[&str]| xs.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
+    let mut s = Settings::default();
+    let mut notes = Vec::new();
+    // Nothing configured: the job decides; no job policy: the cluster default.
+    assert_eq!(
+        pull_policies(&s, "img", &v(&["always", "if-not-present"]), &mut notes).unwrap(),
+        [Always, IfNotPresent]
+    );
+    assert!(
+        pull_policies(&s, "img", &[], &mut notes)
+            .unwrap()
+            .is_empty()
+    );
+    // The operator's list is the default and, without allowed_pull_policies, the allow-list.
+    s.images.pull_policy = vec![IfNotPresent];
+    assert_eq!(
+        pull_policies(&s, "img", &[], &mut notes).unwrap(),
+        [IfNotPresent]
+    );
+    let e = pull_policies(&s, "img", &v(&["always"]), &mut notes).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid pull policy for image \"img\": pull_policy ([always]) defined in GitLab pipeline config is not one of the allowed_pull_policies ([if-not-present])"
+    );
+    // allowed_pull_policies: the allowed part of the job's list is kept, with one warning.
+    s.images.allowed_pull_policies = vec![Always, IfNotPresent];
+    assert_eq!(
+        pull_policies(&s, "img", &v(&["never", "always"]), &mut notes).unwrap(),
+        [Always]
+    );
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].starts_with("WARNING: image \"img\": pull_policy [never always]"),
+        "{notes:?}"
+    );
+    let e = pull_policies(&s, "img", &v(&["sometimes"]), &mut notes).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("\"sometimes\" is not always, if-not-present or never"),
+        "{e}"
+    );
+    assert_eq!(
+        policy_for_attempt(&[Always, Never], 0).as_deref(),
+        Some("Always")
+    );
+    assert_eq!(
+        policy_for_attempt(&[Always, Never], 5).as_deref(),
+        Some("Never")
+    );
+    assert_eq!(policy_for_attempt(&[], 0), None);
 }

@@ -80,7 +80,10 @@ pub async fn prepare(ctx: &Ctx) -> Result<(), Failure> {
     let identity = identity(ctx, Some(&job))?;
     let name = identity.pod_name();
     ctx.events.set_context("pod", name.clone());
-    let knobs = job_knobs(settings, &ctx.env).map_err(|e| Failure::Job(e.to_string()))?;
+    let knobs = job_knobs(settings, &ctx.env, &job).map_err(|e| Failure::Job(e.to_string()))?;
+    for note in &knobs.notes {
+        say(note);
+    }
     let kube = Kube::connect(settings, ctx.events.clone()).await?;
 
     let wanted = effective_spot_policy(settings, &knobs, false);
@@ -100,20 +103,30 @@ pub async fn prepare(ctx: &Ctx) -> Result<(), Failure> {
         }
     }
     let spot = effective_spot_policy(settings, &knobs, fallback);
-    let plan = plan_pod(
-        settings,
-        &PlanInput {
-            job: &job,
-            identity: &identity,
-            env: &ctx.env,
-            knobs: &knobs,
-            spot,
-        },
-    )
-    .map_err(|e| match e {
-        PlanError::ImageNotAllowed { .. } => Failure::Job(e.to_string()),
-        PlanError::Patch(_) => Failure::System(e.to_string()),
-    })?;
+    let make_plan = |pull_attempt: usize| {
+        plan_pod(
+            settings,
+            &PlanInput {
+                job: &job,
+                identity: &identity,
+                env: &ctx.env,
+                knobs: &knobs,
+                spot,
+                pull_attempt,
+            },
+        )
+        .map_err(|e| match e {
+            PlanError::ImageNotAllowed { .. }
+            | PlanError::PullPolicyNotAllowed { .. }
+            | PlanError::UnknownPullPolicy { .. } => Failure::Job(e.to_string()),
+            PlanError::Patch(_) => Failure::System(e.to_string()),
+        })
+    };
+    let plan = make_plan(0)?;
+    for note in &plan.notes {
+        say(note);
+    }
+    let secret_name = plan.secret.as_ref().and_then(|s| s.metadata.name.clone());
 
     say(&format!(
         "Creating pod {}/{name} (spot policy: {})",
@@ -139,29 +152,72 @@ pub async fn prepare(ctx: &Ctx) -> Result<(), Failure> {
                 Err(e) => return Err(Failure::from(e)),
             }
         }
-        let pod = create_or_reuse(&kube, &pods, &plan.pod, job.id).await?;
-        if let (Some(secret), Some(uid)) = (&plan.secret, pod.metadata.uid.clone()) {
-            // The secret goes when the pod goes, even if cleanup never runs (kubernetes GC).
-            let owner = OwnerReference {
-                api_version: "v1".into(),
-                kind: "Pod".into(),
-                name: name.clone(),
-                uid,
-                ..OwnerReference::default()
-            };
-            let patch = Patch::Merge(json!({ "metadata": { "ownerReferences": [owner] } }));
-            let sname = secret.metadata.name.clone().unwrap_or_default();
-            if let Err(e) = kube
-                .call("patch secret owner", || {
-                    secrets.patch(&sname, &patch_params, &patch)
-                })
-                .await
+        let mut plan = plan.clone();
+        let mut attempt = 0;
+        loop {
+            let pod = create_or_reuse(&kube, &pods, &plan.pod, job.id).await?;
+            if let (Some(secret), Some(uid)) = (&plan.secret, pod.metadata.uid.clone()) {
+                // The secret goes when the pod goes, even if cleanup never runs (kubernetes GC).
+                let owner = OwnerReference {
+                    api_version: "v1".into(),
+                    kind: "Pod".into(),
+                    name: name.clone(),
+                    uid,
+                    ..OwnerReference::default()
+                };
+                let patch = Patch::Merge(json!({ "metadata": { "ownerReferences": [owner] } }));
+                let sname = secret.metadata.name.clone().unwrap_or_default();
+                if let Err(e) = kube
+                    .call("patch secret owner", || {
+                        secrets.patch(&sname, &patch_params, &patch)
+                    })
+                    .await
+                {
+                    ctx.events
+                        .warn("secret_owner_failed", json!({ "error": e.to_string() }));
+                }
+            }
+            let mut reported_exits = BTreeSet::new();
+            match wait_running(
+                ctx,
+                &kube,
+                &pods,
+                &name,
+                &job,
+                pod.metadata.uid.clone(),
+                &mut reported_exits,
+            )
+            .await
             {
-                ctx.events
-                    .warn("secret_owner_failed", json!({ "error": e.to_string() }));
+                // A pull policy list: the next entry gets a new pod, as the Kubernetes executor's
+                // pull retry does (e.g. `[always, if-not-present]` while the registry is down).
+                Err(Failure::Job(msg))
+                    if msg.starts_with(PULL_FAILURE) && attempt + 1 < plan.pull_attempts =>
+                {
+                    attempt += 1;
+                    say(&format!(
+                        "WARNING: {msg}; retrying with the next pull policy (attempt {} of {})",
+                        attempt + 1,
+                        plan.pull_attempts
+                    ));
+                    delete_and_wait_gone(&kube, &pods, &name, pod.metadata.uid.as_deref()).await?;
+                    plan = make_plan(attempt)?;
+                }
+                Err(e) => return Err(e),
+                Ok(node) => {
+                    crate::services::wait_for_services(
+                        ctx,
+                        &kube,
+                        &pods,
+                        &name,
+                        &plan.pod,
+                        &mut reported_exits,
+                    )
+                    .await;
+                    return Ok(node);
+                }
             }
         }
-        wait_running(ctx, &kube, &pods, &name, &job).await
     };
     let result = tokio::select! {
         r = work => r,
@@ -171,8 +227,8 @@ pub async fn prepare(ctx: &Ctx) -> Result<(), Failure> {
             let dp = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
             let _ = tokio::time::timeout(Duration::from_secs(3), async {
                 let _ = pods.delete(&name, &dp).await;
-                if let Some(s) = &plan.secret {
-                    let _ = secrets.delete(s.metadata.name.as_deref().unwrap_or_default(), &DeleteParams::default()).await;
+                if let Some(s) = &secret_name {
+                    let _ = secrets.delete(s, &DeleteParams::default()).await;
                 }
             }).await;
             Err(Failure::Cancelled("prepare cancelled; the job pod was deleted".into()))
@@ -190,6 +246,42 @@ pub async fn prepare(ctx: &Ctx) -> Result<(), Failure> {
         ),
     }
     result.map(|_| ())
+}
+
+/// How every pull failure's job-log line starts (the pull-policy fallback looks for it).
+const PULL_FAILURE: &str = "cannot pull image";
+
+/// Deletes the pod now and waits (bounded, with backoff) until it is gone or replaced.
+async fn delete_and_wait_gone(
+    kube: &Kube,
+    pods: &Api<Pod>,
+    name: &str,
+    uid: Option<&str>,
+) -> Result<(), Failure> {
+    let dp = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    match kube.call("delete pod", || pods.delete(name, &dp)).await {
+        Ok(_) => {}
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    let deadline = Instant::now() + Duration::from_mins(1);
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let current = kube.call("get pod", || pods.get_opt(name)).await?;
+        if current.is_none_or(|p| p.metadata.uid.as_deref() != uid) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Failure::System(format!(
+                "pod {name} was not deleted within 60 s"
+            )));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
 }
 
 /// Creates the pod; an existing pod of the same job is reused (the runner retries prepare), a
@@ -280,6 +372,8 @@ async fn wait_running(
     pods: &Api<Pod>,
     name: &str,
     job: &JobResponse,
+    uid: Option<String>,
+    reported_exits: &mut BTreeSet<String>,
 ) -> Result<String, Failure> {
     let settings = &ctx.settings;
     let ns = kube.namespace.clone();
@@ -300,7 +394,8 @@ async fn wait_running(
         tokio::time::Instant::now() + Duration::from_secs(settings.timeouts.prepare_seconds);
     let mut unschedulable_since: Option<tokio::time::Instant> = None;
     let mut last_unsched_msg = String::new();
-    let mut pod_uid: Option<String> = None;
+    // Known from the create: events of an earlier pod of the same name are told apart at once.
+    let mut pod_uid: Option<String> = uid;
     let mut seen_events: BTreeSet<String> = BTreeSet::new();
     let mut announced_node = String::new();
     let mut last_waiting: Vec<(String, String)> = Vec::new();
@@ -317,8 +412,8 @@ async fn wait_running(
                 let pod = match item {
                     Ok(WEvent::Apply(p) | WEvent::InitApply(p)) => p,
                     Ok(WEvent::Delete(p)) => {
-                        let node = podstate::node_name(&p);
-                        return Err(lost(ctx, kube, job, PodEnd::Preempted { node, reason: "the pod was deleted".into() }).await);
+                        let end = podstate::deleted_pod_end(&p);
+                        return Err(lost(ctx, kube, job, end).await);
                     }
                     Ok(_) => continue,
                     Err(e) => {
@@ -336,6 +431,7 @@ async fn wait_running(
                     said_waiting = true;
                     say(&format!("Waiting for pod {ns}/{name} to be scheduled..."));
                 }
+                crate::services::report_exits(ctx, &podstate::exited_services(&pod), reported_exits);
                 match podstate::progress(&pod) {
                     Progress::Running { node } => {
                         let spot = node_is_spot(kube, &node).await;
@@ -374,7 +470,7 @@ async fn wait_running(
                         }
                     }
                     Progress::JobError { container, image, reason, message } => {
-                        let what = if reason.contains("Pull") || reason.contains("Image") { "cannot pull image" } else { "cannot start container" };
+                        let what = if reason.contains("Pull") || reason.contains("Image") { PULL_FAILURE } else { "cannot start container" };
                         return Err(Failure::Job(format!("{what} {image:?} (container {container}): {reason}: {message}")));
                     }
                     Progress::Ended(end) => return Err(lost(ctx, kube, job, end).await),
@@ -442,9 +538,7 @@ fn on_event(
     say(&format!("WARNING: Event {reason}: {message}"));
     if reason == "Failed" && message.starts_with("Failed to pull image") {
         let image = message.split('"').nth(1).unwrap_or("").to_string();
-        return Some(Failure::Job(format!(
-            "cannot pull image {image:?}: {message}"
-        )));
+        return Some(Failure::Job(format!("{PULL_FAILURE} {image:?}: {message}")));
     }
     if reason == "InspectFailed" || message.contains("InvalidImageName") {
         return Some(Failure::Job(format!("invalid image: {message}")));
@@ -452,25 +546,87 @@ fn on_event(
     None
 }
 
-/// Turns the end of a pod into the failure the runner sees, recording preemptions.
+/// What the API says about a node now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NodeNow {
+    Spot,
+    OnDemand,
+    Gone,
+    /// No answer (API trouble, no RBAC on nodes) or no node name.
+    Unknown,
+}
+
+async fn node_now(kube: &Kube, node: &str) -> NodeNow {
+    if node.is_empty() {
+        return NodeNow::Unknown;
+    }
+    let nodes: Api<Node> = Api::all(kube.client.clone());
+    match kube.call("get node", || nodes.get_opt(node)).await {
+        Ok(None) => NodeNow::Gone,
+        Ok(Some(n)) => {
+            let spot = n
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SPOT_LABEL))
+                .is_some_and(|v| v == "true");
+            if spot {
+                NodeNow::Spot
+            } else {
+                NodeNow::OnDemand
+            }
+        }
+        Err(_) => NodeNow::Unknown,
+    }
+}
+
+/// Turns the end of a pod into the failure the runner sees. Only a spot node reclaimed counts as
+/// a preemption (recorded, so the retry may go to on-demand nodes); an eviction of any other kind
+/// is a plain system failure quoting the kubelet or controller, with no fallback.
 pub async fn lost(ctx: &Ctx, kube: &Kube, job: &JobResponse, end: PodEnd) -> Failure {
     match end {
-        PodEnd::Preempted { node, reason } => {
-            let node_txt = if node.is_empty() {
-                "(not yet scheduled)".to_string()
-            } else {
-                node.clone()
+        PodEnd::NodeLost {
+            node,
+            reason,
+            spot_hint,
+        } => {
+            let spot = match node_now(kube, &node).await {
+                NodeNow::Spot => true,
+                NodeNow::OnDemand => false,
+                // A node that vanished under a pod placed on spot (or placed anywhere: spot is the
+                // capacity that vanishes) is read as a reclaim.
+                NodeNow::Gone | NodeNow::Unknown => spot_hint.unwrap_or(true),
             };
+            if spot {
+                preempted(ctx, kube, job, &node, &reason).await
+            } else {
+                ctx.events
+                    .warn("node_lost", json!({ "node": node, "reason": reason }));
+                Failure::System(format!(
+                    "Job pod lost with its on-demand node {node} ({reason}); not a spot reclaim, so a retry is placed as usual"
+                ))
+            }
+        }
+        PodEnd::Deleted { node, spot_hint } => {
+            if node_now(kube, &node).await == NodeNow::Gone {
+                let reason = "the pod was deleted and its node is gone".to_string();
+                if spot_hint == Some(false) {
+                    Failure::System(format!("Job pod lost: {reason} (node {node})"))
+                } else {
+                    preempted(ctx, kube, job, &node, &reason).await
+                }
+            } else {
+                ctx.events.warn("pod_deleted", json!({ "node": node }));
+                Failure::System(
+                    "Job pod was deleted while the job ran (by a user or a controller, not by a spot reclaim)".into(),
+                )
+            }
+        }
+        PodEnd::Evicted { node, reason } => {
             ctx.events
-                .warn("preemption", json!({ "node": node, "reason": reason }));
-            preemption::record(kube, &ctx.settings, job, &node).await;
-            let retry = if ctx.settings.spot.fallback_on_preemption {
-                "a retry of this job (retry: when: runner_system_failure) will run on on-demand nodes"
-            } else {
-                "a retry of this job (retry: when: runner_system_failure) will run on spot nodes again (fallback disabled)"
-            };
-            Failure::Preempted(format!(
-                "Job pod was preempted on node {node_txt} ({reason}); {retry}"
+                .warn("evicted", json!({ "node": node, "reason": reason }));
+            Failure::System(format!(
+                "Job pod was evicted from node {node}: {reason} (not a spot reclaim: a retry is not moved to on-demand nodes)"
             ))
         }
         PodEnd::Failed { reason } => Failure::System(format!("Job pod failed: {reason}")),
@@ -478,4 +634,24 @@ pub async fn lost(ctx: &Ctx, kube: &Kube, job: &JobResponse, end: PodEnd) -> Fai
             "Job pod container {container} terminated: {reason}"
         )),
     }
+}
+
+/// A spot reclaim: recorded (so the retry of the same job may go to on-demand nodes) and named.
+async fn preempted(ctx: &Ctx, kube: &Kube, job: &JobResponse, node: &str, reason: &str) -> Failure {
+    let node_txt = if node.is_empty() {
+        "(not yet scheduled)".to_string()
+    } else {
+        node.to_string()
+    };
+    ctx.events
+        .warn("preemption", json!({ "node": node, "reason": reason }));
+    preemption::record(kube, &ctx.settings, job, node).await;
+    let retry = if ctx.settings.spot.fallback_on_preemption {
+        "a retry of this job (retry: when: runner_system_failure) will run on on-demand nodes"
+    } else {
+        "a retry of this job (retry: when: runner_system_failure) will run on spot nodes again (fallback disabled)"
+    };
+    Failure::Preempted(format!(
+        "Job pod was preempted on node {node_txt} ({reason}); {retry}"
+    ))
 }

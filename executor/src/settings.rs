@@ -92,7 +92,9 @@ impl Default for SpotSettings {
     }
 }
 
-/// Requests and limits of one container class (Kubernetes quantity strings).
+/// Requests and limits of one container class (Kubernetes quantity strings), and the maxima a
+/// job may raise them to with the Kubernetes executor's variables (`KUBERNETES_CPU_LIMIT`, ...):
+/// a value without a maximum cannot be overridden (as `*_overwrite_max_allowed` there).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ResourceSettings {
@@ -102,6 +104,23 @@ pub struct ResourceSettings {
     pub memory_limit: Option<Quantity>,
     pub ephemeral_storage_request: Option<Quantity>,
     pub ephemeral_storage_limit: Option<Quantity>,
+    pub cpu_request_overwrite_max_allowed: Option<Quantity>,
+    pub cpu_limit_overwrite_max_allowed: Option<Quantity>,
+    pub memory_request_overwrite_max_allowed: Option<Quantity>,
+    pub memory_limit_overwrite_max_allowed: Option<Quantity>,
+    pub ephemeral_storage_request_overwrite_max_allowed: Option<Quantity>,
+    pub ephemeral_storage_limit_overwrite_max_allowed: Option<Quantity>,
+}
+
+/// What a job override above its maximum gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverMax {
+    /// One warning line and the maximum is used (what users asked for in gitlab-runner#38958).
+    #[default]
+    Cap,
+    /// The job fails naming the variable and the maximum (the Kubernetes executor's behaviour).
+    Fail,
 }
 
 /// Maxima for the job's `SPOTRUN_*` resource variables; a variable without a maximum is refused.
@@ -119,7 +138,11 @@ pub struct ResourcesSettings {
     pub build: ResourceSettings,
     pub helper: ResourceSettings,
     pub services: ResourceSettings,
+    /// Older maxima for the build container (request and limit alike), used where the
+    /// `*_overwrite_max_allowed` key is not set.
     pub job_max: JobCaps,
+    /// A job override above its maximum: `cap` (warn, use the maximum) or `fail`.
+    pub overwrite_over_max: OverMax,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -176,6 +199,14 @@ pub struct PodSettings {
     pub priority_class_name: Option<String>,
     pub termination_grace_period_seconds: i64,
     pub patch: Option<PodSpecPatch>,
+    /// Regular expressions (Go/RE2 syntax, unanchored as in the Kubernetes executor) a job's
+    /// `KUBERNETES_NODE_SELECTOR_*`, `KUBERNETES_POD_LABELS_*`, `KUBERNETES_POD_ANNOTATIONS_*`
+    /// (`key=value`) and `KUBERNETES_SERVICE_ACCOUNT_OVERWRITE` values must match; unset = no
+    /// override.
+    pub node_selector_overwrite_allowed: Option<String>,
+    pub pod_labels_overwrite_allowed: Option<String>,
+    pub pod_annotations_overwrite_allowed: Option<String>,
+    pub service_account_overwrite_allowed: Option<String>,
 }
 
 impl Default for PodSettings {
@@ -195,6 +226,10 @@ impl Default for PodSettings {
             priority_class_name: None,
             termination_grace_period_seconds: 10,
             patch: None,
+            node_selector_overwrite_allowed: None,
+            pod_labels_overwrite_allowed: None,
+            pod_annotations_overwrite_allowed: None,
+            service_account_overwrite_allowed: None,
         }
     }
 }
@@ -207,7 +242,41 @@ pub enum PullPolicy {
     Never,
 }
 
+/// A TOML string or list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PullPolicy>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PullPolicy),
+        Many(Vec<PullPolicy>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 impl PullPolicy {
+    /// The job's spelling (`.gitlab-ci.yml` `pull_policy`).
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "always" => Some(Self::Always),
+            "if-not-present" => Some(Self::IfNotPresent),
+            "never" => Some(Self::Never),
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "always",
+            Self::IfNotPresent => "if-not-present",
+            Self::Never => "never",
+        }
+    }
+
     #[must_use]
     pub fn k8s(self) -> &'static str {
         match self {
@@ -223,7 +292,14 @@ impl PullPolicy {
 pub struct ImageSettings {
     pub default_image: String,
     pub helper_image: String,
-    pub pull_policy: Option<PullPolicy>,
+    /// One policy or a list: the default for images whose job sets none, and (first entry) the
+    /// helper's; a later entry is tried when a pull fails with the one before (as the Kubernetes
+    /// executor does).
+    #[serde(deserialize_with = "one_or_many")]
+    pub pull_policy: Vec<PullPolicy>,
+    /// What a job's `pull_policy` may use; empty = the `pull_policy` list (and if that is empty too,
+    /// any).
+    pub allowed_pull_policies: Vec<PullPolicy>,
     /// Globs; empty = any image.
     pub allowed_images: Vec<String>,
     /// Globs; empty = any service image.
@@ -237,7 +313,8 @@ impl Default for ImageSettings {
             helper_image:
                 "registry.gitlab.com/gitlab-org/gitlab-runner/gitlab-runner-helper:x86_64-v19.4.0"
                     .into(),
-            pull_policy: None,
+            pull_policy: Vec::new(),
+            allowed_pull_policies: Vec::new(),
             allowed_images: Vec::new(),
             allowed_services: Vec::new(),
         }
@@ -323,17 +400,39 @@ impl Default for ApiSettings {
     }
 }
 
+/// How `prepare` treats the job's services.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceSettings {
+    /// Seconds to wait for the TCP ports services declare (`HEALTHCHECK_TCP_PORT`, `ports:`),
+    /// as the Kubernetes executor's `wait_for_services_timeout`; 0 disables the wait.
+    pub wait_for_services_timeout: u64,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self {
+            wait_for_services_timeout: 30,
+        }
+    }
+}
+
 /// The whole operator file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub namespace: String,
-    /// Where the JSON event lines go: `stderr`, `off`, or a file path (appended).
+    /// Regular expression `KUBERNETES_NAMESPACE_OVERWRITE` must match; unset = no override.
+    /// The executor's service account needs the same rights in every namespace it allows.
+    pub namespace_overwrite_allowed: Option<String>,
+    /// Where the JSON event lines go: `runner` (gitlab-runner's own stderr, the default),
+    /// `stderr` (copied into job logs by the runner), `off`, or a file path (appended).
     pub events_log: String,
     pub spot: SpotSettings,
     pub images: ImageSettings,
     pub resources: ResourcesSettings,
     pub pod: PodSettings,
+    pub services: ServiceSettings,
     pub dirs: DirSettings,
     pub timeouts: TimeoutSettings,
     pub api: ApiSettings,
@@ -343,11 +442,13 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             namespace: "default".into(),
-            events_log: "stderr".into(),
+            namespace_overwrite_allowed: None,
+            events_log: "runner".into(),
             spot: SpotSettings::default(),
             images: ImageSettings::default(),
             resources: ResourcesSettings::default(),
             pod: PodSettings::default(),
+            services: ServiceSettings::default(),
             dirs: DirSettings::default(),
             timeouts: TimeoutSettings::default(),
             api: ApiSettings::default(),
@@ -427,6 +528,33 @@ impl Settings {
         ] {
             for g in globs {
                 globset::Glob::new(g).map_err(|e| invalid(key, format!("bad glob {g:?}: {e}")))?;
+            }
+        }
+        for (key, re) in [
+            (
+                "namespace_overwrite_allowed",
+                &self.namespace_overwrite_allowed,
+            ),
+            (
+                "pod.node_selector_overwrite_allowed",
+                &self.pod.node_selector_overwrite_allowed,
+            ),
+            (
+                "pod.pod_labels_overwrite_allowed",
+                &self.pod.pod_labels_overwrite_allowed,
+            ),
+            (
+                "pod.pod_annotations_overwrite_allowed",
+                &self.pod.pod_annotations_overwrite_allowed,
+            ),
+            (
+                "pod.service_account_overwrite_allowed",
+                &self.pod.service_account_overwrite_allowed,
+            ),
+        ] {
+            if let Some(re) = re {
+                regex::Regex::new(re)
+                    .map_err(|e| invalid(key, format!("bad regular expression {re:?}: {e}")))?;
             }
         }
         for (key, dir) in [
@@ -556,6 +684,51 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("pod.security_context"), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_executor_keys_parse_and_bad_ones_are_named() {
+        let s = parse(
+            r#"namespace_overwrite_allowed = "^ci-team-"
+[services]
+wait_for_services_timeout = 10
+[images]
+pull_policy = ["always", "if-not-present"]
+allowed_pull_policies = ["always", "if-not-present"]
+[resources]
+overwrite_over_max = "fail"
+[resources.build]
+cpu_limit_overwrite_max_allowed = "4"
+memory_request_overwrite_max_allowed = "8Gi"
+[resources.helper]
+ephemeral_storage_limit_overwrite_max_allowed = "1Gi"
+[resources.services]
+cpu_request_overwrite_max_allowed = "2"
+[pod]
+node_selector_overwrite_allowed = "^kubernetes\\.io/arch="
+pod_labels_overwrite_allowed = "^team="
+pod_annotations_overwrite_allowed = ".*"
+service_account_overwrite_allowed = "^ci-"
+"#,
+        )
+        .unwrap();
+        assert_eq!(s.services.wait_for_services_timeout, 10);
+        assert_eq!(
+            s.images.pull_policy,
+            [PullPolicy::Always, PullPolicy::IfNotPresent]
+        );
+        assert_eq!(s.resources.overwrite_over_max, OverMax::Fail);
+        assert!(s.resources.build.cpu_limit_overwrite_max_allowed.is_some());
+        let single = parse("[images]\npull_policy = \"never\"\n").unwrap();
+        assert_eq!(single.images.pull_policy, [PullPolicy::Never]);
+        let err = parse("[pod]\npod_labels_overwrite_allowed = \"(\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pod.pod_labels_overwrite_allowed"), "{err}");
+        let err = parse("[images]\npull_policy = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pull_policy"), "{err}");
     }
 
     #[test]

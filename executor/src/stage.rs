@@ -295,7 +295,7 @@ fn lost_exit_failure(pod: &str, container: &str) -> Failure {
 
 /// How one exec ended.
 #[derive(Debug)]
-enum ExecEnd {
+pub(crate) enum ExecEnd {
     /// The command finished and reported its status (Some(true) = success).
     Finished { success: bool, stderr: Vec<u8> },
     /// The stream broke: no status, silence, or the connection failed.
@@ -313,7 +313,7 @@ fn sh_s() -> Vec<String> {
 }
 
 /// Runs a command in a container; stdout goes to `sink` as it arrives.
-async fn exec(
+pub(crate) async fn exec(
     pods: &Api<Pod>,
     pod: &str,
     container: &str,
@@ -580,9 +580,9 @@ async fn check_pod(
     loop {
         match kube.call("get pod", || pods.get_opt(name)).await {
             Ok(None) => {
-                return Err(FollowError::Lost(PodEnd::Preempted {
+                return Err(FollowError::Lost(PodEnd::Deleted {
                     node: String::new(),
-                    reason: "the pod was deleted".into(),
+                    spot_hint: None,
                 }));
             }
             Ok(Some(pod)) => match podstate::pod_end(&pod, &[container]) {
@@ -826,7 +826,7 @@ async fn monitor_pod(
             () = async { if let Some(t) = pending_at { tokio::time::sleep_until(t).await } }, if pending_at.is_some() => pending.take().map(|(e, _)| e),
             item = pod_stream.next() => match item {
                 Some(Ok(WEvent::Apply(p) | WEvent::InitApply(p))) => podstate::pod_end(&p, &containers),
-                Some(Ok(WEvent::Delete(p))) => Some(PodEnd::Preempted { node: podstate::node_name(&p), reason: "the pod was deleted".into() }),
+                Some(Ok(WEvent::Delete(p))) => Some(podstate::deleted_pod_end(&p)),
                 Some(Ok(_)) => None,
                 Some(Err(e)) => {
                     kube.events.warn("watch_error", json!({ "resource": "pod", "error": e.to_string() }));
@@ -836,9 +836,9 @@ async fn monitor_pod(
             },
             item = node_stream.next(), if node_ok => match item {
                 Some(Ok(WEvent::InitApply(_) | WEvent::Apply(_))) => { node_seen = true; node_errors = 0; None }
-                Some(Ok(WEvent::Delete(_))) => Some(PodEnd::Preempted { node: node.clone(), reason: "its node was deleted".into() }),
+                Some(Ok(WEvent::Delete(_))) => Some(PodEnd::NodeLost { node: node.clone(), reason: "its node was deleted".into(), spot_hint: None }),
                 // A relist without the node: it is gone.
-                Some(Ok(WEvent::InitDone)) if !node_seen => Some(PodEnd::Preempted { node: node.clone(), reason: "its node no longer exists".into() }),
+                Some(Ok(WEvent::InitDone)) if !node_seen => Some(PodEnd::NodeLost { node: node.clone(), reason: "its node no longer exists".into(), spot_hint: None }),
                 Some(Ok(WEvent::InitDone | WEvent::Init)) => { node_seen = false; None }
                 Some(Err(e)) => {
                     node_errors += 1;

@@ -117,7 +117,7 @@ async fn service_is_reachable_by_alias() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_cap_cpu_and_disallowed_image_fail_with_one_line_and_no_pod() {
     let env =
-        Env::start("[resources.job_max]\ncpu = \"2\"\n[images]\nallowed_images = [\"alpine:*\"]\n")
+        Env::start("[resources]\noverwrite_over_max = \"fail\"\n[resources.job_max]\ncpu = \"2\"\n[images]\nallowed_images = [\"alpine:*\"]\n")
             .await;
     let out = env
         .runner()
@@ -301,5 +301,28 @@ async fn unschedulable_pod_is_a_system_failure_with_the_scheduler_message() {
     assert!(
         env.no_pods_within(Duration::from_secs(20)).await,
         "a pod was left"
+    );
+}
+
+/// With no `events_log` setting, event lines go to the runner's own stderr, never into the job
+/// log (the runner copies the driver's stderr there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_events_log_never_lands_in_the_job_log() {
+    let env = Env::start("").await;
+    std::fs::write(
+        &env.settings,
+        "namespace = \"ci-jobs\"\n[timeouts]\nexec_silence_seconds = 5\n",
+    )
+    .unwrap();
+    let out = env
+        .runner()
+        .run(&JobBuilder::new(5301).script(&["echo quiet"]).build())
+        .await;
+    assert_eq!(out.result, JobResult::Success, "{}", out.log);
+    assert!(out.log.contains("quiet"), "{}", out.log);
+    assert!(
+        !out.log.contains("\"event\":"),
+        "event lines in the job log:\n{}",
+        out.log
     );
 }

@@ -1,7 +1,11 @@
 //! Integration tests of spotrun-executor: the real binary driven by the runner harness against
 //! the Kubernetes API emulator (containers run for real in bwrap).
 
+mod classification;
 mod jobs;
+mod overrides;
+mod pull;
 mod rbac;
 mod resilience;
+mod services;
 mod support;

@@ -12,7 +12,9 @@ use crate::support::Env;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_derived_verb_list_equals_the_committed_file() {
-    let env = Env::start("[spot]\npolicy = \"require\"\n").await;
+    // Two spot preemptions of the same job: the retry must stay on spot (only a spot reclaim is
+    // recorded), so the fallback waits for a third.
+    let env = Env::start("[spot]\npolicy = \"require\"\nspot_attempts_before_fallback = 3\n").await;
     // 1. A full job with a service and registry credentials (secret + owner patch).
     let job = JobBuilder::new(7001)
         .name("rbac")

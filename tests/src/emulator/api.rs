@@ -819,6 +819,11 @@ pub(crate) async fn fault_actions(
                 let sh = shared.clone();
                 tokio::spawn(async move { preempt(&sh, &node).await });
             }
+            FaultAction::Evict(node, message) => {
+                for h in pods_on_node(&shared, &node) {
+                    h.evict(&message);
+                }
+            }
         }
     }
 }
@@ -827,6 +832,22 @@ fn add_node(shared: &Shared, spec: &NodeSpec) {
     let obj = stamp_new(spec.to_object(), "");
     shared.store().put(Res::Nodes, "", &spec.name, obj);
     shared.sched_wake.notify_one();
+}
+
+/// The kubelet handles of the pods bound to `node`.
+fn pods_on_node(shared: &Shared, node: &str) -> Vec<Arc<super::kubelet::PodHandle>> {
+    let uids: Vec<String> = shared
+        .store()
+        .list(Res::Pods, None)
+        .iter()
+        .filter(|p| p["spec"]["nodeName"].as_str() == Some(node))
+        .map(|p| uid_of(p).to_string())
+        .collect();
+    let pods = shared
+        .pods
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    uids.iter().filter_map(|u| pods.get(u).cloned()).collect()
 }
 
 async fn preempt(shared: &Arc<Shared>, node: &str) {
@@ -841,20 +862,7 @@ async fn preempt(shared: &Arc<Shared>, node: &str) {
         }
         n["spec"]["unschedulable"] = json!(true);
     });
-    let uids: Vec<String> = shared
-        .store()
-        .list(Res::Pods, None)
-        .iter()
-        .filter(|p| p["spec"]["nodeName"].as_str() == Some(node))
-        .map(|p| uid_of(p).to_string())
-        .collect();
-    let handles: Vec<_> = {
-        let pods = shared
-            .pods
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        uids.iter().filter_map(|u| pods.get(u).cloned()).collect()
-    };
+    let handles = pods_on_node(shared, node);
     for h in &handles {
         h.preempt();
     }

@@ -60,6 +60,8 @@ pub(crate) enum ExecFault {
 #[derive(Debug)]
 pub(crate) enum FaultAction {
     Preempt(String),
+    /// (node, message): a kubelet pressure eviction of every pod on the node.
+    Evict(String, String),
     AddNode(NodeSpec),
 }
 
@@ -197,6 +199,15 @@ impl Faults {
     /// Terminated, `DisruptionTarget` condition), then the Node object is deleted.
     pub fn preempt_node(&self, name: &str) {
         let _ = self.actions.send(FaultAction::Preempt(name.to_string()));
+    }
+
+    /// Evicts every pod on a node as the kubelet's eviction manager does under memory or
+    /// ephemeral-storage pressure: phase Failed, reason `Evicted` with `message`, a
+    /// `DisruptionTarget` condition (`TerminationByKubelet`); the node stays.
+    pub fn evict_pods_on_node(&self, node: &str, message: &str) {
+        let _ = self
+            .actions
+            .send(FaultAction::Evict(node.to_string(), message.to_string()));
     }
 
     /// Adds a node (pending pods are retried against it).

@@ -37,6 +37,8 @@ struct Progress {
 #[derive(Debug)]
 enum PodCmd {
     Pulled(usize),
+    /// The image is on the node already (no pull, no `Pulled` event beyond "already present").
+    Present(usize),
     PullFailed(usize, String),
     BackOff(usize),
     Start(usize),
@@ -45,6 +47,8 @@ enum PodCmd {
     Sandboxed(usize, u64, Option<u32>),
     Delete(Duration, bool),
     Preempt,
+    /// A kubelet pressure eviction with this message.
+    Evict(String),
     Deadline,
     Kill(u64),
 }
@@ -75,6 +79,10 @@ impl PodHandle {
 
     pub(crate) fn preempt(&self) {
         let _ = self.tx.send(PodCmd::Preempt);
+    }
+
+    pub(crate) fn evict(&self, message: &str) {
+        let _ = self.tx.send(PodCmd::Evict(message.to_string()));
     }
 
     /// SIGKILLs every container now (shutdown path; no status is published).
@@ -159,6 +167,8 @@ enum CState {
         reason: String,
         started: String,
         finished: String,
+        /// The termination message (`FallbackToLogsOnError`: the log tail of a failure).
+        message: Option<String>,
     },
 }
 
@@ -189,7 +199,8 @@ struct Worker {
     kill_gen: u64,
     /// (reason, message) of a kubelet-forced end: `DeadlineExceeded`, preemption.
     forced: Option<(String, String)>,
-    disruption: bool,
+    /// (reason, message) of the `DisruptionTarget` condition set when the pod ends.
+    disruption: Option<(String, String)>,
 }
 
 pub(crate) fn spawn_pod(shared: Arc<Shared>, pod: &Value) {
@@ -268,7 +279,7 @@ async fn run(
         deleting: None,
         kill_gen: 0,
         forced: None,
-        disruption: false,
+        disruption: None,
     };
     if let Err(e) = w.prepare_dirs() {
         tracing::warn!(pod = %h.name, "preparing pod dirs: {e}");
@@ -419,13 +430,49 @@ impl Worker {
 
     fn spawn_pull(&self, i: usize) {
         let c = &self.ctrs[i];
+        let rule = self.shared.cfg.image_rule(&c.image).cloned();
+        if matches!(
+            rule.as_ref().map(|r| &r.outcome),
+            Some(PullOutcome::RegistryDownImageCached)
+        ) {
+            // The kubelet's defaulting: Always for `:latest` or no tag, else IfNotPresent.
+            let last = c.image.rsplit('/').next().unwrap_or(&c.image);
+            let default = if last.contains(':') && !last.ends_with(":latest") {
+                "IfNotPresent"
+            } else {
+                "Always"
+            };
+            let policy = c.spec["imagePullPolicy"].as_str().unwrap_or(default);
+            let tx = self.h.tx.clone();
+            if policy == "Always" {
+                self.event(
+                    "Normal",
+                    "Pulling",
+                    &format!("Pulling image {:?}", c.image),
+                    Some(&c.name),
+                );
+                let err = format!(
+                    "rpc error: code = Unavailable desc = failed to pull and unpack image {:?}: failed to resolve reference {:?}: failed to do request: dial tcp 10.0.0.53:443: i/o timeout",
+                    c.image, c.image
+                );
+                let _ = tx.send(PodCmd::PullFailed(i, err));
+            } else {
+                self.event(
+                    "Normal",
+                    "Pulled",
+                    &format!("Container image {:?} already present on machine", c.image),
+                    Some(&c.name),
+                );
+                let _ = tx.send(PodCmd::Present(i));
+            }
+            return;
+        }
         self.event(
             "Normal",
             "Pulling",
             &format!("Pulling image {:?}", c.image),
             Some(&c.name),
         );
-        let rule = self.shared.cfg.image_rule(&c.image).cloned();
         let delay = self.shared.faults.pull_delay()
             + match rule.as_ref().map(|r| &r.outcome) {
                 Some(PullOutcome::Delay(d)) => *d,
@@ -507,6 +554,12 @@ impl Worker {
                     self.start(i);
                 }
             }
+            PodCmd::Present(i) => {
+                self.ctrs[i].pulled = true;
+                if self.deleting.is_none() && self.forced.is_none() {
+                    self.start(i);
+                }
+            }
             PodCmd::Exited(i, generation, code) => self.exited(i, generation, code),
             PodCmd::Sandboxed(i, generation, pid) => self.sandboxed(i, generation, pid),
             PodCmd::Delete(grace, cascade) => {
@@ -518,7 +571,18 @@ impl Worker {
                     "Terminated".into(),
                     "Pod was terminated in response to imminent node shutdown.".into(),
                 ));
-                self.disruption = true;
+                self.disruption = Some((
+                    "TerminationByKubelet".into(),
+                    "Pod was terminated in response to imminent node shutdown.".into(),
+                ));
+                self.stop_all(Duration::from_secs(1));
+            }
+            PodCmd::Evict(message) => {
+                // The kubelet's eviction manager (memory / ephemeral-storage pressure): the pod
+                // fails with reason Evicted; the node stays.
+                self.forced = Some(("Evicted".into(), message.clone()));
+                self.disruption = Some(("TerminationByKubelet".into(), message.clone()));
+                self.event("Warning", "Evicted", &message, None);
                 self.stop_all(Duration::from_secs(1));
             }
             PodCmd::Deadline => {
@@ -584,6 +648,7 @@ impl Worker {
                     reason: "ContainerStatusUnknown".into(),
                     started: String::new(),
                     finished: clock::now_rfc3339(),
+                    message: None,
                 };
             }
         }
@@ -897,6 +962,7 @@ impl Worker {
                     reason: "StartError".into(),
                     started: String::new(),
                     finished: clock::now_rfc3339(),
+                    message: Some(format!("failed to start container {name:?}: {e}")),
                 };
             }
         }
@@ -943,11 +1009,18 @@ impl Worker {
             _ => String::new(),
         };
         let reason = if code == 0 { "Completed" } else { "Error" };
+        // As the kubelet: with `FallbackToLogsOnError`, a failed container's message is the tail
+        // of its log (at most 80 lines and 2048 bytes).
+        let message = (code != 0
+            && self.ctrs[i].spec["terminationMessagePolicy"] == "FallbackToLogsOnError")
+            .then(|| log_tail(&self.h.log_path(&self.ctrs[i].name)))
+            .filter(|m| !m.is_empty());
         self.ctrs[i].state = CState::Terminated {
             code,
             reason: reason.into(),
             started,
             finished: clock::now_rfc3339(),
+            message,
         };
         if let Some(p) = self
             .h
@@ -1095,7 +1168,7 @@ impl Worker {
             .collect();
         let terminal = matches!(phase, "Succeeded" | "Failed");
         let forced = self.forced.clone();
-        let disruption = self.disruption && terminal;
+        let disruption = self.disruption.clone().filter(|_| terminal);
         let start = self.start_time.clone();
         let updated = api::mutate(&self.shared, Res::Pods, &self.h.ns, &self.h.name, |p| {
             let generation = p["metadata"]["generation"].clone();
@@ -1167,14 +1240,8 @@ impl Worker {
                 reason.as_deref(),
                 msg.as_deref(),
             );
-            if disruption {
-                cond(
-                    p,
-                    "DisruptionTarget",
-                    true,
-                    Some("TerminationByKubelet"),
-                    Some("Pod was terminated in response to imminent node shutdown."),
-                );
+            if let Some((reason, message)) = &disruption {
+                cond(p, "DisruptionTarget", true, Some(reason), Some(message));
             }
         });
         if terminal {
@@ -1247,14 +1314,27 @@ fn state_json(s: &CState) -> Value {
             reason,
             started,
             finished,
+            message,
         } => {
             let mut t = json!({"exitCode": code, "reason": reason, "finishedAt": finished});
             if !started.is_empty() {
                 t["startedAt"] = json!(started);
             }
+            if let Some(m) = message {
+                t["message"] = json!(m);
+            }
             json!({"terminated": t})
         }
     }
+}
+
+/// The last 80 lines of a log file, cut to its last 2048 bytes (the kubelet's fallback message).
+fn log_tail(path: &Path) -> String {
+    let data = std::fs::read(path).unwrap_or_default();
+    let start = data.len().saturating_sub(2048);
+    let text = String::from_utf8_lossy(&data[start..]).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(80)..].join("\n")
 }
 
 fn set_env(env: &mut Vec<(String, String)>, k: String, v: String) {

@@ -82,6 +82,9 @@ pub enum PullOutcome {
     NotFound,
     /// The pull succeeds after this long.
     Delay(Duration),
+    /// The registry cannot be reached but the node has the image: `imagePullPolicy: Always`
+    /// fails (`ErrImagePull`), `IfNotPresent` / `Never` start from the node's copy.
+    RegistryDownImageCached,
 }
 
 /// How images matching a glob behave.

@@ -98,7 +98,7 @@ impl Service {
 
     /// The element of `CI_JOB_SERVICES`: Go's `json.Marshal` of name/alias/entrypoint/command/
     /// variables, in that field order; `variables` (a Go map, so sorted) omitted when empty.
-    fn to_ci_job_services(&self) -> String {
+    fn to_ci_job_services(&self, vars: &[Variable]) -> String {
         let mut out = format!(
             "{{\"name\":{},\"alias\":{},\"entrypoint\":{},\"command\":{}",
             json!(self.name),
@@ -110,13 +110,49 @@ impl Service {
             let map: serde_json::Map<String, Value> = self
                 .variables
                 .iter()
-                .map(|(k, val)| (k.clone(), json!(val)))
+                .map(|(k, val)| (k.clone(), json!(expand(val, vars))))
                 .collect();
             out.push_str(&format!(",\"variables\":{}", Value::Object(map)));
         }
         out.push('}');
         out
     }
+}
+
+/// `$NAME` and `${NAME}` expanded from `vars` (the last definition wins; unknown names expand to
+/// nothing), as the runner's `ExpandValue` (Go's `os.Expand`) does for `CI_JOB_SERVICES` values.
+#[must_use]
+pub fn expand(value: &str, vars: &[Variable]) -> String {
+    let lookup = |name: &str| {
+        vars.iter()
+            .rev()
+            .find(|v| v.key == name)
+            .map(|v| v.value.clone())
+            .unwrap_or_default()
+    };
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(inner) = after.strip_prefix('{')
+            && let Some(end) = inner.find('}')
+        {
+            out.push_str(&lookup(&inner[..end]));
+            rest = &inner[end + 1..];
+        } else {
+            let len = after.find(|c: char| !is_name(c)).unwrap_or(after.len());
+            if len == 0 {
+                out.push('$');
+            } else {
+                out.push_str(&lookup(&after[..len]));
+            }
+            rest = &after[len..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A `cache:` entry: what the runner turns into `restore_cache` / `archive_cache` stages.
@@ -139,6 +175,8 @@ pub struct JobSpec {
     pub pipeline_id: u64,
     pub image: String,
     pub image_entrypoint: Option<Vec<String>>,
+    /// `image: pull_policy:` (empty: not sent).
+    pub image_pull_policy: Vec<String>,
     pub services: Vec<Service>,
     pub variables: Vec<Variable>,
     pub script: Vec<String>,
@@ -175,6 +213,7 @@ impl JobBuilder {
                 pipeline_id: 55555,
                 image: "alpine:3.20".to_owned(),
                 image_entrypoint: None,
+                image_pull_policy: Vec::new(),
                 services: Vec::new(),
                 variables: Vec::new(),
                 script: vec!["echo hello".to_owned()],
@@ -213,6 +252,12 @@ impl JobBuilder {
     #[must_use]
     pub fn image(mut self, image: &str) -> Self {
         image.clone_into(&mut self.spec.image);
+        self
+    }
+
+    #[must_use]
+    pub fn image_pull_policy(mut self, policies: &[&str]) -> Self {
+        self.spec.image_pull_policy = policies.iter().map(|s| (*s).to_owned()).collect();
         self
     }
 
@@ -345,6 +390,9 @@ impl JobSpec {
         let mut image = json!({ "name": self.image });
         if let Some(e) = &self.image_entrypoint {
             image["entrypoint"] = json!(e);
+        }
+        if !self.image_pull_policy.is_empty() {
+            image["pull_policy"] = json!(self.image_pull_policy);
         }
         image["executor_opts"] =
             json!({"docker": {"platform": "", "user": ""}, "kubernetes": {"user": ""}});
@@ -490,14 +538,14 @@ impl JobSpec {
 
     /// `CI_JOB_SERVICES`: empty with no services, else the runner's JSON array.
     #[must_use]
-    pub fn ci_job_services(&self) -> String {
+    pub fn ci_job_services(&self, vars: &[Variable]) -> String {
         if self.services.is_empty() {
             return String::new();
         }
         let items: Vec<String> = self
             .services
             .iter()
-            .map(Service::to_ci_job_services)
+            .map(|s| s.to_ci_job_services(vars))
             .collect();
         format!("[{}]", items.join(","))
     }
@@ -554,12 +602,17 @@ mod tests {
     #[test]
     fn ci_job_services_matches_runner_shape() {
         let job = JobBuilder::new(1)
-            .service(Service::new("postgres:16", "db").variable("POSTGRES_DB", "x"))
+            .service(
+                Service::new("postgres:16", "db")
+                    .variable("POSTGRES_DB", "x")
+                    .variable("POSTGRES_USER", "u-$CI_JOB_ID-${CI_JOB_ID}-$NOPE."),
+            )
             .build();
+        let vars = job.all_variables("/builds", "running");
         assert_eq!(
-            job.ci_job_services(),
-            r#"[{"name":"postgres:16","alias":"db","entrypoint":null,"command":null,"variables":{"POSTGRES_DB":"x"}}]"#
+            job.ci_job_services(&vars),
+            r#"[{"name":"postgres:16","alias":"db","entrypoint":null,"command":null,"variables":{"POSTGRES_DB":"x","POSTGRES_USER":"u-1-1-."}}]"#
         );
-        assert_eq!(JobBuilder::new(2).build().ci_job_services(), "");
+        assert_eq!(JobBuilder::new(2).build().ci_job_services(&vars), "");
     }
 }

@@ -341,13 +341,12 @@ impl JobRun<'_> {
         ));
         env.push(("JOB_RESPONSE_FILE".into(), format!("{tmp}/response.json")));
         env.extend(self.job_env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        for v in self.job.all_variables(&self.builds_dir, status) {
+        let vars = self.job.all_variables(&self.builds_dir, status);
+        let services = self.job.ci_job_services(&vars);
+        for v in vars {
             env.push((format!("CUSTOM_ENV_{}", v.key), v.value));
         }
-        env.push((
-            "CUSTOM_ENV_CI_JOB_SERVICES".into(),
-            self.job.ci_job_services(),
-        ));
+        env.push(("CUSTOM_ENV_CI_JOB_SERVICES".into(), services));
         env
     }
 
