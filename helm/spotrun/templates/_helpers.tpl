@@ -54,6 +54,12 @@ app.kubernetes.io/part-of: spotrun
 
 {{/* The cache proxy Service name; the runner's ServerAddress is "<this>.<ns>.svc:<port>". */}}
 {{- define "spotrun.proxy.serviceName" -}}{{ include "spotrun.fullname" . }}-cache{{- end }}
+{{/* The proxy's S3 URL scheme: https when cacheProxy.tls.enabled. */}}
+{{- define "spotrun.proxy.scheme" -}}{{ ternary "https" "http" .Values.cacheProxy.tls.enabled }}{{- end }}
+{{- define "spotrun.proxy.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "spotrun.proxy.fullname" .)) .Values.cacheProxy.tls.secretName }}
+{{- end }}
+
 {{- define "spotrun.proxy.address" -}}
 {{- printf "%s.%s.svc:%d" (include "spotrun.proxy.serviceName" .) .Release.Namespace (int .Values.cacheProxy.service.port) }}
 {{- end }}

@@ -23,6 +23,10 @@ object storage buckets, the backup job to the backup bucket. Their secrets reach
 {{- end }}
 {{- $defaults := dict "listen" (printf "0.0.0.0:%d" (int $v.service.port)) "ops_listen" (printf "0.0.0.0:%d" (int $v.service.opsPort)) "region" .Values.runners.cache.bucketLocation "buckets" $buckets "access_keys" $keys }}
 {{- if $durable }}{{ $_ := set $defaults "durable_buckets" $durable }}{{ end }}
+{{- if $v.tls.enabled }}
+{{- /* A kubernetes.io/tls Secret; the proxy re-reads renewed files without a restart. */}}
+{{- $_ := set $defaults "tls" (dict "cert_file" "/etc/spotrun-tls/tls.crt" "key_file" "/etc/spotrun-tls/tls.key") }}
+{{- end }}
 {{- if eq $b.type "disk" }}
 {{- /* Uploads spool on the data volume (<path>/.spool), the proxy's default. */}}
 {{- $_ := set $defaults "store" (dict "kind" "disk" "path" "/data") }}
@@ -127,6 +131,11 @@ object storage buckets, the backup job to the backup bucket. Their secrets reach
 - name: tmp
   emptyDir:
     sizeLimit: 64Mi
+{{- if .Values.cacheProxy.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "spotrun.proxy.tlsSecretName" . }}
+{{- end }}
 {{- if eq .Values.cacheProxy.backend.type "disk" }}
 - name: data
   persistentVolumeClaim:
@@ -144,6 +153,11 @@ object storage buckets, the backup job to the backup bucket. Their secrets reach
 {{- end }}
 - name: tmp
   mountPath: /tmp
+{{- if .Values.cacheProxy.tls.enabled }}
+- name: tls
+  mountPath: /etc/spotrun-tls
+  readOnly: true
+{{- end }}
 {{- if eq .Values.cacheProxy.backend.type "disk" }}
 - name: data
   mountPath: /data

@@ -55,7 +55,7 @@ listen_address = {{ include "spotrun.toml.string" (printf ":%d" (int .Values.met
       AuthenticationType = "access-key"
       BucketName = {{ include "spotrun.toml.string" $cache.bucketName }}
       BucketLocation = {{ include "spotrun.toml.string" $cache.bucketLocation }}
-      Insecure = true
+      Insecure = {{ ternary "false" "true" .Values.cacheProxy.tls.enabled }}
       PathStyle = true
 {{- end }}
 {{- end }}
