@@ -817,3 +817,153 @@ async fn checksums_are_verified_kept_and_returned() {
     assert_eq!(e.raw_response().map(|r| r.status().as_u16()), Some(404));
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_then_complete_dates_and_bucket_scopes() {
+    use aws_sdk_s3::primitives::DateTime;
+    use spotrun_cache_proxy::config::AccessKey;
+    let proxy = Proxy::start_with(Backend::Disk, |s| {
+        s.buckets.push("gitlab-artifacts".into());
+        s.access_keys.push(AccessKey {
+            id: "gitlab".into(),
+            secret: "gitlab-secret-0123456789".into(),
+            buckets: vec!["gitlab-artifacts".into()],
+            prefix: None,
+        });
+    })
+    .await;
+    let c = proxy.client();
+    // Complete after abort: NoSuchUpload, and nothing published.
+    let up = c
+        .create_multipart_upload()
+        .bucket(BUCKET)
+        .key("tmp/uploads/x")
+        .send()
+        .await
+        .unwrap();
+    let id = up.upload_id().unwrap();
+    let part = c
+        .upload_part()
+        .bucket(BUCKET)
+        .key("tmp/uploads/x")
+        .upload_id(id)
+        .part_number(1)
+        .body(ByteStream::from_static(b"only part"))
+        .send()
+        .await
+        .unwrap();
+    c.abort_multipart_upload()
+        .bucket(BUCKET)
+        .key("tmp/uploads/x")
+        .upload_id(id)
+        .send()
+        .await
+        .unwrap();
+    let e = c
+        .complete_multipart_upload()
+        .bucket(BUCKET)
+        .key("tmp/uploads/x")
+        .upload_id(id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .parts(
+                    CompletedPart::builder()
+                        .part_number(1)
+                        .e_tag(part.e_tag().unwrap())
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e.into_service_error()), "NoSuchUpload");
+    assert!(
+        c.head_object()
+            .bucket(BUCKET)
+            .key("tmp/uploads/x")
+            .send()
+            .await
+            .is_err()
+    );
+
+    // If-Modified-Since / If-Unmodified-Since against the object's Last-Modified.
+    c.put_object()
+        .bucket(BUCKET)
+        .key("dated")
+        .body(ByteStream::from_static(b"v1"))
+        .send()
+        .await
+        .unwrap();
+    let h = c
+        .head_object()
+        .bucket(BUCKET)
+        .key("dated")
+        .send()
+        .await
+        .unwrap();
+    let lm = *h.last_modified().unwrap();
+    let before = DateTime::from_secs(lm.secs() - 3600);
+    let e = c
+        .get_object()
+        .bucket(BUCKET)
+        .key("dated")
+        .if_modified_since(lm)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(e.raw_response().unwrap().status().as_u16(), 304);
+    c.get_object()
+        .bucket(BUCKET)
+        .key("dated")
+        .if_modified_since(before)
+        .send()
+        .await
+        .unwrap();
+    let e = c
+        .get_object()
+        .bucket(BUCKET)
+        .key("dated")
+        .if_unmodified_since(before)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(e.raw_response().unwrap().status().as_u16(), 412);
+
+    // A key confined to another bucket: refused here, served in its own bucket.
+    let gitlab = proxy.client_with("gitlab", "gitlab-secret-0123456789");
+    let e = gitlab
+        .put_object()
+        .bucket(BUCKET)
+        .key("project/1/cache.zip")
+        .body(ByteStream::from_static(b"x"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e.into_service_error()), "AccessDenied");
+    gitlab
+        .put_object()
+        .bucket("gitlab-artifacts")
+        .key("job/1/artifacts.zip")
+        .body(ByteStream::from_static(b"artifact"))
+        .send()
+        .await
+        .unwrap();
+    let limited = proxy.client_with("limited", "limited-secret");
+    let e = limited
+        .get_object()
+        .bucket("gitlab-artifacts")
+        .key("job/1/artifacts.zip")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e.into_service_error()), "AccessDenied");
+    let listed = gitlab.list_buckets().send().await.unwrap();
+    let names: Vec<&str> = listed.buckets().iter().filter_map(|b| b.name()).collect();
+    assert_eq!(
+        names,
+        ["gitlab-artifacts"],
+        "ListBuckets shows the key's buckets only"
+    );
+    proxy.stop().await;
+}
