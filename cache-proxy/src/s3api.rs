@@ -607,6 +607,25 @@ fn upload_id(query: &[(String, String)]) -> Result<&str, S3Error> {
     }
 }
 
+/// The upload `?uploadId=` names, which must exist and be an upload of `key`.
+async fn upload_of_key<'q>(
+    st: &AppState,
+    bucket: &str,
+    key: &str,
+    query: &'q [(String, String)],
+) -> Result<(&'q str, UploadMeta), S3Error> {
+    let id = upload_id(query)?;
+    let meta = st
+        .dedup
+        .upload_meta(bucket, id)
+        .await
+        .map_err(multipart_error)?;
+    if meta.key != key {
+        return Err(multipart_error(MultipartError::NoSuchUpload(id.to_owned())));
+    }
+    Ok((id, meta))
+}
+
 pub(crate) async fn create_multipart(
     st: &AppState,
     bucket: &str,
@@ -663,16 +682,8 @@ pub(crate) async fn upload_part(
     body: Body,
 ) -> Result<Response, S3Error> {
     let n = part_number(query)?;
-    let id = upload_id(query)?;
     // Refused before the body is read: a part for an unknown upload costs nothing.
-    let meta = st
-        .dedup
-        .upload_meta(bucket, id)
-        .await
-        .map_err(multipart_error)?;
-    if meta.key != key {
-        return Err(multipart_error(MultipartError::NoSuchUpload(id.to_owned())));
-    }
+    let (id, _) = upload_of_key(st, bucket, key, query).await?;
     let r = receive_body(st, headers, payload, body).await?;
     let etag = format!("\"{}\"", hex::encode(r.md5));
     st.dedup
@@ -706,21 +717,13 @@ pub(crate) async fn complete_multipart(
     query: &[(String, String)],
     body: Body,
 ) -> Result<Response, S3Error> {
-    let id = upload_id(query)?.to_owned();
+    let (id, _) = upload_of_key(st, bucket, key, query).await?;
     let raw = read_xml_body(body).await?;
     let req: CompleteRequest = quick_xml::de::from_reader(raw.as_slice()).map_err(malformed_xml)?;
-    let meta = st
-        .dedup
-        .upload_meta(bucket, &id)
-        .await
-        .map_err(multipart_error)?;
-    if meta.key != key {
-        return Err(multipart_error(MultipartError::NoSuchUpload(id)));
-    }
     let parts: Vec<(u32, String)> = req.parts.into_iter().map(|p| (p.number, p.etag)).collect();
     let h = st
         .dedup
-        .complete_upload(bucket, &id, &parts)
+        .complete_upload(bucket, id, &parts)
         .await
         .map_err(multipart_error)?;
     Ok(xml_response(
@@ -742,15 +745,7 @@ pub(crate) async fn abort_multipart(
     key: &str,
     query: &[(String, String)],
 ) -> Result<Response, S3Error> {
-    let id = upload_id(query)?;
-    let meta = st
-        .dedup
-        .upload_meta(bucket, id)
-        .await
-        .map_err(multipart_error)?;
-    if meta.key != key {
-        return Err(multipart_error(MultipartError::NoSuchUpload(id.to_owned())));
-    }
+    let (id, _) = upload_of_key(st, bucket, key, query).await?;
     st.dedup
         .abort_upload(bucket, id)
         .await

@@ -85,6 +85,19 @@ impl std::fmt::Debug for S3Store {
 }
 
 impl S3Store {
+    /// A listed object as the store names it (without this store's key prefix).
+    fn info(&self, obj: &aws_sdk_s3::types::Object) -> Option<ObjectInfo> {
+        let k = obj.key()?;
+        Some(ObjectInfo {
+            key: k.strip_prefix(&self.prefix).unwrap_or(k).to_owned(),
+            size: obj.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+            modified: obj
+                .last_modified()
+                .and_then(|d| SystemTime::try_from(*d).ok())
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        })
+    }
+
     #[must_use]
     pub fn new(s: &S3Settings) -> Self {
         let mut conf = aws_sdk_s3::Config::builder()
@@ -343,17 +356,7 @@ impl BlobStore for S3Store {
                 .send()
                 .await
                 .map_err(|e| classify("list", prefix, e))?;
-            for obj in page.contents() {
-                let Some(k) = obj.key() else { continue };
-                out.push(ObjectInfo {
-                    key: k.strip_prefix(&self.prefix).unwrap_or(k).to_owned(),
-                    size: obj.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
-                    modified: obj
-                        .last_modified()
-                        .and_then(|d| SystemTime::try_from(*d).ok())
-                        .unwrap_or(SystemTime::UNIX_EPOCH),
-                });
-            }
+            out.extend(page.contents().iter().filter_map(|o| self.info(o)));
             match page.next_continuation_token() {
                 Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
                 _ => break,
@@ -382,17 +385,7 @@ impl BlobStore for S3Store {
         let out = page
             .contents()
             .iter()
-            .filter_map(|obj| {
-                let k = obj.key()?;
-                Some(ObjectInfo {
-                    key: k.strip_prefix(&self.prefix).unwrap_or(k).to_owned(),
-                    size: obj.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
-                    modified: obj
-                        .last_modified()
-                        .and_then(|d| SystemTime::try_from(*d).ok())
-                        .unwrap_or(SystemTime::UNIX_EPOCH),
-                })
-            })
+            .filter_map(|o| self.info(o))
             .collect();
         Ok((out, page.is_truncated() == Some(true)))
     }
