@@ -811,15 +811,26 @@ pub(crate) async fn list_uploads(
         .list_uploads(bucket)
         .await
         .map_err(|e| dedup_error(&e))?;
+    // Resume after (key-marker, upload-id-marker); without an upload id, after every upload of the key.
+    let key_marker = q(query, "key-marker").unwrap_or("");
+    let id_marker = q(query, "upload-id-marker");
+    let after = |key: &str, id: &str| match id_marker {
+        Some(m) if !key_marker.is_empty() => (key, id) > (key_marker, m),
+        _ => key > key_marker,
+    };
     let mut page: Vec<_> = all
         .into_iter()
-        .filter(|(_, m)| m.key.starts_with(prefix) && auth::key_allowed(ak, bucket, &m.key))
+        .filter(|(id, m)| {
+            m.key.starts_with(prefix) && after(&m.key, id) && auth::key_allowed(ak, bucket, &m.key)
+        })
         .collect();
     let truncated = page.len() > max;
     page.truncate(max);
     let mut x = format!(
-        "<ListMultipartUploadsResult xmlns=\"{XMLNS}\"><Bucket>{}</Bucket><KeyMarker></KeyMarker><UploadIdMarker></UploadIdMarker><Prefix>{}</Prefix><MaxUploads>{max}</MaxUploads><IsTruncated>{truncated}</IsTruncated>",
+        "<ListMultipartUploadsResult xmlns=\"{XMLNS}\"><Bucket>{}</Bucket><KeyMarker>{}</KeyMarker><UploadIdMarker>{}</UploadIdMarker><Prefix>{}</Prefix><MaxUploads>{max}</MaxUploads><IsTruncated>{truncated}</IsTruncated>",
         xml_escape(bucket),
+        encode_key(key_marker, url),
+        xml_escape(id_marker.unwrap_or("")),
         encode_key(prefix, url)
     );
     if let Some((id, m)) = page.last().filter(|_| truncated) {

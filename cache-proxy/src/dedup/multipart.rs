@@ -189,7 +189,7 @@ impl DedupStore {
         Ok(out)
     }
 
-    /// Uploads in progress in `bucket`: (id, meta), ordered by key then initiation.
+    /// Uploads in progress in `bucket`: (id, meta), ordered by key then upload id.
     pub async fn list_uploads(
         &self,
         bucket: &str,
@@ -210,7 +210,8 @@ impl DedupStore {
                 Err(e) => tracing::warn!(error = %e, "skipping upload record"),
             }
         }
-        out.sort_by(|a, b| (&a.1.key, a.1.initiated).cmp(&(&b.1.key, b.1.initiated)));
+        // By key, then upload id: the order markers resume in.
+        out.sort_by(|a, b| (&a.1.key, &a.0).cmp(&(&b.1.key, &b.0)));
         Ok(out)
     }
 
