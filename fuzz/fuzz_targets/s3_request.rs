@@ -27,10 +27,11 @@ fn world() -> &'static World {
             ops_listen: "127.0.0.1:0".parse().unwrap(),
             region: "us-east-1".into(),
             buckets: vec!["runner-cache".into()],
+            durable_buckets: Vec::new(),
             access_keys: vec![AccessKey {
                 id: "fuzz-key".into(),
                 secret: "fuzz-secret".into(),
-                bucket: None,
+                buckets: Vec::new(),
                 prefix: None,
             }],
             store: StoreChoice::Disk(dir.path().join("store")),
@@ -41,6 +42,9 @@ fn world() -> &'static World {
             gc_grace: Duration::from_hours(1),
             expire_unread: None,
             max_logical_bytes: None,
+            expire_uploads: Duration::from_hours(7 * 24),
+            tls: None,
+            tls_reload_check: Duration::from_secs(10),
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

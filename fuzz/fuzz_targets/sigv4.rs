@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
     let keys = [AccessKey {
         id: "fuzz-key".into(),
         secret: "fuzz-secret".into(),
-        bucket: None,
+        buckets: Vec::new(),
         prefix: None,
     }];
     let req = RequestParts {
