@@ -19,8 +19,12 @@ aws s3 cp --only-show-errors "s3://$BUCKET/cli/big.bin" back.bin
 cmp big.bin back.bin || fail "big file differs"
 aws s3 cp --only-show-errors "s3://$BUCKET/cli/small.bin" back-small.bin
 cmp small.bin back-small.bin || fail "small file differs"
-aws s3 ls "s3://$BUCKET/cli/" | grep -q ' big.bin$' || fail "ls lacks big.bin"
-aws s3 ls "s3://$BUCKET/cl" | grep -q 'PRE cli/' || fail "ls lacks the cli/ prefix"
+# Listings are captured before matching: `aws ... | grep -q` under pipefail fails by chance when
+# grep exits at its match and the CLI gets EPIPE writing the rest.
+listing=$(aws s3 ls "s3://$BUCKET/cli/")
+grep -q ' big.bin$' <<<"$listing" || fail "ls lacks big.bin"
+listing=$(aws s3 ls "s3://$BUCKET/cl")
+grep -q 'PRE cli/' <<<"$listing" || fail "ls lacks the cli/ prefix"
 
 # sync twice: the second run finds everything in place and uploads nothing.
 mkdir -p tree/sub
