@@ -2,10 +2,11 @@
 //! what a slow, oversized or flooding client can cost (header read timeout, header size, write stalls,
 //! and the share of slots held by connections that have not sent a request head yet).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
@@ -30,8 +31,11 @@ use crate::config::HttpLimits;
 /// kernel's backlog (and get refused once it is full) instead of costing memory here. Of those
 /// slots, at most `max_connections_awaiting_headers` may be waiting for a request head (a new
 /// connection, or a kept-alive one between requests); past that, the one that has waited longest
-/// is closed. A legitimate client sends its head within milliseconds, so the oldest waiter is a
-/// dribbler (issue 16: slow headers without a URL held every slot).
+/// among those of the client address with the most waiters is closed. A legitimate client sends
+/// its head within milliseconds, so the oldest waiter is a dribbler (issue 16: slow headers without
+/// a URL held every slot); and a flood from one job pod only ever closes its own connections, never
+/// those of a pod that just connected (issue 16 soak: a flood reconnecting hundreds of times a
+/// second closed other clients' connections before their heads were read).
 ///
 /// With `tls`, each connection first completes a TLS handshake, which counts as waiting for the
 /// request head (bounded by `header_read_timeout`, and evictable like a slow head).
@@ -52,9 +56,9 @@ pub async fn serve_connections(
             p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             () = &mut shutdown => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok((s, peer)) => (s, peer.ip()),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning; the listener stays usable.
                     tracing::warn!(error = %e, "accept failed");
@@ -66,7 +70,7 @@ pub async fn serve_connections(
         };
         let _ = stream.set_nodelay(true);
         let io = WriteStallTimeout::new(stream, limits.body_idle_timeout);
-        let slot = Arc::new(ConnSlot::new(waiters.clone()));
+        let slot = Arc::new(ConnSlot::new(waiters.clone(), peer));
         slot.await_head();
         let svc = TrackHeads {
             inner: TowerToHyperService::new(app.clone()),
@@ -138,43 +142,70 @@ async fn drive<I>(
     }
 }
 
-/// Connections waiting for a request head, oldest first, at most `cap` of them.
+/// Connections waiting for a request head, at most `cap` of them.
 #[derive(Debug)]
 struct HeadWaiters {
     cap: usize,
-    /// Ticket (increasing, so the first is the oldest) → how to close that connection.
-    waiting: Mutex<(u64, BTreeMap<u64, CancellationToken>)>,
+    state: Mutex<Waiting>,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    next: u64,
+    /// Ticket (increasing, so a smaller one waited longer) → how to close that connection.
+    tokens: HashMap<u64, CancellationToken>,
+    /// Each client address's waiting tickets.
+    by_peer: HashMap<IpAddr, BTreeSet<u64>>,
 }
 
 impl HeadWaiters {
     fn new(cap: usize) -> Self {
         Self {
             cap: cap.max(1),
-            waiting: Mutex::new((0, BTreeMap::new())),
+            state: Mutex::new(Waiting::default()),
         }
     }
 
-    /// Add a waiter; closes the oldest ones while over `cap`. Returns its ticket.
-    fn enter(&self, evict: &CancellationToken) -> u64 {
-        let mut guard = self.waiting.lock().expect("head waiters lock");
-        let (next, waiting) = &mut *guard;
-        let ticket = *next;
-        *next += 1;
-        waiting.insert(ticket, evict.clone());
-        while waiting.len() > self.cap {
-            if let Some((_, oldest)) = waiting.pop_first() {
-                oldest.cancel();
+    /// Add a waiter; while over `cap`, closes the longest waiter of the address with the most
+    /// waiters (the oldest of all when every address has one). Returns its ticket.
+    fn enter(&self, peer: IpAddr, evict: &CancellationToken) -> u64 {
+        let mut guard = self.state.lock().expect("head waiters lock");
+        let w = &mut *guard;
+        let ticket = w.next;
+        w.next += 1;
+        w.tokens.insert(ticket, evict.clone());
+        w.by_peer.entry(peer).or_default().insert(ticket);
+        while w.tokens.len() > self.cap {
+            // Most waiters first; among equals, the address whose longest waiter waited longest.
+            let Some((&heaviest, _)) = w.by_peer.iter().max_by(|(_, a), (_, b)| {
+                a.len()
+                    .cmp(&b.len())
+                    .then_with(|| b.first().cmp(&a.first()))
+            }) else {
+                break;
+            };
+            let tickets = w.by_peer.get_mut(&heaviest).expect("just found");
+            let oldest = tickets.pop_first().expect("no empty sets are kept");
+            if tickets.is_empty() {
+                w.by_peer.remove(&heaviest);
+            }
+            if let Some(token) = w.tokens.remove(&oldest) {
+                token.cancel();
             }
         }
         ticket
     }
 
-    fn leave(&self, ticket: u64) {
-        self.waiting
-            .lock()
-            .expect("head waiters lock")
-            .1
-            .remove(&ticket);
+    fn leave(&self, peer: IpAddr, ticket: u64) {
+        let mut guard = self.state.lock().expect("head waiters lock");
+        let w = &mut *guard;
+        w.tokens.remove(&ticket);
+        if let Some(tickets) = w.by_peer.get_mut(&peer) {
+            tickets.remove(&ticket);
+            if tickets.is_empty() {
+                w.by_peer.remove(&peer);
+            }
+        }
     }
 }
 
@@ -182,14 +213,16 @@ impl HeadWaiters {
 #[derive(Debug)]
 struct ConnSlot {
     waiters: Arc<HeadWaiters>,
+    peer: IpAddr,
     ticket: Mutex<Option<u64>>,
     evict: CancellationToken,
 }
 
 impl ConnSlot {
-    fn new(waiters: Arc<HeadWaiters>) -> Self {
+    fn new(waiters: Arc<HeadWaiters>, peer: IpAddr) -> Self {
         Self {
             waiters,
+            peer,
             ticket: Mutex::new(None),
             evict: CancellationToken::new(),
         }
@@ -199,14 +232,14 @@ impl ConnSlot {
     fn await_head(&self) {
         let mut t = self.ticket.lock().expect("slot lock");
         if t.is_none() {
-            *t = Some(self.waiters.enter(&self.evict));
+            *t = Some(self.waiters.enter(self.peer, &self.evict));
         }
     }
 
     /// A request head arrived (or the connection ended).
     fn head_arrived(&self) {
         if let Some(ticket) = self.ticket.lock().expect("slot lock").take() {
-            self.waiters.leave(ticket);
+            self.waiters.leave(self.peer, ticket);
         }
     }
 }
@@ -355,5 +388,44 @@ impl AsyncWrite for WriteStallTimeout {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
+    /// Over the cap, the address with the most waiters loses its longest waiter; a client that
+    /// just connected from elsewhere is never the one closed.
+    #[test]
+    fn eviction_takes_from_the_address_with_the_most_waiters() {
+        let w = HeadWaiters::new(3);
+        let flood: Vec<CancellationToken> = (0..3).map(|_| CancellationToken::new()).collect();
+        for t in &flood {
+            w.enter(ip(9), t);
+        }
+        let legit = CancellationToken::new();
+        let legit_ticket = w.enter(ip(1), &legit);
+        assert!(flood[0].is_cancelled() && !flood[1].is_cancelled());
+        assert!(!legit.is_cancelled());
+        // Two each now: the tie goes to the address whose waiter waited longest (the flood's).
+        let second = CancellationToken::new();
+        w.enter(ip(1), &second);
+        assert!(flood[1].is_cancelled());
+        assert!(!legit.is_cancelled() && !second.is_cancelled());
+        // Leaving frees a place: the next one closes nobody.
+        w.leave(ip(1), legit_ticket);
+        let third = CancellationToken::new();
+        w.enter(ip(2), &third);
+        assert!(!flood[2].is_cancelled() && !second.is_cancelled() && !third.is_cancelled());
+        // One waiter per address: the oldest of all goes.
+        let fourth = CancellationToken::new();
+        w.enter(ip(3), &fourth);
+        assert!(flood[2].is_cancelled());
+        assert!(!second.is_cancelled() && !third.is_cancelled() && !fourth.is_cancelled());
     }
 }

@@ -2,20 +2,22 @@
 //! while it arrives, and new chunks are packed and uploaded while the body is still arriving.
 //!
 //! ```text
-//!  write(Bytes) ─► [boundary thread] zip scan + FastCDC ─► [hash thread] SHA-256, index lookup,
+//!  write(Bytes) ─► [boundary stage] zip scan + FastCDC ─► [hash stage] SHA-256, index lookup,
 //!                                                          pack files, segment stream
 //!                                                                │ full packs
 //!                                                                ▼
 //!                                   [uploader] up to PACKS_IN_FLIGHT per ingest, PACK_UPLOADS in all
 //! ```
+//! The two CPU stages run batch by batch on the blocking pool, in parallel with each other; an
+//! upload holds a thread only while it has bytes to process, never while its client is silent.
 //! Every queue is bounded, so a slow backend slows the client (TCP backpressure) instead of growing
-//! memory. Memory per ingest: body queue ≤ 8 frames, chunker ≤ 256 KiB of data (or one zip
-//! structure run up to `INLINE_RUN_MAX`), piece queue ≤ 32 chunks (≤ 8 MiB), pack and segment
-//! writers 1 MiB buffers: about 10 MiB at worst, 2 MiB typical. Packs are spooled to local files of
-//! at most `PACK_TARGET`, at most `PACKS_IN_FLIGHT + 2` per ingest. Nothing is published here:
-//! `finish` returns a `Staged` body that `DedupStore::publish` turns into a manifest after the
-//! caller verified its digests; packs of an ingest that is dropped or fails stay unreferenced
-//! and GC reclaims them.
+//! memory. Memory per ingest: body queue ≤ 8 frames, a batch ≤ 1 MiB of body, chunker ≤ 256 KiB
+//! of data (or one zip structure run up to `INLINE_RUN_MAX`), ≤ 2 queued batches of pieces, pack
+//! writer 1 MiB and segment writer 64 KiB buffers: about 12 MiB at worst, 2 MiB typical, a few KiB
+//! for an upload whose client dribbles. Packs are spooled to local files of at most `PACK_TARGET`,
+//! at most `PACKS_IN_FLIGHT + 2` per ingest. Nothing is published here: `finish` returns a `Staged`
+//! body that `DedupStore::publish` turns into a manifest after the caller verified its digests;
+//! packs of an ingest that is dropped or fails stay unreferenced and GC reclaims them.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Write};
@@ -30,7 +32,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use super::chunker::{Piece, RunChunker};
-use super::index::{ChunkIndex, Loc, encode_pack_index, new_pack_name, pack_index_key};
+use super::index::{
+    ChunkIndex, IndexReader, Loc, encode_pack_index, new_pack_name, pack_index_key,
+};
 use super::manifest::{ChunkRef, SegmentWriter};
 use super::zipscan::ZipScanner;
 use super::{DedupError, DedupStore, Inflight, InflightGuard};
@@ -45,10 +49,12 @@ pub const PACK_TARGET: u64 = 16 << 20;
 pub const PACKS_IN_FLIGHT: usize = 4;
 /// Pack uploads in flight across all ingests of this process.
 pub const PACK_UPLOADS: usize = 16;
-/// Body frames queued for the boundary thread.
+/// Body frames queued for the boundary stage (and the most it cuts in one batch).
 const BODY_QUEUE: usize = 8;
-/// Chunks queued for the hash thread.
-const PIECE_QUEUE: usize = 32;
+/// Body bytes the boundary stage cuts in one batch, at most (plus one frame).
+const BATCH_BYTES: usize = 1 << 20;
+/// Batches of pieces queued for the hash stage.
+const PIECE_BATCHES: usize = 2;
 
 /// A body chunked, its new packs uploaded, its segment stream spooled: ready to publish.
 #[derive(Debug)]
@@ -78,7 +84,7 @@ pub struct IngestStats {
 pub struct Ingest {
     tx: Option<mpsc::Sender<Bytes>>,
     task: Option<tokio::task::JoinHandle<Result<Staged, DedupError>>>,
-    /// Set when the ingest is dropped unfinished: its threads stop at their next step (dropping
+    /// Set when the ingest is dropped unfinished: its stages stop at their next batch (dropping
     /// their spool files) instead of chunking what was queued.
     cancelled: Arc<AtomicBool>,
 }
@@ -142,7 +148,7 @@ struct OpenPack {
     entries: Vec<([u8; 32], u32)>,
 }
 
-/// Everything the hash thread needs, moved into it.
+/// Everything the hash stage needs, moved into it.
 struct HashJob {
     index: Arc<ChunkIndex>,
     condemned: Arc<HashSet<String>>,
@@ -209,20 +215,15 @@ async fn run_pipeline(
     global: Arc<Semaphore>,
     metrics: Arc<Metrics>,
 ) -> Result<Staged, DedupError> {
-    let (piece_tx, piece_rx) = std::sync::mpsc::sync_channel::<Piece>(PIECE_QUEUE);
+    let (piece_tx, piece_rx) = mpsc::channel::<Vec<Piece>>(PIECE_BATCHES);
     let (pack_tx, pack_rx) = mpsc::channel::<FinishedPack>(1);
     let index = job.index.clone();
     let cancelled = job.cancelled.clone();
-    let boundary =
-        tokio::task::spawn_blocking(move || boundary_loop(body_rx, &piece_tx, &cancelled));
-    let hash_thread = tokio::task::spawn_blocking(move || hash_loop(&piece_rx, &pack_tx, &job));
-    let uploaded = upload_loop(pack_rx, blob, global, index, metrics).await;
-    let boundary = boundary
-        .await
-        .unwrap_or(Err(DedupError::Pipeline("chunker panicked")));
-    let hashed = hash_thread
-        .await
-        .unwrap_or(Err(DedupError::Pipeline("hasher panicked")));
+    let (boundary, hashed, uploaded) = tokio::join!(
+        boundary_stage(body_rx, piece_tx, cancelled),
+        hash_stage(piece_rx, pack_tx, job),
+        upload_loop(pack_rx, blob, global, index, metrics),
+    );
     let (hashed, hash_result) = match hashed {
         Ok(h) => (Some(h), Ok(())),
         Err(e) => (None, Err(e)),
@@ -246,153 +247,286 @@ async fn run_pipeline(
     })
 }
 
-/// Boundary thread: zip classification and content-defined cuts.
-fn boundary_loop(
+/// Runs `work` on the blocking pool. Each stage hands its state to the pool only while it has
+/// input to process, so an upload that dribbles holds no thread between its bytes: 500 slow
+/// uploads once held 1,000 pool threads (tokio's limit is 512) and every other upload queued
+/// behind them (issue 16 soak).
+async fn on_pool<T: Send + 'static>(
+    what: &'static str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, DedupError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| DedupError::Pipeline(what))
+}
+
+/// The boundary stage's state: zip classification and content-defined cuts.
+struct Boundary {
+    scanner: ZipScanner,
+    chunker: RunChunker,
+}
+
+impl Boundary {
+    /// Classify and cut `frames` (`end`: the body is complete), returning the pieces made.
+    fn cut(&mut self, frames: &[Bytes], end: bool) -> Result<Vec<Piece>, DedupError> {
+        let mut pieces = Vec::new();
+        let mut send = |p: Piece| {
+            pieces.push(p);
+            Ok::<(), DedupError>(())
+        };
+        let chunker = &mut self.chunker;
+        let mut emit = |kind, bytes: &[u8]| chunker.push(kind, bytes, &mut send);
+        for data in frames {
+            self.scanner.feed(data, &mut emit)?;
+        }
+        if end {
+            self.scanner.finish(&mut emit)?;
+            chunker.finish(&mut send)?;
+        }
+        Ok(pieces)
+    }
+}
+
+/// Boundary stage: takes the frames queued so far as one batch (more under load, one when the
+/// client is slow), cuts them on the blocking pool and passes the pieces on.
+async fn boundary_stage(
     mut body_rx: mpsc::Receiver<Bytes>,
-    piece_tx: &std::sync::mpsc::SyncSender<Piece>,
-    cancelled: &AtomicBool,
+    piece_tx: mpsc::Sender<Vec<Piece>>,
+    cancelled: Arc<AtomicBool>,
 ) -> Result<(), DedupError> {
-    let closed = |_| DedupError::Pipeline("hash thread stopped");
-    let mut scanner = ZipScanner::new();
-    let mut chunker = RunChunker::new();
-    let mut send = |p: Piece| piece_tx.send(p).map_err(closed);
-    let mut emit = |kind, bytes: &[u8]| chunker.push(kind, bytes, &mut send);
-    while let Some(data) = body_rx.blocking_recv() {
+    let mut state = Box::new(Boundary {
+        scanner: ZipScanner::new(),
+        chunker: RunChunker::new(),
+    });
+    let mut open = true;
+    while open {
+        let mut frames = Vec::with_capacity(BODY_QUEUE);
+        match body_rx.recv().await {
+            Some(f) => frames.push(f),
+            None => open = false,
+        }
+        let mut bytes = frames.first().map_or(0, Bytes::len);
+        while open && frames.len() < BODY_QUEUE && bytes < BATCH_BYTES {
+            match body_rx.try_recv() {
+                Ok(f) => {
+                    bytes += f.len();
+                    frames.push(f);
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
         if cancelled.load(Ordering::Relaxed) {
             return Err(DedupError::Pipeline("ingest cancelled"));
         }
-        scanner.feed(&data, &mut emit)?;
+        let end = !open;
+        let (back, pieces) = on_pool("chunker panicked", move || {
+            let pieces = state.cut(&frames, end);
+            (state, pieces)
+        })
+        .await?;
+        state = back;
+        let pieces = pieces?;
+        if !pieces.is_empty() && piece_tx.send(pieces).await.is_err() {
+            return Err(DedupError::Pipeline("hash thread stopped"));
+        }
     }
-    if cancelled.load(Ordering::Relaxed) {
-        return Err(DedupError::Pipeline("ingest cancelled"));
-    }
-    scanner.finish(&mut emit)?;
-    chunker.finish(&mut send)
+    Ok(())
 }
 
-/// Hash thread: SHA-256 per chunk, dedup decision, pack files and the segment stream.
-fn hash_loop(
-    piece_rx: &std::sync::mpsc::Receiver<Piece>,
-    pack_tx: &mpsc::Sender<FinishedPack>,
-    job: &HashJob,
-) -> Result<HashOutcome, DedupError> {
-    let reader = job.index.reader()?;
-    let mut inflight = InflightGuard::new(&job.inflight);
-    let segment_file = tempfile::NamedTempFile::new_in(&job.spool_dir)?;
-    inflight.hold(&Arc::from(segment_file.path().to_string_lossy()));
-    let mut seg = SegmentWriter::new(BufWriter::with_capacity(1 << 20, segment_file));
-    let mut local: HashMap<[u8; 32], (u32, u64, u32)> = HashMap::new();
-    let mut packs: Vec<String> = Vec::new();
-    let mut pack_ids: HashMap<Arc<str>, u32> = HashMap::new();
-    let mut reused: HashSet<Arc<str>> = HashSet::new();
-    let mut current: Option<OpenPack> = None;
-    let mut stats = IngestStats::default();
-    let mut pack_id = |name: &Arc<str>, packs: &mut Vec<String>| -> u32 {
-        *pack_ids.entry(name.clone()).or_insert_with(|| {
+/// The hash stage's state: SHA-256 per chunk, dedup decisions, the open pack and the segment
+/// stream of one body.
+struct Hasher {
+    job: HashJob,
+    reader: IndexReader,
+    inflight: InflightGuard,
+    seg: SegmentWriter<BufWriter<tempfile::NamedTempFile>>,
+    local: HashMap<[u8; 32], (u32, u64, u32)>,
+    packs: Vec<String>,
+    pack_ids: HashMap<Arc<str>, u32>,
+    reused: HashSet<Arc<str>>,
+    current: Option<OpenPack>,
+    stats: IngestStats,
+}
+
+impl Hasher {
+    fn new(job: HashJob) -> Result<Self, DedupError> {
+        let reader = job.index.reader()?;
+        let mut inflight = InflightGuard::new(&job.inflight);
+        let segment_file = tempfile::NamedTempFile::new_in(&job.spool_dir)?;
+        inflight.hold(&Arc::from(segment_file.path().to_string_lossy()));
+        // Segments are ~40 bytes per chunk: a small buffer, since slow uploads each hold one.
+        let seg = SegmentWriter::new(BufWriter::with_capacity(64 << 10, segment_file));
+        Ok(Self {
+            job,
+            reader,
+            inflight,
+            seg,
+            local: HashMap::new(),
+            packs: Vec::new(),
+            pack_ids: HashMap::new(),
+            reused: HashSet::new(),
+            current: None,
+            stats: IngestStats::default(),
+        })
+    }
+
+    fn pack_id(&mut self, name: &Arc<str>) -> u32 {
+        let packs = &mut self.packs;
+        *self.pack_ids.entry(name.clone()).or_insert_with(|| {
             packs.push(name.to_string());
             u32::try_from(packs.len() - 1).expect("fewer than 4G packs")
         })
-    };
-    let usable = |loc: &Loc| !job.condemned.contains(&*loc.pack) && !job.index.is_dead(&loc.pack);
-    while let Ok(piece) = piece_rx.recv() {
-        if job.cancelled.load(Ordering::Relaxed) {
+    }
+
+    /// Hash and place `pieces`; returns the packs that filled up, ready to upload.
+    fn absorb(&mut self, pieces: Vec<Piece>) -> Result<Vec<FinishedPack>, DedupError> {
+        if self.job.cancelled.load(Ordering::Relaxed) {
             return Err(DedupError::Pipeline("ingest cancelled"));
         }
-        let chunk = match piece {
-            Piece::Inline(b) => {
-                seg.inline(&b)?;
-                continue;
-            }
-            Piece::Chunk(c) => c,
-        };
-        let sha: [u8; 32] = Sha256::digest(&chunk).into();
-        let len = u32::try_from(chunk.len()).expect("chunks are small");
-        let (pack, offset) = if let Some(&(pack, offset, _)) = local.get(&sha) {
-            stats.chunks_reused += 1;
-            stats.bytes_reused += u64::from(len);
-            (pack, offset)
-        } else if let Some(loc) = reader
-            .get(&sha)
-            .map_err(|e| {
-                DedupError::Index(super::index::IndexError::Local {
-                    path: "chunk index".into(),
-                    source: e.into(),
-                })
-            })?
-            .filter(|l| l.len == len && usable(l))
-        {
-            stats.chunks_reused += 1;
-            stats.bytes_reused += u64::from(len);
-            let id = pack_id(&loc.pack, &mut packs);
-            inflight.hold(&loc.pack);
-            reused.insert(loc.pack);
-            (id, loc.offset)
-        } else {
-            if current.is_none() {
-                let name: Arc<str> = new_pack_name(SystemTime::now()).into();
-                inflight.hold(&name);
-                let index = pack_id(&name, &mut packs);
-                let file = tempfile::NamedTempFile::new_in(&job.spool_dir)?;
-                inflight.hold(&Arc::from(file.path().to_string_lossy()));
-                current = Some(OpenPack {
-                    name,
-                    index,
-                    file: BufWriter::with_capacity(1 << 20, file),
-                    size: 0,
-                    entries: Vec::new(),
-                });
-            }
-            let p = current.as_mut().expect("just opened");
-            p.file.write_all(&chunk)?;
-            let at = (p.index, p.size);
-            p.size += u64::from(len);
-            p.entries.push((sha, len));
-            local.insert(sha, (at.0, at.1, len));
-            stats.chunks_new += 1;
-            stats.bytes_new += u64::from(len);
-            if p.size >= PACK_TARGET {
-                send_pack(current.take().expect("open"), pack_tx)?;
-            }
-            at
-        };
-        seg.chunk(&ChunkRef {
-            pack,
-            offset,
-            len,
-            sha256: sha,
+        let mut full = Vec::new();
+        for piece in pieces {
+            let chunk = match piece {
+                Piece::Inline(b) => {
+                    self.seg.inline(&b)?;
+                    continue;
+                }
+                Piece::Chunk(c) => c,
+            };
+            let sha: [u8; 32] = Sha256::digest(&chunk).into();
+            let len = u32::try_from(chunk.len()).expect("chunks are small");
+            let (pack, offset) = if let Some(&(pack, offset, _)) = self.local.get(&sha) {
+                self.stats.chunks_reused += 1;
+                self.stats.bytes_reused += u64::from(len);
+                (pack, offset)
+            } else if let Some(loc) = self.known(&sha, len)? {
+                self.stats.chunks_reused += 1;
+                self.stats.bytes_reused += u64::from(len);
+                let id = self.pack_id(&loc.pack);
+                self.inflight.hold(&loc.pack);
+                self.reused.insert(loc.pack);
+                (id, loc.offset)
+            } else {
+                let at = self.append(&chunk, sha, len)?;
+                if self.current.as_ref().is_some_and(|p| p.size >= PACK_TARGET) {
+                    full.push(close_pack(self.current.take().expect("open"))?);
+                }
+                at
+            };
+            self.seg.chunk(&ChunkRef {
+                pack,
+                offset,
+                len,
+                sha256: sha,
+            })?;
+        }
+        Ok(full)
+    }
+
+    /// Where another upload already stored this chunk, in a pack that may still be referenced.
+    fn known(&self, sha: &[u8; 32], len: u32) -> Result<Option<Loc>, DedupError> {
+        let loc = self.reader.get(sha).map_err(|e| {
+            DedupError::Index(super::index::IndexError::Local {
+                path: "chunk index".into(),
+                source: e.into(),
+            })
         })?;
+        Ok(loc.filter(|l| {
+            l.len == len
+                && !self.job.condemned.contains(&*l.pack)
+                && !self.job.index.is_dead(&l.pack)
+        }))
     }
-    if let Some(p) = current.take() {
-        send_pack(p, pack_tx)?;
+
+    /// Append a new chunk to the open pack (opening one if needed); its place.
+    fn append(&mut self, chunk: &[u8], sha: [u8; 32], len: u32) -> Result<(u32, u64), DedupError> {
+        if self.current.is_none() {
+            let name: Arc<str> = new_pack_name(SystemTime::now()).into();
+            self.inflight.hold(&name);
+            let index = self.pack_id(&name);
+            let file = tempfile::NamedTempFile::new_in(&self.job.spool_dir)?;
+            self.inflight
+                .hold(&Arc::from(file.path().to_string_lossy()));
+            self.current = Some(OpenPack {
+                name,
+                index,
+                file: BufWriter::with_capacity(1 << 20, file),
+                size: 0,
+                entries: Vec::new(),
+            });
+        }
+        let p = self.current.as_mut().expect("just opened");
+        p.file.write_all(chunk)?;
+        let at = (p.index, p.size);
+        p.size += u64::from(len);
+        p.entries.push((sha, len));
+        self.local.insert(sha, (at.0, at.1, len));
+        self.stats.chunks_new += 1;
+        self.stats.bytes_new += u64::from(len);
+        Ok(at)
     }
-    let (segment_count, size) = seg.counts();
-    let segments = seg
-        .finish()?
-        .into_inner()
-        .map_err(std::io::IntoInnerError::into_error)?;
-    Ok(HashOutcome {
-        size,
-        packs,
-        reused,
-        segments,
-        segment_count,
-        inflight,
-        stats,
-    })
+
+    /// The body ended: the last (partial) pack and the outcome.
+    fn finish(mut self) -> Result<(Option<FinishedPack>, HashOutcome), DedupError> {
+        let last = self.current.take().map(close_pack).transpose()?;
+        let (segment_count, size) = self.seg.counts();
+        let segments = self
+            .seg
+            .finish()?
+            .into_inner()
+            .map_err(std::io::IntoInnerError::into_error)?;
+        Ok((
+            last,
+            HashOutcome {
+                size,
+                packs: self.packs,
+                reused: self.reused,
+                segments,
+                segment_count,
+                inflight: self.inflight,
+                stats: self.stats,
+            },
+        ))
+    }
 }
 
-fn send_pack(p: OpenPack, pack_tx: &mpsc::Sender<FinishedPack>) -> Result<(), DedupError> {
+/// Hash stage: each batch of pieces is hashed on the blocking pool; full packs go to the uploader
+/// (waiting while it is busy, which stops the batches and, through the queues, the client).
+async fn hash_stage(
+    mut piece_rx: mpsc::Receiver<Vec<Piece>>,
+    pack_tx: mpsc::Sender<FinishedPack>,
+    job: HashJob,
+) -> Result<HashOutcome, DedupError> {
+    let stopped = |_| DedupError::Pipeline("pack uploader stopped");
+    let mut state = Box::new(on_pool("hasher panicked", move || Hasher::new(job)).await??);
+    while let Some(pieces) = piece_rx.recv().await {
+        let (back, full) = on_pool("hasher panicked", move || {
+            let full = state.absorb(pieces);
+            (state, full)
+        })
+        .await?;
+        state = back;
+        for pack in full? {
+            pack_tx.send(pack).await.map_err(stopped)?;
+        }
+    }
+    let (last, outcome) = on_pool("hasher panicked", move || state.finish()).await??;
+    if let Some(pack) = last {
+        pack_tx.send(pack).await.map_err(stopped)?;
+    }
+    Ok(outcome)
+}
+
+fn close_pack(p: OpenPack) -> Result<FinishedPack, DedupError> {
     let file = p
         .file
         .into_inner()
         .map_err(std::io::IntoInnerError::into_error)?;
-    pack_tx
-        .blocking_send(FinishedPack {
-            name: p.name,
-            file,
-            entries: p.entries,
-        })
-        .map_err(|_| DedupError::Pipeline("pack uploader stopped"))
+    Ok(FinishedPack {
+        name: p.name,
+        file,
+        entries: p.entries,
+    })
 }
 
 /// Uploads packs as they fill, several at once; returns how many. The first failure stops the

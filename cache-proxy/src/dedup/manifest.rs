@@ -447,17 +447,63 @@ impl Manifest {
 /// len, bytes) or `1` chunk (varint pack index, zigzag varint of offset minus the end of the previous
 /// chunk, varint len, 32-byte SHA-256).
 pub struct SegmentWriter<W: Write> {
-    z: flate2::write::DeflateEncoder<W>,
+    z: Deflate<W>,
     prev_end: u64,
     count: u64,
     len: u64,
     scratch: Vec<u8>,
 }
 
+/// A DEFLATE stream started only once there is more to compress than `LAZY_DEFLATE` bytes: an
+/// encoder holds ~300 KiB of state, and 500 uploads that dribble a few bytes each held one each
+/// (issue 16 soak).
+enum Deflate<W: Write> {
+    Pending(W, Vec<u8>),
+    Started(flate2::write::DeflateEncoder<W>),
+    /// Only while switching from one to the other.
+    Switching,
+}
+
+const LAZY_DEFLATE: usize = 16 << 10;
+
+impl<W: Write> Deflate<W> {
+    fn start(&mut self) -> std::io::Result<&mut flate2::write::DeflateEncoder<W>> {
+        if let Self::Pending(..) = self
+            && let Self::Pending(w, pending) = std::mem::replace(self, Self::Switching)
+        {
+            let mut z = flate2::write::DeflateEncoder::new(w, flate2::Compression::fast());
+            z.write_all(&pending)?;
+            *self = Self::Started(z);
+        }
+        match self {
+            Self::Started(z) => Ok(z),
+            _ => Err(std::io::Error::other("segment stream failed earlier")),
+        }
+    }
+
+    fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::Pending(_, pending) if pending.len() + b.len() <= LAZY_DEFLATE => {
+                pending.extend_from_slice(b);
+                Ok(())
+            }
+            _ => self.start()?.write_all(b),
+        }
+    }
+
+    fn finish(mut self) -> std::io::Result<W> {
+        self.start()?;
+        match self {
+            Self::Started(z) => z.finish(),
+            _ => unreachable!("started above"),
+        }
+    }
+}
+
 impl<W: Write> SegmentWriter<W> {
     pub fn new(w: W) -> Self {
         Self {
-            z: flate2::write::DeflateEncoder::new(w, flate2::Compression::fast()),
+            z: Deflate::Pending(w, Vec::new()),
             prev_end: 0,
             count: 0,
             len: 0,

@@ -3,139 +3,16 @@
 //! version, no manifest points at a missing chunk, and `gc` frees what the crashes left behind.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use rand::{Rng, SeedableRng};
 use spotrun_cache_proxy::dedup::manifest::{Manifest, Segment};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
-use crate::common::{AK, BUCKET, SK, free_addr, noise, parse_response, sha256, target_of};
-
-const BIN: &str = env!("CARGO_BIN_EXE_spotrun-cache-proxy");
-
-struct Server {
-    child: Option<Child>,
-    ops_addr: SocketAddr,
-    config: PathBuf,
-    store: PathBuf,
-}
-
-impl Server {
-    fn command(&self) -> Command {
-        let mut c = Command::new(BIN);
-        c.arg("--config")
-            .arg(&self.config)
-            .arg("--store")
-            .arg(&self.store)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        match spotrun_testkit::logcapture::create("cache-proxy-bin") {
-            Some(f) => c.stderr(f),
-            None => c.stderr(Stdio::null()),
-        };
-        c
-    }
-
-    async fn start(&mut self) {
-        let mut cmd = self.command();
-        cmd.arg("serve");
-        self.child = Some(cmd.spawn().expect("start the proxy binary"));
-        // A liveness bound by the clock, not a count of tries (each try takes longer under load);
-        // a restart after SIGKILL may first recover its store.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while tokio::time::Instant::now() < deadline {
-            if let Ok(Some(r)) = try_raw(self.ops_addr, "GET", "/healthz", &[]).await
-                && r.status == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("the proxy did not come up within 60 s");
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // Child::kill sends SIGKILL.
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn gc(&self) -> serde_json::Value {
-        self.maintenance("gc")
-    }
-
-    fn maintenance(&self, command: &str) -> serde_json::Value {
-        let out = self
-            .command()
-            .arg(command)
-            .stdout(Stdio::piped())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{command} failed");
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// One request on a fresh connection; `Ok(None)` when the server was not there or died mid-way.
-async fn try_raw(
-    addr: SocketAddr,
-    method: &str,
-    target: &str,
-    body: &[u8],
-) -> std::io::Result<Option<crate::common::RawResponse>> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let head = format!(
-            "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes()).await?;
-        s.write_all(body).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    };
-    let res = tokio::time::timeout(Duration::from_secs(60), fut)
-        .await
-        .expect("a request to the proxy hung for 60 s");
-    match res {
-        Ok(buf) if buf.windows(4).any(|w| w == b"\r\n\r\n") => {
-            let r = parse_response(&buf, method == "HEAD");
-            // A response cut by the kill is not an answer.
-            let complete = r
-                .header("content-length")
-                .and_then(|l| l.parse::<usize>().ok())
-                .is_none_or(|l| method == "HEAD" || l == r.body.len());
-            Ok(complete.then_some(r))
-        }
-        _ => Ok(None),
-    }
-}
-
-fn client(addr: SocketAddr) -> aws_sdk_s3::Client {
-    let conf = aws_sdk_s3::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(format!("http://{addr}"))
-        .force_path_style(true)
-        .credentials_provider(Credentials::new(AK, SK, None, None, "test"))
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
-}
+use crate::binproxy::{BinProxy, try_raw};
+use crate::common::{BUCKET, noise, sha256, target_of};
 
 async fn presigned(c: &aws_sdk_s3::Client, method: &str, key: &str) -> String {
     let cfg =
@@ -220,24 +97,10 @@ fn age_files(dir: &Path, age: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_uploads_never_leaves_a_torn_object() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("proxy.toml");
-    let (addr, ops_addr) = (free_addr(), free_addr());
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"{addr}\"\nops_listen = \"{ops_addr}\"\nbuckets = [\"{BUCKET}\"]\n[[access_keys]]\nid = \"{AK}\"\nsecret = \"{SK}\"\n[gc]\ninterval_secs = 0\n"
-        ),
-    )
-    .unwrap();
-    let store = dir.path().join("store");
-    let mut server = Server {
-        child: None,
-        ops_addr,
-        config,
-        store: store.clone(),
-    };
+    let mut server = BinProxy::new(dir.path(), "");
+    let (addr, store) = (server.addr, server.store.clone());
     server.start().await;
-    let c = client(addr);
+    let c = server.client();
 
     let seed: u64 = std::env::var("SPOTRUN_CRASH_SEED")
         .ok()
@@ -390,24 +253,10 @@ async fn sigkill_during_multipart_leaves_absent_or_whole() {
     use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
     const PART: usize = 5 << 20;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("proxy.toml");
-    let (addr, ops_addr) = (free_addr(), free_addr());
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"{addr}\"\nops_listen = \"{ops_addr}\"\nbuckets = [\"{BUCKET}\"]\n[[access_keys]]\nid = \"{AK}\"\nsecret = \"{SK}\"\n[gc]\ninterval_secs = 0\n"
-        ),
-    )
-    .unwrap();
-    let store = dir.path().join("store");
-    let mut server = Server {
-        child: None,
-        ops_addr,
-        config,
-        store: store.clone(),
-    };
+    let mut server = BinProxy::new(dir.path(), "");
+    let (addr, store) = (server.addr, server.store.clone());
     server.start().await;
-    let c = client(addr);
+    let c = server.client();
     let seed: u64 = rand::random();
     println!("multipart crash seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);

@@ -12,6 +12,7 @@
 )]
 
 mod backend_faults;
+mod binproxy;
 mod clients;
 mod common;
 mod concurrency;
