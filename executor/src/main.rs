@@ -22,6 +22,7 @@ mod settings;
 mod smp;
 mod stage;
 mod sweep;
+mod volumes;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

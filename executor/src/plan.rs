@@ -28,6 +28,28 @@ pub const HELPER_CONTAINER: &str = "helper";
 /// Where the helper container finds `gitlab-runner` (a link to `gitlab-runner-helper`).
 pub const TOOLS_DIR: &str = "/spotrun/bin";
 
+/// The node label the helper image's architecture follows.
+pub const ARCH_LABEL: &str = "kubernetes.io/arch";
+/// Node architectures GitLab builds helper images for (Kubernetes spelling).
+pub const KNOWN_ARCHES: [&str; 6] = ["amd64", "arm64", "arm", "s390x", "ppc64le", "riscv64"];
+/// The architecture a pod runs on when nothing selects one (the Kubernetes executor's default).
+const DEFAULT_ARCH: &str = "amd64";
+
+/// The helper image tag's name for a Kubernetes architecture (`amd64` → `x86_64`), as GitLab
+/// tags `gitlab-runner-helper`.
+#[must_use]
+pub fn helper_arch(k8s_arch: &str) -> Option<&'static str> {
+    Some(match k8s_arch {
+        "amd64" => "x86_64",
+        "arm64" => "arm64",
+        "arm" => "arm",
+        "s390x" => "s390x",
+        "ppc64le" => "ppc64le",
+        "riscv64" => "riscv64",
+        _ => return None,
+    })
+}
+
 /// Keeps a container alive doing nothing until the pod is deleted; POSIX sh only.
 pub const IDLE_SCRIPT: &str = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done";
 
@@ -61,6 +83,16 @@ pub enum PlanError {
         "invalid pull policy for image {image:?}: {value:?} is not always, if-not-present or never"
     )]
     UnknownPullPolicy { image: String, value: String },
+    /// A volume whose `$VAR` expansion gave an invalid value (load-time checks passed, so the job's
+    /// variables did it): the job's fault.
+    #[error("volume: {0}")]
+    Volume(String),
+    /// The pod selects an architecture GitLab has no helper image for (the operator's selector is
+    /// checked at load time, so the job's node-selector overwrite did it): the job's fault.
+    #[error(
+        "no helper image for architecture {arch:?} (node selector kubernetes.io/arch; known: {known})"
+    )]
+    UnsupportedArch { arch: String, known: String },
 }
 
 /// Everything `plan_pod` needs; built by the IO layer from the environment.
@@ -188,13 +220,33 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
     let labels = pod_labels(settings, input, &name);
     let annotations = pod_annotations(settings, input);
     let dirs = &settings.dirs;
-    let mut volumes = vec![empty_dir("builds"), empty_dir("scripts"), empty_dir("logs")];
-    let mut mounts = vec![
-        mount("builds", &dirs.builds_dir),
+    let (user_volumes, user_mounts) = settings
+        .volumes
+        .plan(
+            &|k| input.env.0.get(k).cloned().unwrap_or_default(),
+            &[dirs.scripts_dir.as_str(), dirs.logs_dir.as_str(), TOOLS_DIR],
+        )
+        .map_err(PlanError::Volume)?;
+    // An operator volume at the builds or cache directory takes the place of our emptyDir there,
+    // as in the Kubernetes executor (a PVC for a persistent checkout).
+    let taken = |dir: &str| {
+        user_mounts
+            .iter()
+            .any(|m| m.mount_path.trim_end_matches('/') == dir.trim_end_matches('/'))
+    };
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
+    if !taken(&dirs.builds_dir) {
+        volumes.push(empty_dir("builds"));
+        mounts.push(mount("builds", &dirs.builds_dir));
+    }
+    volumes.extend([empty_dir("scripts"), empty_dir("logs")]);
+    mounts.extend([
         mount("scripts", &dirs.scripts_dir),
         mount("logs", &dirs.logs_dir),
-    ];
+    ]);
     if dirs.cache_volume
+        && !taken(&dirs.cache_dir)
         && !dirs
             .cache_dir
             .starts_with(&format!("{}/", dirs.builds_dir.trim_end_matches('/')))
@@ -203,6 +255,13 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         mounts.push(mount("cache", &dirs.cache_dir));
     }
     volumes.push(empty_dir("tools"));
+    volumes.extend(user_volumes);
+    // Every container gets them, as in the Kubernetes executor.
+    mounts.extend(user_mounts);
+
+    let (mut node_selector, affinity, mut tolerations) =
+        placement(settings, input.knobs, input.spot);
+    let helper_image = helper_image(settings, &mut node_selector, &mut tolerations)?;
 
     let mut notes = Vec::new();
     let build_policies = pull_policies(settings, &image, &job.image.pull_policy, &mut notes)?;
@@ -256,7 +315,7 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
     helper_mounts.push(mount("tools", TOOLS_DIR));
     let helper = Container {
         name: HELPER_CONTAINER.into(),
-        image: Some(settings.images.helper_image.clone()),
+        image: Some(helper_image),
         image_pull_policy: policy_for_attempt(&helper_policies, input.pull_attempt),
         command: Some(vec!["sh".into(), "-c".into(), HELPER_IDLE_SCRIPT.into()]),
         env: Some(vec![EnvVar {
@@ -298,7 +357,7 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         ));
     }
 
-    let secret = registry_secret(input, &name, &labels);
+    let mut secret = registry_secret(input, &name, &labels);
     let mut pull_secrets: Vec<LocalObjectReference> = settings
         .pod
         .image_pull_secrets
@@ -310,8 +369,15 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
             name: s.metadata.name.clone().unwrap_or_default(),
         });
     }
-
-    let (node_selector, affinity, tolerations) = placement(settings, input.knobs, input.spot);
+    if settings.pod.use_service_account_image_pull_secrets {
+        // The kubelet uses the service account's imagePullSecrets only when the pod names none.
+        pull_secrets.clear();
+        if secret.take().is_some() {
+            notes.push(
+                "Registry credentials of the job are not used: pods pull with their service account's imagePullSecrets (use_service_account_image_pull_secrets)".into(),
+            );
+        }
+    }
     let timeout = job_timeout(settings, input);
     let spec = PodSpec {
         containers,
@@ -355,7 +421,10 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         spec: Some(spec),
         status: None,
     };
-    let pod = apply_patch(settings, pod)?;
+    let mut pod = apply_patch(settings, pod)?;
+    if settings.pod.patch.is_some() {
+        keep_spot_placement(&mut pod, input.spot);
+    }
     Ok(PodPlan {
         pod,
         secret,
@@ -755,6 +824,125 @@ fn placement(
         ..Affinity::default()
     });
     (selector, affinity, tolerations)
+}
+
+/// The helper image for the pod's architecture: `${ARCH}` and `${FLAVOR}` resolved. When the
+/// image depends on the architecture, the pod is pinned to it (one helper image per pod: on a node
+/// of another architecture the helper would not start, gitlab-runner#27421), and an arm64 pod
+/// tolerates GKE's `kubernetes.io/arch=arm64:NoSchedule` taint on Arm nodes.
+fn helper_image(
+    settings: &Settings,
+    selector: &mut BTreeMap<String, String>,
+    tolerations: &mut Vec<Toleration>,
+) -> Result<String, PlanError> {
+    let template = &settings.images.helper_image;
+    let arch = selector
+        .get(ARCH_LABEL)
+        .cloned()
+        .unwrap_or_else(|| DEFAULT_ARCH.to_string());
+    let mut image = template.clone();
+    if template.contains("${ARCH}") {
+        let tag_arch = helper_arch(&arch).ok_or_else(|| PlanError::UnsupportedArch {
+            arch: arch.clone(),
+            known: KNOWN_ARCHES.join(", "),
+        })?;
+        image = image.replace("${ARCH}", tag_arch);
+        selector
+            .entry(ARCH_LABEL.to_string())
+            .or_insert_with(|| arch.clone());
+    }
+    let flavor = settings
+        .images
+        .helper_image_flavor
+        .as_ref()
+        .map(|f| format!("{f}-"))
+        .unwrap_or_default();
+    image = image.replace("${FLAVOR}", &flavor);
+    if selector.get(ARCH_LABEL).map(String::as_str) == Some("arm64")
+        && !tolerations
+            .iter()
+            .any(|t| t.key.as_deref() == Some(ARCH_LABEL))
+    {
+        tolerations.push(Toleration {
+            key: Some(ARCH_LABEL.into()),
+            operator: Some("Equal".into()),
+            value: Some("arm64".into()),
+            effect: Some("NoSchedule".into()),
+            ..Toleration::default()
+        });
+    }
+    Ok(image)
+}
+
+/// Puts the spot placement back after the operator's `pod.patch`: a patch that sets `affinity`
+/// (or `tolerations`, `nodeSelector`) replaces lists wholesale under merge and strategic rules,
+/// which would silently drop the spot terms. Ours are added to what the patch left: the spot
+/// requirement is added (AND) to every required node selector term, the spot preference appended.
+fn keep_spot_placement(pod: &mut Pod, spot: SpotPolicy) {
+    let Some(spec) = pod.spec.as_mut() else {
+        return;
+    };
+    let tolerations = spec.tolerations.get_or_insert_with(Vec::new);
+    if spot != SpotPolicy::Never && !tolerations.contains(&spot_toleration()) {
+        tolerations.push(spot_toleration());
+    }
+    if tolerations.is_empty() {
+        spec.tolerations = None;
+    }
+    match spot {
+        SpotPolicy::Require => {
+            spec.node_selector
+                .get_or_insert_with(BTreeMap::new)
+                .insert(SPOT_LABEL.into(), "true".into());
+        }
+        SpotPolicy::Prefer => {
+            let na = spec
+                .affinity
+                .get_or_insert_with(Affinity::default)
+                .node_affinity
+                .get_or_insert_with(NodeAffinity::default);
+            let preferred = na
+                .preferred_during_scheduling_ignored_during_execution
+                .get_or_insert_with(Vec::new);
+            let ours = PreferredSchedulingTerm {
+                weight: 100,
+                preference: NodeSelectorTerm {
+                    match_expressions: Some(vec![spot_requirement("In")]),
+                    ..NodeSelectorTerm::default()
+                },
+            };
+            if !preferred.contains(&ours) {
+                preferred.push(ours);
+            }
+        }
+        SpotPolicy::Never => {
+            if let Some(sel) = spec.node_selector.as_mut() {
+                sel.remove(SPOT_LABEL);
+            }
+            let na = spec
+                .affinity
+                .get_or_insert_with(Affinity::default)
+                .node_affinity
+                .get_or_insert_with(NodeAffinity::default);
+            let required = na
+                .required_during_scheduling_ignored_during_execution
+                .get_or_insert_with(|| NodeSelector {
+                    node_selector_terms: Vec::new(),
+                });
+            if required.node_selector_terms.is_empty() {
+                required
+                    .node_selector_terms
+                    .push(NodeSelectorTerm::default());
+            }
+            // Terms are ORed: each one must exclude spot nodes.
+            for term in &mut required.node_selector_terms {
+                let exprs = term.match_expressions.get_or_insert_with(Vec::new);
+                if !exprs.contains(&spot_requirement("NotIn")) {
+                    exprs.push(spot_requirement("NotIn"));
+                }
+            }
+        }
+    }
 }
 
 /// A dockerconfigjson Secret from the job's registry credentials and `DOCKER_AUTH_CONFIG`.

@@ -148,6 +148,64 @@ fn cases() -> Vec<Case> {
         }],
         ..ImageSpec::default()
     });
+    // 7. Operator volumes of every kind (a PVC at builds_dir with job-variable expansion), an arm64
+    //    job getting the arm64 helper of a flavor, and pulls through the service account's secrets.
+    let mut vol_settings = Settings::from_toml(
+        r#"
+[images]
+helper_image = "registry.example.com/gitlab-runner-helper:${FLAVOR}${ARCH}-v19.4.0"
+helper_image_flavor = "ubuntu"
+[pod]
+node_selector_overwrite_allowed = '^kubernetes\.io/arch='
+image_pull_secrets = ["registry-mirror"]
+use_service_account_image_pull_secrets = true
+[[volumes.pvc]]
+name = "builds-$CI_CONCURRENT_ID"
+mount_path = "/builds"
+sub_path = "${CI_PROJECT_PATH}"
+[[volumes.host_path]]
+name = "docker-sock"
+mount_path = "/var/run/docker.sock"
+read_only = true
+[[volumes.config_map]]
+name = "ca-bundle"
+mount_path = "/etc/ssl/ci"
+read_only = true
+items = { "ca.crt" = "ca.crt" }
+[[volumes.secret]]
+name = "deploy-key"
+mount_path = "/secrets/$CI_PROJECT_NAME"
+read_only = true
+[[volumes.empty_dir]]
+name = "scratch"
+mount_path = "/scratch"
+medium = "Memory"
+size_limit = "512Mi"
+[[volumes.csi]]
+name = "datasets"
+mount_path = "/data"
+read_only = true
+driver = "gcsfuse.csi.storage.gke.io"
+volume_attributes = { bucketName = "ci-datasets" }
+"#,
+        Path::new("volumes.toml"),
+    )
+    .unwrap();
+    vol_settings.spot.policy = SpotPolicy::Require;
+    let mut vol_job = minimal_job(1006);
+    vol_job.image.name = "registry.example.com/ci/node:22".into();
+    vol_job.credentials.push(Credential {
+        kind: "registry".into(),
+        url: "registry.example.com".into(),
+        username: "gitlab-ci-token".into(),
+        password: "job-token-1006".into(),
+    });
+    vol_job.services.push(ImageSpec {
+        name: "docker:27-dind".into(),
+        alias: "docker".into(),
+        ..ImageSpec::default()
+    });
+
     vec![
         Case {
             name: "fixture-job",
@@ -224,7 +282,28 @@ fn cases() -> Vec<Case> {
             ),
             fallback: false,
         },
+        Case {
+            name: "volumes-arm64-helper",
+            settings: vol_settings,
+            job: vol_job,
+            env: mk_env(
+                "1006",
+                &[
+                    ("CI_PROJECT_PATH", "group/demo"),
+                    ("CI_PROJECT_NAME", "demo"),
+                    ("KUBERNETES_NODE_SELECTOR_ARCH", "kubernetes.io/arch=arm64"),
+                ],
+            ),
+            fallback: false,
+        },
     ]
+}
+
+fn case_named(name: &str) -> Case {
+    cases()
+        .into_iter()
+        .find(|c| c.name == name)
+        .expect("a case of that name")
 }
 
 fn plan(case: &Case) -> PodPlan {
@@ -688,4 +767,234 @@ fn pull_policies_follow_the_job_within_what_the_operator_allows() {
         Some("Never")
     );
     assert_eq!(policy_for_attempt(&[], 0), None);
+}
+
+#[test]
+fn helper_image_follows_the_pods_architecture() {
+    let mut case = case_named("bare-job-defaults");
+    let spec = |case: &Case| plan(case).pod.spec.unwrap();
+    // Nothing selects an architecture: amd64's helper, and the pod is pinned to amd64 nodes.
+    let s = spec(&case);
+    assert_eq!(
+        s.containers[1].image.as_deref(),
+        Some("registry.gitlab.com/gitlab-org/gitlab-runner/gitlab-runner-helper:x86_64-v19.4.0")
+    );
+    assert_eq!(
+        s.node_selector.unwrap().get(ARCH_LABEL).map(String::as_str),
+        Some("amd64")
+    );
+    // The operator's node selector picks arm64: the arm64 helper and the GKE arm64 toleration.
+    case.settings
+        .pod
+        .node_selector
+        .insert(ARCH_LABEL.into(), "arm64".into());
+    let s = spec(&case);
+    assert!(
+        s.containers[1]
+            .image
+            .as_deref()
+            .unwrap()
+            .ends_with(":arm64-v19.4.0"),
+        "{:?}",
+        s.containers[1].image
+    );
+    assert!(s.tolerations.unwrap().iter().any(|t| {
+        t.key.as_deref() == Some(ARCH_LABEL)
+            && t.value.as_deref() == Some("arm64")
+            && t.effect.as_deref() == Some("NoSchedule")
+    }));
+    // A job's allowed overwrite wins over the operator's; an unknown architecture fails the job.
+    case.settings.pod.node_selector_overwrite_allowed = Some("^kubernetes\\.io/arch=".into());
+    case.env.0.insert(
+        "KUBERNETES_NODE_SELECTOR_ARCH".into(),
+        "kubernetes.io/arch=s390x".into(),
+    );
+    assert!(
+        spec(&case).containers[1]
+            .image
+            .as_deref()
+            .unwrap()
+            .ends_with(":s390x-v19.4.0")
+    );
+    case.env.0.insert(
+        "KUBERNETES_NODE_SELECTOR_ARCH".into(),
+        "kubernetes.io/arch=mips".into(),
+    );
+    let identity = JobIdentity::from_env(&case.env).unwrap();
+    let knobs = job_knobs(&case.settings, &case.env, &case.job).unwrap();
+    let err = plan_pod(
+        &case.settings,
+        &PlanInput {
+            job: &case.job,
+            identity: &identity,
+            env: &case.env,
+            knobs: &knobs,
+            spot: SpotPolicy::Prefer,
+            pull_attempt: 0,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, PlanError::UnsupportedArch { arch, .. } if arch == "mips"),
+        "{err}"
+    );
+    // A literal helper image is used as written and pins nothing.
+    case.env.0.remove("KUBERNETES_NODE_SELECTOR_ARCH");
+    case.settings.pod.node_selector.clear();
+    case.settings.images.helper_image = "mirror.example.com/helper:pinned".into();
+    let s = spec(&case);
+    assert_eq!(
+        s.containers[1].image.as_deref(),
+        Some("mirror.example.com/helper:pinned")
+    );
+    assert!(s.node_selector.is_none_or(|n| !n.contains_key(ARCH_LABEL)));
+}
+
+#[test]
+fn volumes_are_mounted_in_every_container_and_replace_the_builds_dir() {
+    let case = case_named("volumes-arm64-helper");
+    let p = plan(&case);
+    let spec = p.pod.spec.unwrap();
+    let volumes: Vec<&str> = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert!(
+        !volumes.contains(&"builds"),
+        "the PVC replaces it: {volumes:?}"
+    );
+    for c in &spec.containers {
+        let mounts: Vec<(&str, &str)> = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+            .collect();
+        for want in [
+            ("builds-3", "/builds"),
+            ("docker-sock", "/var/run/docker.sock"),
+            ("ca-bundle", "/etc/ssl/ci"),
+            ("deploy-key", "/secrets/demo"),
+            ("scratch", "/scratch"),
+            ("datasets", "/data"),
+        ] {
+            assert!(
+                mounts.contains(&want),
+                "{}: {mounts:?} lacks {want:?}",
+                c.name
+            );
+        }
+    }
+    // Pulls rely on the service account: no pull secrets, no registry secret, one note.
+    assert!(spec.image_pull_secrets.is_none());
+    assert!(p.secret.is_none());
+    assert!(
+        p.notes
+            .iter()
+            .any(|n| n.contains("use_service_account_image_pull_secrets")),
+        "{:?}",
+        p.notes
+    );
+}
+
+/// Regression: a `pod.patch` setting `affinity` replaced the spot node affinity (merge and
+/// strategic patches replace lists), so `never` pods could land on spot nodes.
+#[test]
+fn a_patch_setting_affinity_is_merged_with_the_spot_placement() {
+    let patch = r#"{"spec": {"affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["ci"]}]},
+                {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["ci-big"]}]}
+            ]},
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 10, "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}}
+            ]
+        },
+        "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 1, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}
+        ]}
+    }, "tolerations": [{"key": "dedicated", "operator": "Exists"}]}}"#;
+    for patch_type in [PatchType::Merge, PatchType::Strategic] {
+        for spot in [SpotPolicy::Require, SpotPolicy::Prefer, SpotPolicy::Never] {
+            let mut case = case_named("bare-job-defaults");
+            case.settings.pod.patch = Some(crate::settings::PodSpecPatch {
+                patch_type,
+                patch: patch.into(),
+            });
+            let identity = JobIdentity::from_env(&case.env).unwrap();
+            let knobs = job_knobs(&case.settings, &case.env, &case.job).unwrap();
+            let spec = plan_pod(
+                &case.settings,
+                &PlanInput {
+                    job: &case.job,
+                    identity: &identity,
+                    env: &case.env,
+                    knobs: &knobs,
+                    spot,
+                    pull_attempt: 0,
+                },
+            )
+            .unwrap()
+            .pod
+            .spec
+            .unwrap();
+            let what = format!("{patch_type:?} {spot:?}");
+            let affinity = spec.affinity.unwrap();
+            assert!(
+                affinity.pod_anti_affinity.is_some(),
+                "{what}: the patch's own part stays"
+            );
+            let na = affinity.node_affinity.unwrap();
+            let terms = na
+                .required_during_scheduling_ignored_during_execution
+                .unwrap()
+                .node_selector_terms;
+            assert_eq!(terms.len(), 2, "{what}");
+            for t in &terms {
+                let exprs = t.match_expressions.as_ref().unwrap();
+                assert_eq!(exprs[0].key, "pool", "{what}");
+                assert_eq!(
+                    exprs.contains(&spot_requirement("NotIn")),
+                    spot == SpotPolicy::Never,
+                    "{what}: {exprs:?}"
+                );
+            }
+            let preferred = na
+                .preferred_during_scheduling_ignored_during_execution
+                .unwrap();
+            assert_eq!(preferred[0].weight, 10, "{what}");
+            assert_eq!(
+                preferred
+                    .iter()
+                    .any(|p| p.preference.match_expressions.as_ref().unwrap()[0]
+                        == spot_requirement("In")),
+                spot == SpotPolicy::Prefer,
+                "{what}: {preferred:?}"
+            );
+            let tolerations = spec.tolerations.unwrap();
+            assert!(
+                tolerations
+                    .iter()
+                    .any(|t| t.key.as_deref() == Some("dedicated"))
+            );
+            assert_eq!(
+                tolerations.contains(&spot_toleration()),
+                spot != SpotPolicy::Never,
+                "{what}"
+            );
+            assert_eq!(
+                spec.node_selector
+                    .unwrap_or_default()
+                    .get(SPOT_LABEL)
+                    .map(String::as_str),
+                (spot == SpotPolicy::Require).then_some("true"),
+                "{what}"
+            );
+        }
+    }
 }

@@ -118,7 +118,9 @@ pub async fn prepare(ctx: &Ctx) -> Result<(), Failure> {
         .map_err(|e| match e {
             PlanError::ImageNotAllowed { .. }
             | PlanError::PullPolicyNotAllowed { .. }
-            | PlanError::UnknownPullPolicy { .. } => Failure::Job(e.to_string()),
+            | PlanError::UnknownPullPolicy { .. }
+            | PlanError::Volume(_)
+            | PlanError::UnsupportedArch { .. } => Failure::Job(e.to_string()),
             PlanError::Patch(_) => Failure::System(e.to_string()),
         })
     };
@@ -401,6 +403,11 @@ async fn wait_running(
     let mut last_waiting: Vec<(String, String)> = Vec::new();
     let mut said_waiting = false;
     let far = prepare_deadline + Duration::from_hours(1);
+    // The latest pod seen, for the Kubernetes executor's periodic "Waiting for pod" lines.
+    let mut last_pod: Option<Box<Pod>> = None;
+    let period = Duration::from_secs(settings.timeouts.poll_interval_seconds);
+    let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
         let unsched_deadline = unschedulable_since.map_or(far, |t| {
@@ -432,7 +439,9 @@ async fn wait_running(
                     say(&format!("Waiting for pod {ns}/{name} to be scheduled..."));
                 }
                 crate::services::report_exits(ctx, &podstate::exited_services(&pod), reported_exits);
-                match podstate::progress(&pod) {
+                let progress = podstate::progress(&pod);
+                last_pod = Some(Box::new(pod));
+                match progress {
                     Progress::Running { node } => {
                         let spot = node_is_spot(kube, &node).await;
                         if announced_node != node {
@@ -494,6 +503,13 @@ async fn wait_running(
                     None => events_ok = false,
                 }
             }
+            _ = poll.tick() => {
+                if let Some(pod) = &last_pod {
+                    for line in waiting_lines(&ns, name, pod) {
+                        say(&line);
+                    }
+                }
+            }
             () = tokio::time::sleep_until(unsched_deadline) => {
                 return Err(Failure::System(format!(
                     "pod {ns}/{name} unschedulable for {} s: {last_unsched_msg}", settings.timeouts.unschedulable_seconds
@@ -504,6 +520,50 @@ async fn wait_running(
             }
         }
     }
+}
+
+/// The Kubernetes executor's lines while a pod is not running yet: `Waiting for pod <ns>/<name> to
+/// be running, status is <phase>`, then a tab-indented `<reason>: "<message>"` per pod condition
+/// that has a reason (`Unschedulable`, `ContainersNotReady`, ...), as it prints them every
+/// `poll_interval`; and, which it leaves out, each waiting container's reason (`ContainerCreating`,
+/// `PodInitializing`, ...).
+fn waiting_lines(ns: &str, name: &str, pod: &Pod) -> Vec<String> {
+    let status = pod.status.as_ref();
+    let phase = status
+        .and_then(|s| s.phase.as_deref())
+        .filter(|p| !p.is_empty())
+        .unwrap_or("Pending");
+    let mut lines = vec![format!(
+        "Waiting for pod {ns}/{name} to be running, status is {phase}"
+    )];
+    for c in status
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if let Some(reason) = c.reason.as_deref().filter(|r| !r.is_empty()) {
+            lines.push(format!(
+                "\t{reason}: {:?}",
+                c.message.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    let containers = status.into_iter().flat_map(|s| {
+        s.init_container_statuses
+            .iter()
+            .flatten()
+            .chain(s.container_statuses.iter().flatten())
+    });
+    for cs in containers {
+        if let Some(w) = cs.state.as_ref().and_then(|s| s.waiting.as_ref()) {
+            let reason = w.reason.as_deref().unwrap_or("Waiting");
+            match w.message.as_deref().filter(|m| !m.is_empty()) {
+                Some(m) => lines.push(format!("\tcontainer {}: {reason}: {m:?}", cs.name)),
+                None => lines.push(format!("\tcontainer {}: {reason}", cs.name)),
+            }
+        }
+    }
+    lines
 }
 
 /// Prints a new Warning event; an image pull failure ends prepare at once (a build failure).
@@ -654,4 +714,52 @@ async fn preempted(ctx: &Ctx, kube: &Kube, job: &JobResponse, node: &str, reason
     Failure::Preempted(format!(
         "Job pod was preempted on node {node_txt} ({reason}); {retry}"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_lines_name_the_phase_and_every_reason() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "status": {
+                "phase": "Pending",
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True"},
+                    {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady",
+                     "message": "containers with unready status: [build helper]"}
+                ],
+                "containerStatuses": [
+                    {"name": "build", "image": "a", "imageID": "", "ready": false, "restartCount": 0,
+                     "state": {"waiting": {"reason": "ContainerCreating"}}},
+                    {"name": "helper", "image": "h", "imageID": "", "ready": false, "restartCount": 0,
+                     "state": {"running": {}}}
+                ]
+            }
+        }))
+        .unwrap();
+        assert_eq!(
+            waiting_lines("ci", "p", &pod),
+            [
+                "Waiting for pod ci/p to be running, status is Pending",
+                "\tContainersNotReady: \"containers with unready status: [build helper]\"",
+                "\tcontainer build: ContainerCreating",
+            ]
+        );
+        let unscheduled: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                "reason": "Unschedulable", "message": "0/3 nodes are available: 3 Insufficient cpu."}]}
+        }))
+        .unwrap();
+        assert_eq!(
+            waiting_lines("ci", "p", &unscheduled),
+            [
+                "Waiting for pod ci/p to be running, status is Pending",
+                "\tUnschedulable: \"0/3 nodes are available: 3 Insufficient cpu.\"",
+            ]
+        );
+    }
 }

@@ -207,6 +207,10 @@ pub struct PodSettings {
     pub pod_labels_overwrite_allowed: Option<String>,
     pub pod_annotations_overwrite_allowed: Option<String>,
     pub service_account_overwrite_allowed: Option<String>,
+    /// Leave `imagePullSecrets` off the pod so the service account's apply (the Kubernetes
+    /// executor's `use_service_account_image_pull_secrets`): neither `image_pull_secrets` nor the
+    /// job's registry credentials are used then.
+    pub use_service_account_image_pull_secrets: bool,
 }
 
 impl Default for PodSettings {
@@ -230,6 +234,7 @@ impl Default for PodSettings {
             pod_labels_overwrite_allowed: None,
             pod_annotations_overwrite_allowed: None,
             service_account_overwrite_allowed: None,
+            use_service_account_image_pull_secrets: false,
         }
     }
 }
@@ -291,7 +296,13 @@ impl PullPolicy {
 #[serde(deny_unknown_fields, default)]
 pub struct ImageSettings {
     pub default_image: String,
+    /// May hold `${ARCH}` (the helper's name for the pod's `kubernetes.io/arch`: `x86_64`,
+    /// `arm64`, ...) and `${FLAVOR}` (`helper_image_flavor` and a dash, or nothing), as GitLab tags
+    /// its helper images (`x86_64-v19.4.0`, `ubuntu-arm64-v19.4.0`).
     pub helper_image: String,
+    /// GitLab's helper image flavor (`alpine3.21`, `ubuntu`, `ubi-fips`, ...) for `${FLAVOR}`;
+    /// unset: the default (Alpine) tag.
+    pub helper_image_flavor: Option<String>,
     /// One policy or a list: the default for images whose job sets none, and (first entry) the
     /// helper's; a later entry is tried when a pull fails with the one before (as the Kubernetes
     /// executor does).
@@ -311,8 +322,9 @@ impl Default for ImageSettings {
         Self {
             default_image: "alpine:3.22".into(),
             helper_image:
-                "registry.gitlab.com/gitlab-org/gitlab-runner/gitlab-runner-helper:x86_64-v19.4.0"
+                "registry.gitlab.com/gitlab-org/gitlab-runner/gitlab-runner-helper:${FLAVOR}${ARCH}-v19.4.0"
                     .into(),
+            helper_image_flavor: None,
             pull_policy: Vec::new(),
             allowed_pull_policies: Vec::new(),
             allowed_images: Vec::new(),
@@ -363,6 +375,9 @@ pub struct TimeoutSettings {
     pub exec_silence_seconds: u64,
     /// `gc`: pods that never finished `prepare` and are older than this are orphans.
     pub stale_prepare_seconds: u64,
+    /// Seconds between the job log's "Waiting for pod ... to be running" lines while `prepare`
+    /// waits (the Kubernetes executor's `poll_interval`).
+    pub poll_interval_seconds: u64,
 }
 
 impl Default for TimeoutSettings {
@@ -375,6 +390,7 @@ impl Default for TimeoutSettings {
             api_call_seconds: 30,
             exec_silence_seconds: 20,
             stale_prepare_seconds: 3600,
+            poll_interval_seconds: 3,
         }
     }
 }
@@ -433,6 +449,8 @@ pub struct Settings {
     pub resources: ResourcesSettings,
     pub pod: PodSettings,
     pub services: ServiceSettings,
+    /// `[[volumes.host_path]]`, `pvc`, `config_map`, `secret`, `empty_dir`, `csi`.
+    pub volumes: crate::volumes::VolumeSettings,
     pub dirs: DirSettings,
     pub timeouts: TimeoutSettings,
     pub api: ApiSettings,
@@ -449,6 +467,7 @@ impl Default for Settings {
             resources: ResourcesSettings::default(),
             pod: PodSettings::default(),
             services: ServiceSettings::default(),
+            volumes: crate::volumes::VolumeSettings::default(),
             dirs: DirSettings::default(),
             timeouts: TimeoutSettings::default(),
             api: ApiSettings::default(),
@@ -629,11 +648,68 @@ impl Settings {
                 ));
             }
         }
-        if self.timeouts.api_call_seconds == 0 || self.timeouts.exec_silence_seconds < 2 {
+        if self.timeouts.api_call_seconds == 0
+            || self.timeouts.exec_silence_seconds < 2
+            || self.timeouts.poll_interval_seconds == 0
+        {
             return Err(invalid(
                 "timeouts",
-                "api_call_seconds must be > 0 and exec_silence_seconds >= 2".into(),
+                "api_call_seconds and poll_interval_seconds must be > 0 and exec_silence_seconds >= 2"
+                    .into(),
             ));
+        }
+        self.validate_helper_image()?;
+        self.volumes
+            .validate(&[
+                self.dirs.scripts_dir.as_str(),
+                self.dirs.logs_dir.as_str(),
+                crate::plan::TOOLS_DIR,
+            ])
+            .map_err(|(key, message)| invalid(&key, message))?;
+        Ok(())
+    }
+}
+
+impl Settings {
+    fn validate_helper_image(&self) -> Result<(), SettingsError> {
+        let invalid = |key: &str, message: String| SettingsError::Invalid {
+            key: key.into(),
+            message,
+        };
+        let mut rest = self.images.helper_image.as_str();
+        while let Some(i) = rest.find("${") {
+            let end = rest[i..].find('}').map_or(rest.len(), |e| i + e + 1);
+            let placeholder = &rest[i..end];
+            if !matches!(placeholder, "${ARCH}" | "${FLAVOR}") {
+                return Err(invalid(
+                    "images.helper_image",
+                    format!("unknown placeholder {placeholder:?} (known: ${{ARCH}}, ${{FLAVOR}})"),
+                ));
+            }
+            rest = &rest[end..];
+        }
+        if let Some(f) = &self.images.helper_image_flavor {
+            let ok = !f.is_empty()
+                && f.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-'
+                });
+            if !ok {
+                return Err(invalid(
+                    "images.helper_image_flavor",
+                    format!("{f:?} is not a flavor name (alpine3.21, ubuntu, ubi-fips, ...)"),
+                ));
+            }
+        }
+        if let Some(arch) = self.pod.node_selector.get(crate::plan::ARCH_LABEL) {
+            if crate::plan::helper_arch(arch).is_none() {
+                return Err(invalid(
+                    &format!("pod.node_selector.{}", crate::plan::ARCH_LABEL),
+                    format!(
+                        "{arch:?} is not an architecture GitLab builds helper images for ({})",
+                        crate::plan::KNOWN_ARCHES.join(", ")
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -729,6 +805,99 @@ service_account_overwrite_allowed = "^ci-"
             .unwrap_err()
             .to_string();
         assert!(err.contains("pull_policy"), "{err}");
+    }
+
+    /// An `executor.toml` setting `key` (dotted) to `value` (TOML text).
+    fn toml_for(key: &str, value: &str) -> String {
+        match key.rsplit_once('.') {
+            Some((table, leaf)) => format!("[{table}]\n{leaf} = {value}\n"),
+            None => format!("{key} = {value}\n"),
+        }
+    }
+
+    #[test]
+    fn migration_table_keys_exist() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../config/kubernetes-executor-migration.md");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let strip = |c: &str| c.trim().trim_matches('`').to_string();
+        let mut checked = 0;
+        // Data rows: the header row names the columns.
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("| `") && !l.contains("example value (TOML)"))
+        {
+            let cells: Vec<&str> = line.trim_matches('|').split(" | ").collect();
+            assert_eq!(cells.len(), 4, "{line}");
+            let (key, value) = (strip(cells[1]), strip(cells[2]));
+            if key == "—" {
+                assert!(
+                    !cells[3].trim().is_empty(),
+                    "a key without equivalent says why: {line}"
+                );
+                continue;
+            }
+            let doc = toml_for(&key, &value);
+            if let Err(e) = parse(&doc) {
+                panic!("{line}\n{doc}→ {e}");
+            }
+            checked += 1;
+        }
+        assert!(checked > 60, "only {checked} rows checked");
+        // The check can fail: a key the settings do not have is refused by name.
+        let err = parse(&toml_for("pod.node_selectors", "{}")).unwrap_err();
+        assert!(err.to_string().contains("node_selectors"), "{err}");
+    }
+
+    #[test]
+    fn volumes_helper_flavor_and_pull_secret_keys_parse_and_bad_ones_are_named() {
+        let s = parse(
+            r#"[images]
+helper_image = "registry.example.com/helper:${FLAVOR}${ARCH}-v19.4.0"
+helper_image_flavor = "ubuntu"
+[pod]
+use_service_account_image_pull_secrets = true
+[timeouts]
+poll_interval_seconds = 1
+[[volumes.pvc]]
+name = "build-$CI_CONCURRENT_ID"
+mount_path = "/builds"
+[[volumes.empty_dir]]
+name = "scratch"
+mount_path = "/scratch"
+medium = "Memory"
+size_limit = "1Gi"
+"#,
+        )
+        .unwrap();
+        assert!(s.pod.use_service_account_image_pull_secrets);
+        assert_eq!(s.volumes.pvc.len(), 1);
+        for (text, want) in [
+            (
+                "[images]\nhelper_image = \"h:${VERSION}\"\n",
+                "images.helper_image: unknown placeholder \"${VERSION}\"",
+            ),
+            (
+                "[images]\nhelper_image_flavor = \"Ubuntu 24\"\n",
+                "images.helper_image_flavor",
+            ),
+            (
+                "[pod]\nnode_selector = { \"kubernetes.io/arch\" = \"sparc\" }\n",
+                "pod.node_selector.kubernetes.io/arch",
+            ),
+            (
+                "[[volumes.secret]]\nname = \"s\"\nmount_path = \"/spotrun/logs\"\n",
+                "volumes.secret[0].mount_path",
+            ),
+            (
+                "[[volumes.csi]]\nname = \"c\"\nmount_path = \"/c\"\ndriver = \"d\"\nattributes = {}\n",
+                "unknown field `attributes`",
+            ),
+            ("[timeouts]\npoll_interval_seconds = 0\n", "timeouts"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text}→ {err}");
+        }
     }
 
     #[test]
