@@ -4,6 +4,7 @@
 mod classification;
 mod jobs;
 mod overrides;
+mod parity;
 mod pull;
 mod rbac;
 mod resilience;
