@@ -123,6 +123,35 @@ sub_path = "job-${{CI_JOB_ID}}"
     );
 }
 
+/// A job variable that makes an expanded volume invalid fails the job (its fault) naming the
+/// volume and the value, before any pod exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_variable_making_a_claim_name_invalid_fails_the_job_by_name() {
+    let env =
+        Env::start("[[volumes.pvc]]\nname = \"cache-$CACHE_SLOT\"\nmount_path = \"/slot\"\n").await;
+    let out = env
+        .runner()
+        .run(
+            &JobBuilder::new(5306)
+                .variable("CACHE_SLOT", "Bad_Slot")
+                .script(&["echo never"])
+                .build(),
+        )
+        .await;
+    assert!(
+        matches!(out.result, JobResult::BuildFailure { .. }),
+        "{:?}\n{}",
+        out.result,
+        out.log
+    );
+    assert!(
+        out.log.contains("volumes.pvc[0].name: \"cache-Bad_Slot\""),
+        "{}",
+        out.log
+    );
+    assert!(env.pods().await.is_empty());
+}
+
 /// The pod a job ran with, read while it runs (it exists from prepare until cleanup).
 async fn run_capturing_pod(env: &Env, job: spotrun_testkit::harness::JobSpec) -> (String, Pod) {
     let id = job.id.to_string();
