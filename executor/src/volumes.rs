@@ -177,11 +177,6 @@ impl VolumeSettings {
         out
     }
 
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.mounts().is_empty()
-    }
-
     /// Load-time checks; `(key, message)` of the first problem. Values holding a `$` are checked
     /// again after expansion, when the job's variables are known.
     pub fn validate(&self, own_paths: &[&str]) -> Result<(), (String, String)> {
@@ -288,6 +283,13 @@ impl VolumeSettings {
             } else {
                 m.name.to_string()
             };
+            if m.kind == "pvc" && RESERVED_NAMES.contains(&name.as_str()) {
+                return Err(format!(
+                    "{}: {name:?} (from {:?}) is one of the executor's own volumes",
+                    m.key("name"),
+                    m.name
+                ));
+            }
             if m.kind == "pvc" && !crate::naming::is_dns1123_label(&name) {
                 return Err(format!(
                     "{}: {name:?} (from {:?}) is not a valid claim name",
@@ -320,8 +322,17 @@ impl VolumeSettings {
                 mount_propagation: m.mount_propagation.map(str::to_string),
                 ..VolumeMount::default()
             });
-            if volumes.iter().any(|v| v.name == name) {
-                continue;
+            if let Some(v) = volumes.iter().find(|v| v.name == name) {
+                // The same claim mounted again is fine (GitLab dedupes PVCs by name); an expanded
+                // claim name that collides with another volume is not.
+                if v.persistent_volume_claim.is_some() && m.kind == "pvc" {
+                    continue;
+                }
+                return Err(format!(
+                    "{}: {name:?} (from {:?}) is also the name of another volume",
+                    m.key("name"),
+                    m.name
+                ));
             }
             volumes.push(self.volume(m.kind, m.index, name));
         }
@@ -635,5 +646,19 @@ items = { "token" = "t/token" }
         };
         let err = v.plan(&ok_name, &[]).unwrap_err();
         assert!(err.contains("volumes.pvc[0].mount_path"), "{err}");
+        // An expanded claim name may not take another volume's name, nor one of ours.
+        let collide = |k: &str| match k {
+            "CI_CONCURRENT_ID" => "x".to_string(),
+            _ => String::new(),
+        };
+        let v2 = parse(
+            "[[pvc]]\nname = \"$CI_CONCURRENT_ID\"\nmount_path = \"/p\"\n[[secret]]\nname = \"x\"\nmount_path = \"/s\"\n",
+        )
+        .unwrap();
+        let err = v2.plan(&collide, &[]).unwrap_err();
+        assert!(err.contains("also the name of another volume"), "{err}");
+        let ours = |_: &str| "logs".to_string();
+        let err = v2.plan(&ours, &[]).unwrap_err();
+        assert!(err.contains("executor's own"), "{err}");
     }
 }
