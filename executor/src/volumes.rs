@@ -20,8 +20,8 @@ use serde::Deserialize;
 
 use crate::quantity::Quantity;
 
-/// Volume names the executor uses itself.
-pub const RESERVED_NAMES: [&str; 5] = ["builds", "scripts", "logs", "cache", "tools"];
+/// Volume names the executor uses itself (`launcher`: reserved for the in-pod launcher's volume).
+pub const RESERVED_NAMES: [&str; 6] = ["builds", "scripts", "logs", "cache", "tools", "launcher"];
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
