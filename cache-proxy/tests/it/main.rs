@@ -29,4 +29,5 @@ mod presign_boto3;
 mod replicas;
 mod runner_sequence;
 mod side_channels;
+mod soak;
 mod tls;
