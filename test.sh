@@ -8,8 +8,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # Every proxy and executor log the tests produce is captured here, then scanned for secrets.
 SPOTRUN_LOG_CAPTURE_DIR="$(mktemp -d -t spotrun-logs.XXXXXX)"
 export SPOTRUN_LOG_CAPTURE_DIR
-# The static release binaries the image test (tests/tests/it/image.rs) builds its image from.
-cargo build --profile dist --locked --target "$(uname -m)-unknown-linux-musl" -p spotrun-executor -p spotrun-cache-proxy
+# The static release binaries the image test (tests/tests/it/image.rs) builds its image from; the
+# emulator's job pods run the static in-pod launcher (tests/src/rootfs.rs).
+cargo build --profile dist --locked --target "$(uname -m)-unknown-linux-musl" -p spotrun-executor -p spotrun-cache-proxy -p spotrun-launch
 # cargo-nextest: each test in its own process, each bounded by .config/nextest.toml (a hang fails
 # naming its test); then the doc tests, which nextest does not run.
 cargo nextest run --workspace --locked

@@ -21,7 +21,9 @@ fn median_ms(mut v: Vec<Duration>) -> f64 {
 /// `jobs` jobs, each with `empty_stages` empty user stages (`build_script` and `step_*`).
 pub async fn run(jobs: u32, empty_stages: u32) -> anyhow::Result<Vec<Row>> {
     let executor = workspace_binary("spotrun-executor", "spotrun-executor")?;
-    let emu = Emulator::start(EmulatorConfig::gke()).await?;
+    let mut cfg = EmulatorConfig::gke();
+    cfg.images.push(spotrun_testkit::rootfs::launcher_image());
+    let emu = Emulator::start(cfg).await?;
     let dir = tempfile::tempdir()?;
     let settings = dir.path().join("executor.toml");
     std::fs::write(

@@ -50,8 +50,17 @@ pub fn helper_arch(k8s_arch: &str) -> Option<&'static str> {
     })
 }
 
-/// Keeps a container alive doing nothing until the pod is deleted; POSIX sh only.
-pub const IDLE_SCRIPT: &str = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done";
+/// The init container that copies `spotrun-launch` into the pod.
+pub const LAUNCHER_CONTAINER: &str = "launcher";
+/// Where build and helper containers find `spotrun-launch` (a read-only emptyDir).
+pub const LAUNCHER_DIR: &str = "/spotrun/launcher";
+/// The in-pod launcher every stage exec runs (see `stage::launcher`).
+pub const LAUNCHER: &str = "/spotrun/launcher/spotrun-launch";
+
+/// Keeps the build container alive until the pod is deleted: our launcher as its pid 1 (it reaps
+/// orphans and exits on TERM), so nothing but `sh` is needed from the image; `sh -c` keeps an
+/// image without a shell failing when the pod starts rather than at its first stage.
+pub const IDLE_SCRIPT: &str = "exec /spotrun/launcher/spotrun-launch idle";
 
 /// The helper image ships `gitlab-runner-helper`; the runner's scripts call `gitlab-runner`.
 const HELPER_IDLE_SCRIPT: &str = "if ! command -v gitlab-runner >/dev/null 2>&1 && command -v gitlab-runner-helper >/dev/null 2>&1; then ln -sf \"$(command -v gitlab-runner-helper)\" /spotrun/bin/gitlab-runner; fi; trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done";
@@ -262,6 +271,13 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
     let (mut node_selector, affinity, mut tolerations) =
         placement(settings, input.knobs, input.spot);
     let helper_image = helper_image(settings, &mut node_selector, &mut tolerations)?;
+    volumes.push(empty_dir("launcher"));
+    // Build and helper run stages through the launcher; services do not.
+    let mut stage_mounts = mounts.clone();
+    stage_mounts.push(VolumeMount {
+        read_only: Some(true),
+        ..mount("launcher", LAUNCHER_DIR)
+    });
 
     let mut notes = Vec::new();
     let build_policies = pull_policies(settings, &image, &job.image.pull_policy, &mut notes)?;
@@ -289,7 +305,7 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         name: BUILD_CONTAINER.into(),
         image: Some(image),
         image_pull_policy: pull_policy.clone(),
-        volume_mounts: Some(mounts.clone()),
+        volume_mounts: Some(stage_mounts.clone()),
         resources: resources(&build_resources),
         security_context: container_security(settings.pod.build_security_context.as_ref()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
@@ -311,7 +327,7 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         build.args = Some(vec!["sh".into(), "-c".into(), IDLE_SCRIPT.into()]);
     }
 
-    let mut helper_mounts = mounts.clone();
+    let mut helper_mounts = stage_mounts;
     helper_mounts.push(mount("tools", TOOLS_DIR));
     let helper = Container {
         name: HELPER_CONTAINER.into(),
@@ -326,6 +342,26 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
             value_from: None,
         }]),
         volume_mounts: Some(helper_mounts),
+        resources: resources(&merge_job_resources(
+            &settings.resources.helper,
+            &input.knobs.helper_resources,
+        )),
+        security_context: container_security(settings.pod.helper_security_context.as_ref()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Container::default()
+    };
+
+    let launcher = Container {
+        name: LAUNCHER_CONTAINER.into(),
+        image: Some(settings.images.launcher_image.clone()),
+        image_pull_policy: policy_for_attempt(&helper_policies, input.pull_attempt),
+        command: Some(vec![
+            "spotrun-launch".into(),
+            "install".into(),
+            LAUNCHER_DIR.into(),
+        ]),
+        volume_mounts: Some(vec![mount("launcher", LAUNCHER_DIR)]),
+        // The helper's: a namespace quota or LimitRange may require them on every container.
         resources: resources(&merge_job_resources(
             &settings.resources.helper,
             &input.knobs.helper_resources,
@@ -380,6 +416,7 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
     }
     let timeout = job_timeout(settings, input);
     let spec = PodSpec {
+        init_containers: Some(vec![launcher]),
         containers,
         volumes: Some(volumes),
         restart_policy: Some("Never".into()),

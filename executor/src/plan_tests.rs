@@ -310,8 +310,14 @@ fn plan(case: &Case) -> PodPlan {
     let identity = JobIdentity::from_env(&case.env).unwrap();
     let knobs = job_knobs(&case.settings, &case.env, &case.job).unwrap();
     let spot = effective_spot_policy(&case.settings, &knobs, case.fallback);
+    // The default launcher image carries the crate version: pinned, so a release does not
+    // rewrite every snapshot (the default is checked in `the_launcher_comes_from_an_init_container`).
+    let mut settings = case.settings.clone();
+    if settings.images.launcher_image == crate::settings::LAUNCHER_IMAGE {
+        settings.images.launcher_image = "registry.gitlab.com/spotrun/spotrun:VERSION".into();
+    }
     plan_pod(
-        &case.settings,
+        &settings,
         &PlanInput {
             job: &case.job,
             identity: &identity,
@@ -997,4 +1003,53 @@ fn a_patch_setting_affinity_is_merged_with_the_spot_placement() {
             );
         }
     }
+}
+/// Build and helper get `spotrun-launch` from the init container through a read-only volume;
+/// services do not; the build container idles in it. The image is this version's.
+#[test]
+fn the_launcher_comes_from_an_init_container() {
+    let case = cases().remove(1);
+    let p = plan_pod(
+        &case.settings,
+        &PlanInput {
+            job: &case.job,
+            identity: &JobIdentity::from_env(&case.env).unwrap(),
+            env: &case.env,
+            knobs: &job_knobs(&case.settings, &case.env, &case.job).unwrap(),
+            spot: SpotPolicy::Never,
+            pull_attempt: 0,
+        },
+    )
+    .unwrap();
+    let spec = p.pod.spec.unwrap();
+    let init = &spec.init_containers.as_ref().unwrap()[0];
+    assert_eq!(
+        init.image.as_deref(),
+        Some(concat!(
+            "registry.gitlab.com/spotrun/spotrun:",
+            env!("CARGO_PKG_VERSION")
+        ))
+    );
+    assert_eq!(
+        init.command.as_deref().unwrap(),
+        ["spotrun-launch", "install", crate::plan::LAUNCHER_DIR]
+    );
+    for c in &spec.containers {
+        let m = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == crate::plan::LAUNCHER_DIR);
+        if c.name == "build" || c.name == "helper" {
+            assert_eq!(m.and_then(|m| m.read_only), Some(true), "{}", c.name);
+        } else {
+            assert!(m.is_none(), "{}", c.name);
+        }
+    }
+    let build = spec.containers.iter().find(|c| c.name == "build").unwrap();
+    let idle = build.args.as_ref().or(build.command.as_ref()).unwrap();
+    assert_eq!(
+        idle.last().unwrap(),
+        &format!("exec {} idle", crate::plan::LAUNCHER)
+    );
 }

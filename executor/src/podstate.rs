@@ -276,7 +276,11 @@ pub fn progress(pod: &Pod) -> Progress {
     let statuses: Vec<_> = status
         .and_then(|s| s.container_statuses.clone())
         .unwrap_or_default();
-    for cs in &statuses {
+    // The launcher's init container can fail to pull or start like any other.
+    let inits = status
+        .and_then(|s| s.init_container_statuses.clone())
+        .unwrap_or_default();
+    for cs in inits.iter().chain(&statuses) {
         if let Some(w) = cs.state.as_ref().and_then(|s| s.waiting.as_ref()) {
             let reason = w.reason.clone().unwrap_or_default();
             if IMAGE_REASONS.contains(&reason.as_str()) || CONFIG_REASONS.contains(&reason.as_str())

@@ -292,6 +292,12 @@ impl PullPolicy {
     }
 }
 
+/// The published spotrun image of this version (the chart's default image too).
+pub const LAUNCHER_IMAGE: &str = concat!(
+    "registry.gitlab.com/spotrun/spotrun:",
+    env!("CARGO_PKG_VERSION")
+);
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ImageSettings {
@@ -303,6 +309,9 @@ pub struct ImageSettings {
     /// GitLab's helper image flavor (`alpine3.21`, `ubuntu`, `ubi-fips`, ...) for `${FLAVOR}`;
     /// unset: the default (Alpine) tag.
     pub helper_image_flavor: Option<String>,
+    /// The spotrun image: its init container copies `spotrun-launch` (the in-pod launcher) into
+    /// the pod, so stages need nothing from the job image but `sh`.
+    pub launcher_image: String,
     /// One policy or a list: the default for images whose job sets none, and (first entry) the
     /// helper's; a later entry is tried when a pull fails with the one before (as the Kubernetes
     /// executor does).
@@ -325,6 +334,7 @@ impl Default for ImageSettings {
                 "registry.gitlab.com/gitlab-org/gitlab-runner/gitlab-runner-helper:${FLAVOR}${ARCH}-v19.4.0"
                     .into(),
             helper_image_flavor: None,
+            launcher_image: LAUNCHER_IMAGE.into(),
             pull_policy: Vec::new(),
             allowed_pull_policies: Vec::new(),
             allowed_images: Vec::new(),

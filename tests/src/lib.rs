@@ -6,5 +6,6 @@ pub mod emulator;
 pub mod faultproxy;
 pub mod harness;
 pub mod logcapture;
+pub mod rootfs;
 pub mod s3peer;
 pub mod ziptree;

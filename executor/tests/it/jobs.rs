@@ -232,6 +232,7 @@ async fn image_pull_failure_is_a_build_failure_naming_the_image() {
             default_command: None,
             env: Vec::new(),
             bin_dirs: Vec::new(),
+            rootfs: None,
         },
     );
     let env = Env::start_with(cfg, "").await;

@@ -2,6 +2,7 @@
 //! the Kubernetes API emulator (containers run for real in bwrap).
 
 mod classification;
+mod job_images;
 mod jobs;
 mod overrides;
 mod parity;

@@ -16,6 +16,7 @@ fn registry_down() -> EmulatorConfig {
             default_command: None,
             env: Vec::new(),
             bin_dirs: Vec::new(),
+            rootfs: None,
         },
     );
     cfg

@@ -64,7 +64,8 @@ async fn audit_derived_verb_list_equals_the_committed_file() {
             }
             assert!(
                 Instant::now() < deadline,
-                "job {id}: build_script never started or its node was never watched"
+                "job {id}: build_script never started or its node was never watched; events so far:\n{}",
+                std::fs::read_to_string(&env.events).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };

@@ -37,7 +37,10 @@ impl Env {
         Self::start_with(EmulatorConfig::gke(), extra_settings).await
     }
 
-    pub async fn start_with(cfg: EmulatorConfig, extra_settings: &str) -> Self {
+    pub async fn start_with(mut cfg: EmulatorConfig, extra_settings: &str) -> Self {
+        // The spotrun image, whose init container puts the launcher into every job pod.
+        cfg.images
+            .insert(0, spotrun_testkit::rootfs::launcher_image());
         let emu = Emulator::start(cfg).await.expect("emulator starts");
         let dir = tempfile::tempdir().unwrap();
         let events = dir.path().join("events.jsonl");

@@ -76,7 +76,10 @@ async fn main() -> anyhow::Result<()> {
         default_command: None,
         env: Vec::new(),
         bin_dirs: vec![bin_dir.clone()],
+        rootfs: None,
     });
+    // The spotrun image: its init container puts the in-pod launcher into the job pod.
+    cfg.images.push(spotrun_testkit::rootfs::launcher_image());
     let emu = Emulator::start(cfg).await?;
     println!(
         "kube-apiserver emulator at {} — nodes gke-spot-1, gke-spot-2 (spot, tainted), gke-ondemand-1",

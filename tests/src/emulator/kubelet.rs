@@ -1,6 +1,7 @@
 //! The kubelet: per bound pod, one worker task that pulls images (per the image rules),
 //! runs every container as local processes in a `bwrap` sandbox (own pid namespace, the
-//! pod's volume dirs bound at their mount paths), follows them and publishes pod status.
+//! pod's volume dirs bound at their mount paths), follows them and publishes pod status. A
+//! container's root is the host's, or its image's own tree when the image rule has a `rootfs`.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -336,6 +337,24 @@ async fn run(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .remove(uid_of(&w.pod));
+    for v in w.pod["spec"]["volumes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        if sized_memory_volume(v).is_some() {
+            let vdir = h
+                .pod_dir
+                .join("volumes")
+                .join(v["name"].as_str().unwrap_or("_"));
+            let _ = tokio::process::Command::new("umount")
+                .arg("-l")
+                .arg(vdir)
+                .stderr(Stdio::null())
+                .status()
+                .await;
+        }
+    }
     let _ = tokio::fs::remove_dir_all(&h.pod_dir).await;
     h.progress.send_modify(|p| p.finished = true);
 }
@@ -376,6 +395,25 @@ impl Worker {
         {
             let vdir = dir.join("volumes").join(v["name"].as_str().unwrap_or("_"));
             std::fs::create_dir_all(&vdir)?;
+            if let Some(size) = sized_memory_volume(v) {
+                // As the kubelet mounts it: a tmpfs of that size, so a full volume gives ENOSPC.
+                // Needs root (CI's machines are); elsewhere a plain directory, without the limit.
+                let mounted = std::process::Command::new("mount")
+                    .args([
+                        "-t",
+                        "tmpfs",
+                        "-o",
+                        &format!("size={size},mode=1777"),
+                        "tmpfs",
+                    ])
+                    .arg(&vdir)
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !mounted {
+                    tracing::warn!(pod = %self.h.name, "no tmpfs for memory emptyDir {}: not root?", vdir.display());
+                }
+            }
             let (src, key) = if v["secret"].is_object() {
                 (
                     st.get(
@@ -836,12 +874,25 @@ impl Worker {
         let tmp = dir.join("tmp").join(&name);
         let _ = std::fs::create_dir_all(&tmp);
         let mut cmd = tokio::process::Command::new("bwrap");
-        cmd.args(["--dev-bind", "/", "/", "--proc", "/proc"]);
+        let image = spec["image"].as_str().unwrap_or_default();
+        let rootfs = self
+            .shared
+            .cfg
+            .image_rule(image)
+            .and_then(|r| r.rootfs.clone());
+        if let Some(root) = &rootfs {
+            // The image's own root: nothing of the host is visible but the pod's volumes.
+            cmd.arg("--bind").arg(root).arg("/");
+            cmd.args(["--dev", "/dev", "--proc", "/proc"]);
+        } else {
+            cmd.args(["--dev-bind", "/", "/", "--proc", "/proc"]);
+        }
         cmd.arg("--bind").arg(&tmp).arg("/tmp");
         cmd.arg("--bind").arg(dir.join("hosts")).arg("/etc/hosts");
         // An image's programs stay visible at their host paths, even under the private /tmp.
-        let image = spec["image"].as_str().unwrap_or_default();
-        if let Some(rule) = self.shared.cfg.image_rule(image) {
+        if let Some(rule) = self.shared.cfg.image_rule(image)
+            && rootfs.is_none()
+        {
             for d in &rule.bin_dirs {
                 cmd.arg("--ro-bind").arg(d).arg(d);
             }
@@ -1397,6 +1448,32 @@ fn data_of(obj: &Value, secret: bool) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// The tmpfs `size=` of an `emptyDir` with `medium: Memory` and a `sizeLimit` (a quantity:
+/// `64Ki`, `1Mi`, `1000`), if it is one.
+fn sized_memory_volume(v: &Value) -> Option<String> {
+    let ed = &v["emptyDir"];
+    if ed["medium"] != "Memory" {
+        return None;
+    }
+    let limit = ed["sizeLimit"].as_str()?;
+    let (digits, unit) = limit.split_at(
+        limit
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(limit.len()),
+    );
+    let factor: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "k" => 1000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        _ => return None,
+    };
+    Some((digits.parse::<u64>().ok()? * factor).to_string())
+}
+
 /// The first child of `parent` (bwrap's sandboxed pid-1), found through /proc, once it has
 /// exec'd the container command: before that its mounts are still being set up, and an exec
 /// entering it too early would see a half-built sandbox.
@@ -1454,6 +1531,22 @@ mod tests {
     fn expands_references() {
         let env = vec![("A".to_string(), "x".to_string())];
         assert_eq!(expand_refs("$(A)/$(B)/$$(A)", &env), "x/$(B)/$(A)");
+    }
+
+    #[test]
+    fn memory_volume_sizes() {
+        let vol = |ed: Value| serde_json::json!({ "name": "v", "emptyDir": ed });
+        let sized = |ed| sized_memory_volume(&vol(ed));
+        assert_eq!(
+            sized(serde_json::json!({"medium": "Memory", "sizeLimit": "64Ki"})).as_deref(),
+            Some("65536")
+        );
+        assert_eq!(
+            sized(serde_json::json!({"medium": "Memory", "sizeLimit": "1000"})).as_deref(),
+            Some("1000")
+        );
+        assert_eq!(sized(serde_json::json!({"medium": "Memory"})), None);
+        assert_eq!(sized(serde_json::json!({"sizeLimit": "64Ki"})), None);
     }
 
     #[test]

@@ -100,6 +100,10 @@ pub struct ImageRule {
     /// Host directories standing for the programs the image carries in its system directories
     /// (e.g. `gitlab-runner` in the helper image): appended to the container's final PATH.
     pub bin_dirs: Vec<std::path::PathBuf>,
+    /// The image's root filesystem (e.g. `rootfs::busybox()`): its containers run with it as
+    /// `/` (bwrap: the pod's volumes, a fresh /proc and a minimal /dev on top) instead of the
+    /// host's. `None`: the host's root, with `bin_dirs` added.
+    pub rootfs: Option<std::path::PathBuf>,
 }
 
 /// Everything the emulator starts with.

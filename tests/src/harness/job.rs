@@ -191,6 +191,10 @@ pub struct JobSpec {
     pub repo_url: Option<String>,
     pub git_sha: String,
     pub git_ref: String,
+    /// Stage scripts handed over verbatim instead of the ones the runner would write: for job
+    /// images whose shell cannot run the runner's bash scripts (dash has no `$'...'`), where a
+    /// test drives a stage with a POSIX script of its own.
+    pub raw_scripts: Vec<(String, String)>,
 }
 
 /// Builds [`JobSpec`]s with the shape of a real job (project 4242, pipeline 55555 by default).
@@ -226,6 +230,7 @@ impl JobBuilder {
                 repo_url: None,
                 git_sha: "9f1c2e7b4a6d8c0e3f5a7b9d1c3e5f7a9b2d4c6e".to_owned(),
                 git_ref: "main".to_owned(),
+                raw_scripts: Vec::new(),
             },
         }
     }
@@ -347,6 +352,15 @@ impl JobBuilder {
         self.spec.repo_url = Some(url.to_owned());
         git_ref.clone_into(&mut self.spec.git_ref);
         sha.clone_into(&mut self.spec.git_sha);
+        self
+    }
+
+    /// Hands `script` verbatim to `run_exec` for `stage` (see [`JobSpec::raw_scripts`]).
+    #[must_use]
+    pub fn raw_stage_script(mut self, stage: &str, script: &str) -> Self {
+        self.spec
+            .raw_scripts
+            .push((stage.to_owned(), script.to_owned()));
         self
     }
 

@@ -570,6 +570,12 @@ impl JobRun<'_> {
         let dir = self.tmpdir.join(format!("script{}", rand::random::<u32>()));
         std::fs::create_dir(&dir).expect("script dir");
         let path = dir.join("script");
+        let script = self
+            .job
+            .raw_scripts
+            .iter()
+            .find(|(s, _)| s == stage)
+            .map_or(script, |(_, raw)| raw.as_str());
         std::fs::write(&path, script).expect("write script");
         set_mode(&path, 0o700);
         let env = self.exec_env(status);

@@ -252,6 +252,7 @@ async fn exec_into_pods_that_are_not_running_fails_cleanly() {
         default_command: None,
         env: Vec::new(),
         bin_dirs: Vec::new(),
+        rootfs: None,
     });
     let emu = spotrun_testkit::emulator::Emulator::start(cfg)
         .await

@@ -8,7 +8,7 @@
 //!
 //! Needs buildah, umoci and busybox-static (apt, `.ci/install`), helm on PATH, and the static
 //! release binaries (`cargo build --profile dist --locked --target <arch>-unknown-linux-musl -p
-//! spotrun-executor -p spotrun-cache-proxy`, which `./test.sh` runs first). Anything missing fails.
+//! spotrun-executor -p spotrun-cache-proxy -p spotrun-launch`, which `./test.sh` runs first). Anything missing fails.
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
@@ -32,7 +32,7 @@ const IMAGE_UID: u32 = 65532;
 /// The compressed size budget of all layers together.
 const SIZE_BUDGET: u64 = 40 << 20;
 /// The programs the image ships, in /usr/local/bin.
-const BINARIES: [&str; 2] = ["spotrun-executor", "spotrun-cache-proxy"];
+const BINARIES: [&str; 3] = ["spotrun-executor", "spotrun-cache-proxy", "spotrun-launch"];
 /// Any single external command (buildah, umoci, a binary in the image) gets this long.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -58,7 +58,7 @@ fn release_binary(name: &str) -> PathBuf {
     assert!(
         path.is_file(),
         "{} is missing: the image test runs the static release binaries; build them with \
-         `cargo build --profile dist --locked --target {} -p spotrun-executor -p spotrun-cache-proxy` \
+         `cargo build --profile dist --locked --target {} -p spotrun-executor -p spotrun-cache-proxy -p spotrun-launch` \
          (./test.sh does this before the tests)",
         path.display(),
         musl_target()
