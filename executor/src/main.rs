@@ -22,6 +22,7 @@ mod settings;
 mod smp;
 mod stage;
 mod sweep;
+mod verdict;
 mod volumes;
 
 use std::path::PathBuf;

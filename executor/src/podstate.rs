@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::Pod;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PodEnd {
     /// Its node went away: graceful node shutdown, node deleted, `PodGC` after the node was
-    /// removed. A spot reclaim when the node was a spot node, which `prepare::lost` decides (it can
+    /// removed. A spot reclaim when the node was a spot node, which `verdict::pod_lost` decides (it can
     /// ask the API); `spot_hint` is what the pod's own placement says.
     NodeLost {
         node: String,

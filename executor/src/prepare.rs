@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Event, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{Event, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt as _;
@@ -18,9 +18,10 @@ use crate::failure::Failure;
 use crate::job::{JobError, JobIdentity, JobResponse, job_knobs};
 use crate::kubeapi::Kube;
 use crate::naming::{MANAGED_BY_KEY, MANAGED_BY_VALUE, PREPARED_ANNOTATION};
-use crate::plan::{PlanError, PlanInput, SPOT_LABEL, effective_spot_policy, plan_pod};
-use crate::podstate::{self, PodEnd, Progress};
+use crate::plan::{PlanError, PlanInput, effective_spot_policy, plan_pod};
+use crate::podstate::{self, Progress};
 use crate::settings::SpotPolicy;
+use crate::verdict::{self, NodeNow};
 use crate::{Ctx, preemption};
 
 /// A line in the job log (stdout of prepare/run), flushed at once.
@@ -52,17 +53,13 @@ pub fn identity(ctx: &Ctx, job: Option<&JobResponse>) -> Result<JobIdentity, Fai
     }
 }
 
-/// Whether the node carries the GKE spot label (None: unknown, e.g. no RBAC on nodes).
+/// Whether the node carries the GKE spot label (None: unknown, e.g. no RBAC on nodes, or gone).
 pub async fn node_is_spot(kube: &Kube, node: &str) -> Option<bool> {
-    let nodes: Api<Node> = Api::all(kube.client.clone());
-    let n = kube.call("get node", || nodes.get_opt(node)).await.ok()??;
-    Some(
-        n.metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SPOT_LABEL))
-            .is_some_and(|v| v == "true"),
-    )
+    match verdict::node_now(kube, node).await {
+        NodeNow::Spot => Some(true),
+        NodeNow::OnDemand => Some(false),
+        NodeNow::Gone | NodeNow::Unknown => None,
+    }
 }
 
 fn capacity_word(spot: Option<bool>) -> &'static str {
@@ -420,7 +417,7 @@ async fn wait_running(
                     Ok(WEvent::Apply(p) | WEvent::InitApply(p)) => p,
                     Ok(WEvent::Delete(p)) => {
                         let end = podstate::deleted_pod_end(&p);
-                        return Err(lost(ctx, kube, job, end).await);
+                        return Err(verdict::pod_lost(ctx, kube, job, end).await);
                     }
                     Ok(_) => continue,
                     Err(e) => {
@@ -482,7 +479,7 @@ async fn wait_running(
                         let what = if reason.contains("Pull") || reason.contains("Image") { PULL_FAILURE } else { "cannot start container" };
                         return Err(Failure::Job(format!("{what} {image:?} (container {container}): {reason}: {message}")));
                     }
-                    Progress::Ended(end) => return Err(lost(ctx, kube, job, end).await),
+                    Progress::Ended(end) => return Err(verdict::pod_lost(ctx, kube, job, end).await),
                 }
             }
             item = ev_stream.next(), if events_ok => {
@@ -604,116 +601,6 @@ fn on_event(
         return Some(Failure::Job(format!("invalid image: {message}")));
     }
     None
-}
-
-/// What the API says about a node now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum NodeNow {
-    Spot,
-    OnDemand,
-    Gone,
-    /// No answer (API trouble, no RBAC on nodes) or no node name.
-    Unknown,
-}
-
-async fn node_now(kube: &Kube, node: &str) -> NodeNow {
-    if node.is_empty() {
-        return NodeNow::Unknown;
-    }
-    let nodes: Api<Node> = Api::all(kube.client.clone());
-    match kube.call("get node", || nodes.get_opt(node)).await {
-        Ok(None) => NodeNow::Gone,
-        Ok(Some(n)) => {
-            let spot = n
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SPOT_LABEL))
-                .is_some_and(|v| v == "true");
-            if spot {
-                NodeNow::Spot
-            } else {
-                NodeNow::OnDemand
-            }
-        }
-        Err(_) => NodeNow::Unknown,
-    }
-}
-
-/// Turns the end of a pod into the failure the runner sees. Only a spot node reclaimed counts as
-/// a preemption (recorded, so the retry may go to on-demand nodes); an eviction of any other kind
-/// is a plain system failure quoting the kubelet or controller, with no fallback.
-pub async fn lost(ctx: &Ctx, kube: &Kube, job: &JobResponse, end: PodEnd) -> Failure {
-    match end {
-        PodEnd::NodeLost {
-            node,
-            reason,
-            spot_hint,
-        } => {
-            let spot = match node_now(kube, &node).await {
-                NodeNow::Spot => true,
-                NodeNow::OnDemand => false,
-                // A node that vanished under a pod placed on spot (or placed anywhere: spot is the
-                // capacity that vanishes) is read as a reclaim.
-                NodeNow::Gone | NodeNow::Unknown => spot_hint.unwrap_or(true),
-            };
-            if spot {
-                preempted(ctx, kube, job, &node, &reason).await
-            } else {
-                ctx.events
-                    .warn("node_lost", json!({ "node": node, "reason": reason }));
-                Failure::System(format!(
-                    "Job pod lost with its on-demand node {node} ({reason}); not a spot reclaim, so a retry is placed as usual"
-                ))
-            }
-        }
-        PodEnd::Deleted { node, spot_hint } => {
-            if node_now(kube, &node).await == NodeNow::Gone {
-                let reason = "the pod was deleted and its node is gone".to_string();
-                if spot_hint == Some(false) {
-                    Failure::System(format!("Job pod lost: {reason} (node {node})"))
-                } else {
-                    preempted(ctx, kube, job, &node, &reason).await
-                }
-            } else {
-                ctx.events.warn("pod_deleted", json!({ "node": node }));
-                Failure::System(
-                    "Job pod was deleted while the job ran (by a user or a controller, not by a spot reclaim)".into(),
-                )
-            }
-        }
-        PodEnd::Evicted { node, reason } => {
-            ctx.events
-                .warn("evicted", json!({ "node": node, "reason": reason }));
-            Failure::System(format!(
-                "Job pod was evicted from node {node}: {reason} (not a spot reclaim: a retry is not moved to on-demand nodes)"
-            ))
-        }
-        PodEnd::Failed { reason } => Failure::System(format!("Job pod failed: {reason}")),
-        PodEnd::ContainerTerminated { container, reason } => Failure::System(format!(
-            "Job pod container {container} terminated: {reason}"
-        )),
-    }
-}
-
-/// A spot reclaim: recorded (so the retry of the same job may go to on-demand nodes) and named.
-async fn preempted(ctx: &Ctx, kube: &Kube, job: &JobResponse, node: &str, reason: &str) -> Failure {
-    let node_txt = if node.is_empty() {
-        "(not yet scheduled)".to_string()
-    } else {
-        node.to_string()
-    };
-    ctx.events
-        .warn("preemption", json!({ "node": node, "reason": reason }));
-    preemption::record(kube, &ctx.settings, job, node).await;
-    let retry = if ctx.settings.spot.fallback_on_preemption {
-        "a retry of this job (retry: when: runner_system_failure) will run on on-demand nodes"
-    } else {
-        "a retry of this job (retry: when: runner_system_failure) will run on spot nodes again (fallback disabled)"
-    };
-    Failure::Preempted(format!(
-        "Job pod was preempted on node {node_txt} ({reason}); {retry}"
-    ))
 }
 
 #[cfg(test)]

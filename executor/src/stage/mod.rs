@@ -29,7 +29,8 @@ use crate::job::JobResponse;
 use crate::kubeapi::Kube;
 use crate::plan::{BUILD_CONTAINER, HELPER_CONTAINER};
 use crate::podstate::{self, PodEnd};
-use crate::prepare::{identity, lost};
+use crate::prepare::identity;
+use crate::verdict::pod_lost;
 
 /// Stages the Kubernetes executor runs in the helper container (`Predefined` in the runner).
 const HELPER_STAGES: [&str; 10] = [
@@ -164,7 +165,9 @@ async fn run_stage(
     });
     let verdict = |r: Result<i32, FollowError>| async {
         match r {
-            Err(FollowError::Lost(end)) => Err(lost(ctx, &kube, &job_for_record(ctx), end).await),
+            Err(FollowError::Lost(end)) => {
+                Err(pod_lost(ctx, &kube, &job_for_record(ctx), end).await)
+            }
             Err(FollowError::Failure(f)) => Err(f),
             Ok(0) => Ok(()),
             Ok(n) => Err(Failure::Script(n)),
@@ -222,7 +225,7 @@ async fn run_stage(
         )));
     };
     if let Some(end) = podstate::pod_end(&pod, &[container]) {
-        return Err(lost(ctx, &kube, &job_for_record(ctx), end).await);
+        return Err(pod_lost(ctx, &kube, &job_for_record(ctx), end).await);
     }
     if let Some(r) = early {
         return verdict(r).await;
@@ -238,7 +241,7 @@ async fn run_stage(
     ));
     let result = tokio::select! {
         r = &mut work => verdict(r).await,
-        Some(end) = end_rx.recv() => Err(lost(ctx, &kube, &job_for_record(ctx), end).await),
+        Some(end) = end_rx.recv() => Err(pod_lost(ctx, &kube, &job_for_record(ctx), end).await),
         _ = term.recv() => cancel().await,
     };
     monitor.abort();

@@ -66,6 +66,12 @@ listen_address = {{ include "spotrun.toml.string" (printf ":%d" (int .Values.met
 {{- if not (get $cfg "namespace") }}
 {{- $_ := set $cfg "namespace" (include "spotrun.jobNamespace" .) }}
 {{- end }}
+{{- /* Job pods copy spotrun-launch from the image this chart runs, mirror included. */}}
+{{- $images := deepCopy (default (dict) (get $cfg "images")) }}
+{{- if not (get $images "launcher_image") }}
+{{- $_ := set $images "launcher_image" (include "spotrun.spotrunImage" .) }}
+{{- end }}
+{{- $_ := set $cfg "images" $images }}
 # spotrun-executor settings (rendered by the spotrun chart from executor.config).
 {{- include "spotrun.toml.table" (dict "path" "" "table" $cfg) }}
 {{- end }}

@@ -149,13 +149,28 @@ fn upgrade_to_the_next_version_keeps_the_cache_pvc_selectors_and_preemption_reco
 
     // Preemption records are ConfigMaps the executor writes and reads in the job namespace: its
     // settings (namespace, record TTL, fallback) and its Role stay the same across the upgrade.
+    // Only the launcher image moves with the version (job pods run the launcher of the executor
+    // that plans them).
     let settings = |docs: &BTreeMap<String, Value>| {
-        docs.values()
+        let toml = docs
+            .values()
             .find(|d| d["kind"] == "ConfigMap" && d["data"]["executor.toml"].is_string())
-            .map(|d| d["data"]["executor.toml"].clone())
+            .and_then(|d| d["data"]["executor.toml"].as_str())
             .expect("the chart renders executor.toml")
+            .to_string();
+        let (launcher, rest): (Vec<&str>, Vec<&str>) = toml
+            .lines()
+            .partition(|l| l.starts_with("launcher_image = "));
+        (launcher.concat(), rest.join("\n"))
     };
-    assert_eq!(settings(&before), settings(&after), "executor.toml changes");
+    let (launcher_before, settings_before) = settings(&before);
+    let (launcher_after, settings_after) = settings(&after);
+    assert_eq!(settings_before, settings_after, "executor.toml changes");
+    assert!(
+        launcher_before.ends_with(&format!(":{version}\""))
+            && launcher_after.ends_with(&format!(":{next}\"")),
+        "the launcher image follows the chart version: {launcher_before} -> {launcher_after}"
+    );
     let roles: Vec<&String> = before.keys().filter(|k| k.starts_with("Role/")).collect();
     assert!(!roles.is_empty());
     for key in roles {
