@@ -46,6 +46,8 @@ async fn main() -> anyhow::Result<()> {
     let mut proxy = std::process::Command::new(sibling("spotrun-cache-proxy")?)
         .args(["--store", store.to_str().context("utf-8 path")?])
         .args(["--listen", &format!("127.0.0.1:{proxy_port}")])
+        // Its ops listener (/metrics, /readyz) on loopback too, never the default 0.0.0.0:9090.
+        .args(["--ops-listen", &format!("127.0.0.1:{}", free_port()?)])
         .args([
             "--access-key",
             "DEMOACCESSKEY",
@@ -64,7 +66,11 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    anyhow::ensure!(up, "cache proxy did not start (see its log)");
+    if !up {
+        let _ = proxy.kill();
+        let log = std::fs::read_to_string(work.path().join("cache-proxy.log")).unwrap_or_default();
+        anyhow::bail!("cache proxy did not start; its log:\n{log}");
+    }
     println!("spotrun-cache-proxy at http://127.0.0.1:{proxy_port} (bucket runner-cache)");
 
     banner("starting the Kubernetes API emulator");
