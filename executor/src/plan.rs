@@ -372,16 +372,9 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
     };
 
     let mut containers = vec![build, helper];
-    let mut taken: Vec<String> = Vec::new();
     let mut host_names: Vec<String> = Vec::new();
-    for (i, svc) in job.services.iter().enumerate() {
-        let cname = naming::service_container_name(
-            svc.alias.split([' ', ',']).next().unwrap_or(""),
-            &svc.name,
-            i,
-            &taken,
-        );
-        taken.push(cname.clone());
+    let names = service_container_names(&job.services);
+    for (i, (svc, cname)) in job.services.iter().zip(names).enumerate() {
         for h in service_host_names(svc) {
             if !host_names.contains(&h) {
                 host_names.push(h);
@@ -556,6 +549,19 @@ fn resources(r: &ResourceSettings) -> Option<ResourceRequirements> {
         limits: (!limits.is_empty()).then_some(limits),
         ..ResourceRequirements::default()
     })
+}
+
+/// The container name of each of the job's services, in order: from its first alias, else its
+/// image, made unique (`run` finds a service's container again with it).
+#[must_use]
+pub fn service_container_names(services: &[ImageSpec]) -> Vec<String> {
+    let mut taken: Vec<String> = Vec::new();
+    for (i, svc) in services.iter().enumerate() {
+        let alias = svc.alias.split([' ', ',']).next().unwrap_or("");
+        let name = naming::service_container_name(alias, &svc.name, i, &taken);
+        taken.push(name);
+    }
+    taken
 }
 
 /// Host names a service answers to: its aliases and the Docker-style names derived from the image

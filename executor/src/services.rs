@@ -3,9 +3,9 @@
 //!
 //! The port wait needs no program in the pod beyond `sh`: every container of a pod shares one
 //! network namespace, so `/proc/net/tcp{,6}` read from the helper lists the services' listening
-//! sockets. No `pods/log` permission is needed either: services carry
-//! `terminationMessagePolicy: FallbackToLogsOnError`, so a failed one's last log lines are in its
-//! status.
+//! sockets. The exit report needs no `pods/log` either (only `CI_DEBUG_SERVICES` does, in
+//! `stage::service_logs`): services carry `terminationMessagePolicy: FallbackToLogsOnError`, so a
+//! failed one's last log lines are in its status.
 
 use std::collections::BTreeSet;
 use std::time::Duration;

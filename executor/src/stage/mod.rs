@@ -3,23 +3,27 @@
 //! after drops, until its exit code is recorded; watch the pod meanwhile.
 //!
 //! Parts: `launcher` (the in-pod program's command lines and reports), `exec` (one command over
-//! the API's exec), `monitor` (pod and node watch); this file ties them into a stage.
+//! the API's exec), `monitor` (pod and node watch), `joblog` (our stdout, shared by the stage and
+//! `service_logs`, the `CI_DEBUG_SERVICES` copies); this file ties them into a stage.
 
 mod exec;
+mod joblog;
 mod launcher;
 mod monitor;
+mod service_logs;
 
-use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use rand::Rng as _;
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
 pub(crate) use exec::{ExecEnd, exec};
+use joblog::JobLog;
 pub use launcher::StagePaths;
 use launcher::{Report, follow_argv, kill_argv, lost_failure, report, start_argv, start_failure};
 
@@ -94,6 +98,8 @@ pub async fn run(ctx: &Ctx, script_path: &Path, stage: &str) -> Result<(), Failu
             script_path.display()
         ))
     })?;
+    // Wall-clock: the service logs of this stage start here (kubelet timestamps are wall-clock).
+    let stage_start = Timestamp::now();
     let id = identity(ctx, None)?;
     let name = id.pod_name();
     let container = stage_container(stage);
@@ -103,7 +109,7 @@ pub async fn run(ctx: &Ctx, script_path: &Path, stage: &str) -> Result<(), Failu
         json!({ "stage": stage, "container": container }),
     );
     let started = Instant::now();
-    let result = run_stage(ctx, &name, container, stage, script).await;
+    let result = run_stage(ctx, &name, container, stage, script, stage_start).await;
     let outcome = match &result {
         Ok(()) => "success".to_string(),
         Err(Failure::Script(n)) => format!("exit {n}"),
@@ -119,15 +125,33 @@ pub async fn run(ctx: &Ctx, script_path: &Path, stage: &str) -> Result<(), Failu
     result
 }
 
+/// The stage, with the service logs copied alongside when the job asks for them.
 async fn run_stage(
     ctx: &Ctx,
     name: &str,
     container: &str,
     stage: &str,
     script: Vec<u8>,
+    stage_start: Timestamp,
+) -> Result<(), Failure> {
+    let kube = Kube::connect(&ctx.settings, ctx.events.clone()).await?;
+    let service_logs = service_logs::start(ctx, &kube, name, stage, stage_start);
+    let result = drive_stage(ctx, &kube, name, container, stage, script).await;
+    if let Some(logs) = service_logs {
+        logs.finish().await;
+    }
+    result
+}
+
+async fn drive_stage(
+    ctx: &Ctx,
+    kube: &Kube,
+    name: &str,
+    container: &str,
+    stage: &str,
+    script: Vec<u8>,
 ) -> Result<(), Failure> {
     let settings = &ctx.settings;
-    let kube = Kube::connect(settings, ctx.events.clone()).await?;
     let pods: Api<Pod> = Api::namespaced(kube.client.clone(), &kube.namespace);
     let silence = Duration::from_secs(settings.timeouts.exec_silence_seconds);
     let ns = kube.namespace.clone();
@@ -147,7 +171,7 @@ async fn run_stage(
         // stage fall back to the idempotent launcher and a follower resuming at the offset.
         let mut offset = 0u64;
         if let Some(code) = start_and_follow(
-            &kube,
+            kube,
             &pods,
             name,
             container,
@@ -160,13 +184,13 @@ async fn run_stage(
         {
             return Ok(code);
         }
-        start(&kube, &pods, name, container, &paths, script, silence).await?;
-        follow(&kube, &pods, name, container, &paths, silence, offset).await
+        start(kube, &pods, name, container, &paths, script, silence).await?;
+        follow(kube, &pods, name, container, &paths, silence, offset).await
     });
     let verdict = |r: Result<i32, FollowError>| async {
         match r {
             Err(FollowError::Lost(end)) => {
-                Err(pod_lost(ctx, &kube, &job_for_record(ctx), end).await)
+                Err(pod_lost(ctx, kube, &job_for_record(ctx), end).await)
             }
             Err(FollowError::Failure(f)) => Err(f),
             Ok(0) => Ok(()),
@@ -225,7 +249,7 @@ async fn run_stage(
         )));
     };
     if let Some(end) = podstate::pod_end(&pod, &[container]) {
-        return Err(pod_lost(ctx, &kube, &job_for_record(ctx), end).await);
+        return Err(pod_lost(ctx, kube, &job_for_record(ctx), end).await);
     }
     if let Some(r) = early {
         return verdict(r).await;
@@ -241,7 +265,7 @@ async fn run_stage(
     ));
     let result = tokio::select! {
         r = &mut work => verdict(r).await,
-        Some(end) = end_rx.recv() => Err(pod_lost(ctx, &kube, &job_for_record(ctx), end).await),
+        Some(end) = end_rx.recv() => Err(pod_lost(ctx, kube, &job_for_record(ctx), end).await),
         _ = term.recv() => cancel().await,
     };
     monitor.abort();
@@ -345,12 +369,10 @@ async fn start(
     }
 }
 
-/// Writes stage output to our stdout as it arrives, counting the bytes.
+/// Writes stage output to the job log as it arrives, counting the bytes.
 fn to_stdout(offset: &mut u64) -> impl FnMut(&[u8]) + Send + '_ {
     move |bytes: &[u8]| {
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(bytes);
-        let _ = out.flush();
+        JobLog::stdout().stage_output(bytes);
         *offset += bytes.len() as u64;
     }
 }

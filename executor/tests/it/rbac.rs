@@ -15,14 +15,21 @@ async fn audit_derived_verb_list_equals_the_committed_file() {
     // Two spot preemptions of the same job: the retry must stay on spot (only a spot reclaim is
     // recorded), so the fallback waits for a third.
     let env = Env::start("[spot]\npolicy = \"require\"\nspot_attempts_before_fallback = 3\n").await;
-    // 1. A full job with a service and registry credentials (secret + owner patch).
+    // 1. A full job with a service and registry credentials (secret + owner patch), its log
+    //    copied into the job log (`CI_DEBUG_SERVICES`: pods/log).
     let job = JobBuilder::new(7001)
         .name("rbac")
-        .service(Service::new("python:3.13", "svc").command(&["sleep", "60"]))
+        .variable("CI_DEBUG_SERVICES", "true")
+        .service(Service::new("python:3.13", "svc").entrypoint(&[
+            "sh",
+            "-c",
+            "echo rbac-svc-up; exec sleep 60",
+        ]))
         .script(&["echo ok"])
         .build();
     let out = env.runner().run(&job).await;
     assert_eq!(out.result, JobResult::Success, "{}", out.log);
+    assert!(out.log.contains("[service:python-svc] "), "{}", out.log);
     // 2. A preempted job (pod + node watch, preemption record create), then its retry (record
     //    read) and a second preemption (record update).
     for id in [7002u64, 7003] {

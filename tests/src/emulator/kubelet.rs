@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
 use super::api::{self, name_of, uid_of};
+use super::podlog;
 use super::store::Res;
 use super::{PullOutcome, Shared, clock};
 
@@ -62,6 +63,8 @@ pub(crate) struct PodHandle {
     procs: Mutex<HashMap<String, ProcInfo>>,
     progress: watch::Sender<Progress>,
     pub(crate) pod_dir: PathBuf,
+    /// When each container's log grew (`podlog`: `sinceTime`, `timestamps`, `follow`'s end).
+    pub(crate) log_marks: podlog::PodLogs,
 }
 
 /// Why exec cannot enter a container.
@@ -140,14 +143,6 @@ impl PodHandle {
             .contains_key(container);
         known.then(|| self.log_path(container).exists())
     }
-
-    pub(crate) fn container_running(&self, container: &str) -> bool {
-        let procs = self
-            .procs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        procs.get(container).is_some_and(|p| p.running)
-    }
 }
 
 /// Sends a signal through kill(1): the workspace forbids `unsafe`, so no `libc::kill`.
@@ -218,6 +213,7 @@ pub(crate) fn spawn_pod(shared: Arc<Shared>, pod: &Value) {
         procs: Mutex::new(HashMap::new()),
         progress,
         pod_dir: shared.state_dir.join("pods").join(&uid),
+        log_marks: podlog::PodLogs::default(),
     });
     shared
         .pods
@@ -967,6 +963,13 @@ impl Worker {
         }
         match cmd.spawn() {
             Ok(mut child) => {
+                let run = podlog::run_started(&self.h, &name);
+                tokio::spawn(podlog::sample_while_running(
+                    self.h.clone(),
+                    name.clone(),
+                    run,
+                    self.shared.stopping.clone(),
+                ));
                 let bwrap_pid = child.id().unwrap_or(0);
                 self.ctrs[i].bwrap_pid = Some(bwrap_pid);
                 self.ctrs[i].alive = true;
@@ -1002,6 +1005,7 @@ impl Worker {
                 });
             }
             Err(e) => {
+                podlog::settle(&self.h, &name);
                 self.event(
                     "Warning",
                     "Failed",
@@ -1055,6 +1059,8 @@ impl Worker {
             return;
         }
         self.ctrs[i].alive = false;
+        // Its output is complete: stamped now, before the status shows the container stopped.
+        podlog::settle(&self.h, &self.ctrs[i].name);
         let started = match &self.ctrs[i].state {
             CState::Running(s) => s.clone(),
             _ => String::new(),

@@ -18,6 +18,9 @@
 //!   shell ignores SIGTERM as in a real container) and the host network (pod IP 127.0.0.1).
 //! - Exec runs through `nsenter` into the container's mount and pid namespaces; processes it
 //!   leaves behind survive the session and die with the container.
+//! - Pod logs (`container`, `follow`, `tailLines`, `sinceTime`, `sinceSeconds`, `timestamps`;
+//!   other parameters are refused by name): stamps come from sampling each log file's size every
+//!   50 ms (`podlog`), and `follow` ends once the container stopped and its output is sent.
 //! - HTTP control endpoint (for the `kube-emulator` binary; JSON bodies): `POST /emulator/fail-next`
 //!   `{count, verb?, resource?, status, retryAfter?}`, `/emulator/fail-every` `{every, statuses}`,
 //!   `/emulator/fail-ratio` `{percent, statuses, seed?}`,
@@ -34,6 +37,7 @@ mod exec;
 mod faults;
 mod kubelet;
 mod patch;
+mod podlog;
 mod sched;
 mod select;
 mod server;

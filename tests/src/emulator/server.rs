@@ -20,7 +20,7 @@ use super::api::{self, DeleteOpts};
 use super::select::{FieldSelector, LabelSelector, labels_of};
 use super::status::ApiError;
 use super::store::{Change, EventType, Res};
-use super::{AuditEntry, NodeSpec, Shared, Taint, exec, table};
+use super::{AuditEntry, NodeSpec, Shared, Taint, exec, podlog, table};
 
 pub(crate) type Body = BoxBody<Bytes, Infallible>;
 
@@ -611,21 +611,19 @@ fn watch(
     Ok(streaming_response(rx))
 }
 
-#[allow(
-    clippy::too_many_lines,
-    reason = "plain and follow modes share the checks"
-)]
+/// `GET pods/{name}/log` (see `podlog` for the parameters and how lines are stamped).
 async fn logs(
     shared: &Arc<Shared>,
     ns: &str,
     name: &str,
     q: &[(String, String)],
 ) -> Result<Response<Body>, ApiError> {
+    let query = podlog::parse_query(q, std::time::SystemTime::now())?;
     let pod = api::get(shared, Res::Pods, ns, name)?;
     let names = api::container_names(&pod, "containers");
     let init_names = api::container_names(&pod, "initContainers");
-    let container = match qget(q, "container") {
-        Some(c) => c.to_string(),
+    let container = match &query.container {
+        Some(c) => c.clone(),
         None if names.len() == 1 => names[0].clone(),
         None => {
             return Err(ApiError::bad_request(format!(
@@ -655,86 +653,76 @@ async fn logs(
         return Err(waiting());
     }
     let path = handle.log_path(&container);
-    let data = tokio::fs::read(&path).await.unwrap_or_default();
-    let tail: Option<usize> = qget(q, "tailLines").and_then(|s| s.parse().ok());
-    let start = match tail {
-        Some(n) => {
-            let mut idx = data.len();
-            let mut lines = 0;
-            let body = if data.ends_with(b"\n") {
-                &data[..data.len() - 1]
-            } else {
-                &data[..]
-            };
-            idx = idx.min(body.len());
-            while idx > 0 {
-                if body[idx - 1] == b'\n' {
-                    lines += 1;
-                    if lines == n {
-                        break;
-                    }
-                }
-                idx -= 1;
-            }
-            if n == 0 { data.len() } else { idx }
-        }
-        None => 0,
-    };
-    let follow = matches!(qget(q, "follow"), Some("true" | "1"));
-    if !follow {
-        let mut r = Response::new(Full::new(Bytes::copy_from_slice(&data[start..])).boxed());
+    let (len, _) = podlog::extent(&handle, &container);
+    let data = read_range(&path, 0, len).await;
+    let mut first = Vec::new();
+    let mut renderer = podlog::with_marks(&handle, &container, |m| {
+        let (mut r, from) = podlog::Renderer::start(&query, &data, m);
+        r.render(&data[from..], from as u64, m, &mut first);
+        r
+    });
+    let text_plain = |mut r: Response<Body>| {
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("text/plain"),
         );
-        return Ok(r);
+        r
+    };
+    if !query.follow {
+        return Ok(text_plain(Response::new(
+            Full::new(Bytes::from(first)).boxed(),
+        )));
     }
     let (tx, rx) = mpsc::channel::<Bytes>(64);
-    let first = Bytes::copy_from_slice(&data[start..]);
     let mut offset = data.len() as u64;
     let stopping = shared.stopping.clone();
+    // Ends once the container stopped and everything it wrote is sent, or the client went away.
     tokio::spawn(async move {
-        if !first.is_empty() && tx.send(first).await.is_err() {
+        if !first.is_empty() && tx.send(Bytes::from(first)).await.is_err() {
             return;
         }
         loop {
-            let running = handle.container_running(&container);
-            let more = read_from(&path, offset).await;
-            if !more.is_empty() {
+            let (len, settled) = podlog::extent(&handle, &container);
+            if len > offset {
+                let more = read_range(&path, offset, len).await;
+                if more.is_empty() {
+                    // The pod's files are gone (deleted pod).
+                    return;
+                }
+                let mut out = Vec::new();
+                podlog::with_marks(&handle, &container, |m| {
+                    renderer.render(&more, offset, m, &mut out);
+                });
                 offset += more.len() as u64;
-                if tx.send(Bytes::from(more)).await.is_err() {
+                if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
                     return;
                 }
                 continue;
             }
-            if !running {
+            if settled {
                 return;
             }
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = tokio::time::sleep(podlog::SAMPLE_EVERY) => {}
                 () = tx.closed() => return,
                 () = stopping.cancelled() => return,
             }
         }
     });
-    let mut r = streaming_response(rx);
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain"),
-    );
-    Ok(r)
+    Ok(text_plain(streaming_response(rx)))
 }
 
-async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
+/// The bytes `[from, to)` of a file (fewer if it is shorter or gone).
+async fn read_range(path: &std::path::Path, from: u64, to: u64) -> Vec<u8> {
     use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
     let Ok(mut f) = tokio::fs::File::open(path).await else {
         return Vec::new();
     };
-    if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+    if f.seek(std::io::SeekFrom::Start(from)).await.is_err() {
         return Vec::new();
     }
     let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf).await;
+    let _ = f.take(to.saturating_sub(from)).read_to_end(&mut buf).await;
     buf
 }
 

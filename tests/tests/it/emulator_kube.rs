@@ -425,6 +425,75 @@ async fn logs_follow_and_tail_and_delete_collection() {
     emu.shutdown().await;
 }
 
+/// `timestamps` stamps each line once and for all, `sinceTime` selects by the same stamps, and
+/// `follow` ends when the container stops (what `CI_DEBUG_SERVICES` in the executor relies on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_stamps_since_time_and_follow_end_agree() {
+    use futures::AsyncBufReadExt as _;
+    use k8s_openapi::jiff::Timestamp;
+    let emu = gke().await;
+    let client = emu.client().await;
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    pods.create(&PostParams::default(), &pod("stamper", &json!([{"name": "c", "image": "busybox", "command": ["sh", "-c", "echo early; sleep 2.5; echo late; sleep 0.3; echo last"]}])))
+        .await
+        .unwrap();
+    wait_running(&pods, "stamper").await;
+    let stamped = kube::api::LogParams {
+        timestamps: true,
+        ..Default::default()
+    };
+    let mut lines = pods
+        .log_stream(
+            "stamper",
+            &kube::api::LogParams {
+                follow: true,
+                ..stamped.clone()
+            },
+        )
+        .await
+        .unwrap()
+        .lines();
+    let mut followed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(l) = futures::TryStreamExt::try_next(&mut lines).await.unwrap() {
+            followed.push(l);
+        }
+    })
+    .await
+    .expect("follow ends when the container stops");
+    let split = |l: &String| {
+        let (t, text) = l.split_once(' ').unwrap();
+        (t.parse::<Timestamp>().unwrap(), text.to_string())
+    };
+    let parsed: Vec<(Timestamp, String)> = followed.iter().map(split).collect();
+    let texts: Vec<&str> = parsed.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(texts, ["early", "late", "last"], "{followed:?}");
+    let (early, late) = (parsed[0].0, parsed[1].0);
+    assert!(
+        late.duration_since(early).as_secs_f64() >= 2.4 && parsed[2].0 >= late,
+        "{followed:?}"
+    );
+    // The same stamps in a later, plain read.
+    let again = pods.logs("stamper", &stamped).await.unwrap();
+    assert_eq!(again.lines().collect::<Vec<_>>(), followed);
+    assert!(again.ends_with('\n'));
+    // sinceTime (whole seconds) between the two: the early line is left out.
+    let cut = Timestamp::from_second(early.as_second() + 1).unwrap();
+    assert!(early < cut && cut <= late);
+    let since = pods
+        .logs(
+            "stamper",
+            &kube::api::LogParams {
+                since_time: Some(cut),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(since, "late\nlast\n");
+    emu.shutdown().await;
+}
+
 /// Issue 17: a spawned pod watcher whose requests all fail (here: its apiserver is gone) backs
 /// off between attempts, so aborting it takes effect and the test ends instead of spinning.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
