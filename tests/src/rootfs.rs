@@ -54,6 +54,7 @@ pub fn launcher_image() -> ImageRule {
         env: Vec::new(),
         bin_dirs: vec![bin.parent().expect("dist dir").to_path_buf()],
         rootfs: None,
+        user: None,
     }
 }
 
@@ -67,6 +68,7 @@ pub fn image(pattern: &str, rootfs: &Path) -> ImageRule {
         env: Vec::new(),
         bin_dirs: Vec::new(),
         rootfs: Some(rootfs.to_path_buf()),
+        user: None,
     }
 }
 

@@ -2,9 +2,12 @@
 //! runs every container as local processes in a `bwrap` sandbox (own pid namespace, the
 //! pod's volume dirs bound at their mount paths), follows them and publishes pod status. A
 //! container's root is the host's, or its image's own tree when the image rule has a `rootfs`.
+//! Execs run as the container's user (`securityContext`, else the image rule's `user`); its main
+//! process stays root.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -27,6 +30,9 @@ pub(crate) struct ProcInfo {
     pub env: Vec<(String, String)>,
     pub working_dir: String,
     pub running: bool,
+    /// The (uid, gid) an exec runs as: `securityContext` `runAsUser` / `runAsGroup` (the
+    /// container's, else the pod's), else the image's user; `None`: root.
+    pub user: Option<(u32, u32)>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -299,6 +305,7 @@ async fn run(
                     env: Vec::new(),
                     working_dir: String::new(),
                     running: false,
+                    user: None,
                 },
             );
         }
@@ -395,6 +402,10 @@ impl Worker {
         {
             let vdir = dir.join("volumes").join(v["name"].as_str().unwrap_or("_"));
             std::fs::create_dir_all(&vdir)?;
+            if v["emptyDir"].is_object() {
+                // As the kubelet makes it: any container user may write an emptyDir.
+                std::fs::set_permissions(&vdir, std::fs::Permissions::from_mode(0o777))?;
+            }
             if let Some(size) = sized_memory_volume(v) {
                 // As the kubelet mounts it: a tmpfs of that size, so a full volume gives ENOSPC.
                 // Needs root (CI's machines are); elsewhere a plain directory, without the limit.
@@ -873,6 +884,16 @@ impl Worker {
         let dir = self.h.pod_dir.clone();
         let tmp = dir.join("tmp").join(&name);
         let _ = std::fs::create_dir_all(&tmp);
+        // An image's /tmp: every user may write it.
+        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777));
+        let user = run_as_user(
+            &self.pod,
+            &spec,
+            self.shared
+                .cfg
+                .image_rule(&self.ctrs[i].image)
+                .and_then(|r| r.user),
+        );
         let mut cmd = tokio::process::Command::new("bwrap");
         let image = spec["image"].as_str().unwrap_or_default();
         let rootfs = self
@@ -983,6 +1004,7 @@ impl Worker {
                             env,
                             working_dir: wd,
                             running: true,
+                            user,
                         },
                     );
                 let tx = self.h.tx.clone();
@@ -1474,6 +1496,25 @@ fn sized_memory_volume(v: &Value) -> Option<String> {
     Some((digits.parse::<u64>().ok()? * factor).to_string())
 }
 
+/// Who a container's execs run as: `runAsUser` / `runAsGroup` of its `securityContext`, else of
+/// the pod's, else the image's user (`ImageRule::user`). A `runAsUser` without a group takes the
+/// image user's group when it is that user (a runtime reads the image's /etc/passwd), else 0.
+fn run_as_user(pod: &Value, spec: &Value, image: Option<(u32, u32)>) -> Option<(u32, u32)> {
+    let field = |k: &str| {
+        spec["securityContext"][k]
+            .as_u64()
+            .or_else(|| pod["spec"]["securityContext"][k].as_u64())
+            .and_then(|v| u32::try_from(v).ok())
+    };
+    let uid = field("runAsUser").or(image.map(|(u, _)| u));
+    let gid =
+        field("runAsGroup").or_else(|| image.filter(|(u, _)| Some(*u) == uid).map(|(_, g)| g));
+    match (uid, gid) {
+        (None, None) => None,
+        (u, g) => Some((u.unwrap_or(0), g.unwrap_or(0))),
+    }
+}
+
 /// The first child of `parent` (bwrap's sandboxed pid-1), found through /proc, once it has
 /// exec'd the container command: before that its mounts are still being set up, and an exec
 /// entering it too early would see a half-built sandbox.
@@ -1547,6 +1588,51 @@ mod tests {
         );
         assert_eq!(sized(serde_json::json!({"medium": "Memory"})), None);
         assert_eq!(sized(serde_json::json!({"sizeLimit": "64Ki"})), None);
+    }
+
+    #[test]
+    fn execs_run_as_the_security_context_then_the_image_user() {
+        let pod = |sc: Value| json!({ "spec": { "securityContext": sc } });
+        let ctr = |sc: Value| json!({ "securityContext": sc });
+        let none = json!({});
+        assert_eq!(
+            run_as_user(&pod(none.clone()), &ctr(none.clone()), None),
+            None
+        );
+        assert_eq!(
+            run_as_user(&pod(none.clone()), &ctr(none.clone()), Some((1000, 1001))),
+            Some((1000, 1001))
+        );
+        assert_eq!(
+            run_as_user(
+                &pod(json!({"runAsUser": 5, "runAsGroup": 6})),
+                &ctr(json!({"runAsUser": 7})),
+                None
+            ),
+            Some((7, 6)),
+            "the container's wins, field by field"
+        );
+        assert_eq!(
+            run_as_user(
+                &pod(none.clone()),
+                &ctr(json!({"runAsUser": 1000})),
+                Some((1000, 50))
+            ),
+            Some((1000, 50)),
+            "the image user's group for that user"
+        );
+        assert_eq!(
+            run_as_user(
+                &pod(none.clone()),
+                &ctr(json!({"runAsUser": 2000})),
+                Some((1000, 50))
+            ),
+            Some((2000, 0))
+        );
+        assert_eq!(
+            run_as_user(&pod(none), &ctr(json!({"runAsGroup": 3000})), None),
+            Some((0, 3000))
+        );
     }
 
     #[test]
