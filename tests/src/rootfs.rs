@@ -77,6 +77,10 @@ fn skeleton(root: &Path) -> std::io::Result<()> {
     for d in ["bin", "etc", "root", "tmp", "dev", "proc"] {
         std::fs::create_dir_all(root.join(d))?;
     }
+    // An image's `/` and `/bin`: every user of the container may enter them.
+    for d in [root.to_path_buf(), root.join("bin")] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
     std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
 }
 

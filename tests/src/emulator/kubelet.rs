@@ -941,9 +941,13 @@ impl Worker {
                 let _ = std::fs::create_dir_all(&src);
             }
             let ro = m["readOnly"].as_bool() == Some(true);
+            let target = m["mountPath"].as_str().unwrap_or("/");
+            if rootfs.is_none() {
+                mount_point_parents_traversable(Path::new(target));
+            }
             cmd.arg(if ro { "--ro-bind" } else { "--bind" })
                 .arg(src)
-                .arg(m["mountPath"].as_str().unwrap_or("/"));
+                .arg(target);
         }
         cmd.args([
             "--chdir",
@@ -1494,6 +1498,38 @@ fn sized_memory_volume(v: &Value) -> Option<String> {
         _ => return None,
     };
     Some((digits.parse::<u64>().ok()? * factor).to_string())
+}
+
+/// With the host's root, bwrap makes a mount point's missing parents (`/spotrun` for
+/// `/spotrun/logs`) on the host, with whatever umask the emulator had. A runtime's are 0755, so
+/// any container user can reach its mounts: a parent that holds nothing but directories (mount
+/// point skeletons) gets the missing read and search bits; one with files in it (`/etc`, `/root`)
+/// is the host's own and is left alone.
+fn mount_point_parents_traversable(target: &Path) {
+    let parents: Vec<&Path> = target
+        .ancestors()
+        .skip(1)
+        .filter(|d| !d.as_os_str().is_empty() && d.as_os_str() != "/")
+        .collect();
+    // Outermost first, so each is created inside an existing one.
+    for dir in parents.into_iter().rev() {
+        if std::fs::create_dir(dir).is_ok() {
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+        } else if let Ok(meta) = std::fs::symlink_metadata(dir)
+            && meta.is_dir()
+            && meta.permissions().mode() & 0o055 != 0o055
+        {
+            let only_dirs = std::fs::read_dir(dir).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .all(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            });
+            if only_dirs {
+                let mode = meta.permissions().mode() | 0o055;
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode));
+            }
+        }
+    }
 }
 
 /// Who a container's execs run as: `runAsUser` / `runAsGroup` of its `securityContext`, else of
