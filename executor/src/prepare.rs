@@ -20,7 +20,7 @@ use crate::kubeapi::Kube;
 use crate::naming::{MANAGED_BY_KEY, MANAGED_BY_VALUE, PREPARED_ANNOTATION};
 use crate::plan::{PlanError, PlanInput, SPOT_LABEL, effective_spot_policy, plan_pod};
 use crate::podstate::{self, PodEnd, Progress};
-use crate::settings::SpotPolicy;
+use crate::settings::{HelperFileOwnership, SpotPolicy};
 use crate::{Ctx, preemption};
 
 /// A line in the job log (stdout of prepare/run), flushed at once.
@@ -207,6 +207,9 @@ pub async fn prepare(ctx: &Ctx) -> Result<(), Failure> {
                 }
                 Err(e) => return Err(e),
                 Ok(node) => {
+                    if settings.pod.helper_file_ownership == HelperFileOwnership::BuildUser {
+                        crate::stage::record_build_owner(ctx, &kube, &pods, &name).await;
+                    }
                     crate::services::wait_for_services(
                         ctx,
                         &kube,
