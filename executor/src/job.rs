@@ -57,6 +57,53 @@ pub struct ImageSpec {
     #[serde(deserialize_with = "null_as_default")]
     pub ports: Vec<ServicePort>,
     pub pull_policy: Vec<String>,
+    /// `{docker: {user, platform}, kubernetes: {user}}`, kept as sent: a malformed value is a
+    /// warning in the job log (`kubernetes_user`), never a payload the executor cannot read.
+    pub executor_opts: serde_json::Value,
+}
+
+/// `image: kubernetes: user` (or a service's own): the uid and, from `uid:gid`, the gid the
+/// container runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KubernetesUser {
+    pub uid: i64,
+    pub gid: Option<i64>,
+}
+
+impl ImageSpec {
+    /// `executor_opts.kubernetes.user` (GitLab MR 5469, 5552): `"uid"`, `"uid:gid"` or an integer.
+    /// `Ok(None)` when unset or empty; `Err(value as sent)` for anything else: a user name is not
+    /// resolved (the Kubernetes executor warns and ignores it too, gitlab-runner#38942).
+    pub fn kubernetes_user(&self) -> Result<Option<KubernetesUser>, String> {
+        use serde_json::Value;
+        let raw = &self.executor_opts["kubernetes"]["user"];
+        let text = match raw {
+            Value::Null => return Ok(None),
+            Value::String(s) if s.trim().is_empty() => return Ok(None),
+            Value::String(s) => s.trim(),
+            Value::Number(n) => {
+                return n
+                    .as_i64()
+                    .and_then(|uid| crate::settings::parse_id(&uid.to_string()))
+                    .map(|uid| Some(KubernetesUser { uid, gid: None }))
+                    .ok_or_else(|| raw.to_string());
+            }
+            _ => return Err(raw.to_string()),
+        };
+        let (uid, gid) = match text.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (text, None),
+        };
+        let id = crate::settings::parse_id;
+        match (id(uid), gid.map(id)) {
+            (Some(uid), None) => Ok(Some(KubernetesUser { uid, gid: None })),
+            (Some(uid), Some(Some(gid))) => Ok(Some(KubernetesUser {
+                uid,
+                gid: Some(gid),
+            })),
+            _ => Err(raw.to_string()),
+        }
+    }
 }
 
 /// A port a service declares (`services: [{name, ports: [...]}]`); waited for like
@@ -839,6 +886,66 @@ mod tests {
         assert_eq!(job.credentials.len(), 2);
         assert_eq!(job.git_info.git_ref, "feature/spot-retry");
         assert_eq!(job.variable("CI_JOB_NAME"), Some("test:integration"));
+    }
+
+    /// `image: kubernetes: user` as GitLab sends it: a string or an integer; anything else
+    /// (a name, a negative or fractional ID, another type) comes back as the value for a warning,
+    /// and a payload with a malformed `executor_opts` still parses.
+    #[test]
+    fn kubernetes_user_from_the_payload() {
+        let job = JobResponse::parse(FIXTURE, "fixture").unwrap();
+        assert_eq!(
+            job.image.kubernetes_user(),
+            Ok(Some(KubernetesUser {
+                uid: 1000,
+                gid: Some(1000)
+            }))
+        );
+        assert_eq!(job.services[0].kubernetes_user(), Ok(None));
+        let user = |v: serde_json::Value| {
+            let text = serde_json::json!({"id": 1, "image": {"name": "a", "executor_opts": v}});
+            JobResponse::parse(&text.to_string(), "t")
+                .unwrap()
+                .image
+                .kubernetes_user()
+        };
+        let some = |uid, gid| Ok(Some(KubernetesUser { uid, gid }));
+        assert_eq!(
+            user(serde_json::json!({"kubernetes": {"user": "1001"}})),
+            some(1001, None)
+        );
+        assert_eq!(
+            user(serde_json::json!({"kubernetes": {"user": 65534}})),
+            some(65534, None)
+        );
+        assert_eq!(
+            user(serde_json::json!({"kubernetes": {"user": " 0:0 "}})),
+            some(0, Some(0))
+        );
+        assert_eq!(
+            user(serde_json::json!({"kubernetes": {"user": ""}})),
+            Ok(None)
+        );
+        assert_eq!(user(serde_json::json!({"kubernetes": {}})), Ok(None));
+        assert_eq!(user(serde_json::json!(null)), Ok(None));
+        assert_eq!(user(serde_json::json!("garbage")), Ok(None));
+        for (bad, shown) in [
+            (serde_json::json!("root"), "\"root\""),
+            (serde_json::json!("node:node"), "\"node:node\""),
+            (serde_json::json!("1000:"), "\"1000:\""),
+            (serde_json::json!(":1000"), "\":1000\""),
+            (serde_json::json!("-1"), "\"-1\""),
+            (serde_json::json!("4294967295"), "\"4294967295\""),
+            (serde_json::json!(-5), "-5"),
+            (serde_json::json!(1.5), "1.5"),
+            (serde_json::json!(true), "true"),
+            (serde_json::json!({"uid": 1}), "{\"uid\":1}"),
+        ] {
+            assert_eq!(
+                user(serde_json::json!({"kubernetes": {"user": bad}})),
+                Err(shown.to_string())
+            );
+        }
     }
 
     #[test]

@@ -301,13 +301,21 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
     let pull_policy = policy_for_attempt(&build_policies, input.pull_attempt);
 
     let build_resources = merge_job_resources(&settings.resources.build, &input.knobs.resources);
+    let build_security = job_image_security(
+        settings,
+        settings.pod.build_security_context.as_ref(),
+        "pod.build_security_context",
+        &job.image,
+        &image,
+        &mut notes,
+    );
     let mut build = Container {
         name: BUILD_CONTAINER.into(),
         image: Some(image),
         image_pull_policy: pull_policy.clone(),
         volume_mounts: Some(stage_mounts.clone()),
         resources: resources(&build_resources),
-        security_context: container_security(settings.pod.build_security_context.as_ref()),
+        security_context: build_security,
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
     };
@@ -382,7 +390,7 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         }
         let policy = policy_for_attempt(&service_policies[i], input.pull_attempt);
         containers.push(service_container(
-            settings, input, i, cname, &mounts, policy,
+            settings, input, i, cname, &mounts, policy, &mut notes,
         ));
     }
 
@@ -509,6 +517,113 @@ fn container_security(t: Option<&toml::Table>) -> Option<SecurityContext> {
     serde_json::from_value(serde_json::to_value(t?).ok()?).ok()
 }
 
+/// The security context of a container running a job image (build, service): the operator's,
+/// plus the image's `kubernetes: user` (uid, gid) where the operator allows it. The operator's
+/// own `runAsUser` / `runAsGroup` (container or pod level) win (MR 5724: the administrator always
+/// wins); a job ID outside a non-empty `pod.allowed_users` / `pod.allowed_groups` is not applied.
+/// Whatever is not applied is named in one warning line.
+fn job_image_security(
+    settings: &Settings,
+    operator: Option<&toml::Table>,
+    operator_key: &str,
+    spec: &ImageSpec,
+    image: &str,
+    notes: &mut Vec<String>,
+) -> Option<SecurityContext> {
+    let mut sc = container_security(operator);
+    let user = match spec.kubernetes_user() {
+        Ok(None) => return sc,
+        Ok(Some(u)) => u,
+        Err(raw) => {
+            notes.push(format!(
+                "WARNING: image {image:?}: kubernetes user {raw} ignored: not a numeric uid or uid:gid (user names are not resolved); the image's own user runs it"
+            ));
+            return sc;
+        }
+    };
+    let pod_level = |k: &str| {
+        settings
+            .pod
+            .security_context
+            .as_ref()
+            .and_then(|t| t.get(k))
+            .and_then(toml::Value::as_integer)
+    };
+    let operator_id = |container: Option<i64>, field: &str| {
+        container
+            .map(|v| (v, operator_key))
+            .or_else(|| pod_level(field).map(|v| (v, "pod.security_context")))
+    };
+    let mut refused = Vec::new();
+    let mut decide = |what: &str,
+                      field: &str,
+                      want: i64,
+                      op: Option<(i64, &str)>,
+                      allowed: &[String],
+                      key: &str| {
+        if let Some((v, by)) = op {
+            if v == want {
+                return Some(want);
+            }
+            refused.push(format!("{by} sets {field} {v}"));
+            return None;
+        }
+        if !allowed.is_empty() && !allowed.iter().any(|a| a.parse() == Ok(want)) {
+            refused.push(format!(
+                "{what} {want} is not in {key} ({})",
+                allowed.join(", ")
+            ));
+            return None;
+        }
+        Some(want)
+    };
+    let current = sc.clone().unwrap_or_default();
+    let uid = decide(
+        "uid",
+        "runAsUser",
+        user.uid,
+        operator_id(current.run_as_user, "runAsUser"),
+        &settings.pod.allowed_users,
+        "pod.allowed_users",
+    );
+    let gid = user.gid.and_then(|g| {
+        decide(
+            "gid",
+            "runAsGroup",
+            g,
+            operator_id(current.run_as_group, "runAsGroup"),
+            &settings.pod.allowed_groups,
+            "pod.allowed_groups",
+        )
+    });
+    if !refused.is_empty() {
+        let asked = match user.gid {
+            Some(g) => format!("{}:{g}", user.uid),
+            None => user.uid.to_string(),
+        };
+        let applied = match (uid, gid) {
+            (None, None) => "not applied".to_string(),
+            (Some(u), None) => format!("applied as uid {u} only"),
+            (None, Some(g)) => format!("applied as gid {g} only"),
+            (Some(u), Some(g)) => format!("applied as {u}:{g}"),
+        };
+        notes.push(format!(
+            "WARNING: image {image:?}: kubernetes user \"{asked}\" {applied}: {}",
+            refused.join("; ")
+        ));
+    }
+    if uid.is_some() || gid.is_some() {
+        let c = sc.get_or_insert_with(SecurityContext::default);
+        if uid.is_some() {
+            c.run_as_user = uid;
+        }
+        if gid.is_some() {
+            c.run_as_group = gid;
+        }
+    }
+    sc
+}
+
 fn merge_job_resources(base: &ResourceSettings, j: &JobResources) -> ResourceSettings {
     let pick = |job: &Option<Quantity>, op: &Option<Quantity>| job.clone().or_else(|| op.clone());
     ResourceSettings {
@@ -617,6 +732,7 @@ fn service_container(
     name: String,
     mounts: &[VolumeMount],
     pull_policy: Option<String>,
+    notes: &mut Vec<String>,
 ) -> Container {
     let svc = &input.job.services[index];
     let mut vars: Vec<(String, String)> = crate::job::service_job_variables(input.job, input.env);
@@ -658,7 +774,14 @@ fn service_container(
                 .get(index)
                 .unwrap_or(&input.knobs.service_resources),
         )),
-        security_context: container_security(settings.pod.service_security_context.as_ref()),
+        security_context: job_image_security(
+            settings,
+            settings.pod.service_security_context.as_ref(),
+            "pod.service_security_context",
+            svc,
+            &svc.name,
+            notes,
+        ),
         volume_mounts: (!mounts.is_empty()).then(|| mounts.to_vec()),
         ports: service_ports(svc),
         termination_message_policy: Some("FallbackToLogsOnError".into()),

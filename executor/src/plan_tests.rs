@@ -206,6 +206,35 @@ volume_attributes = { bucketName = "ci-datasets" }
         ..ImageSpec::default()
     });
 
+    // 8. Non-root images: the job's `kubernetes: user` on the build container and a service's own
+    //    on that service, within the operator's allow-lists; the helper keeps the operator's.
+    let mut users = Settings::from_toml(
+        r#"
+[pod]
+allowed_users = ["1000", "999"]
+allowed_groups = ["1000", "999"]
+[pod.build_security_context]
+allowPrivilegeEscalation = false
+[pod.helper_security_context]
+runAsUser = 0
+"#,
+        Path::new("users.toml"),
+    )
+    .unwrap();
+    users.spot.policy = SpotPolicy::Require;
+    let mut users_job = minimal_job(1007);
+    users_job.image.name = "registry.example.com/ci/node:22".into();
+    users_job.image.executor_opts = serde_json::json!({
+        "docker": { "platform": "", "user": "" },
+        "kubernetes": { "user": "1000:1000" }
+    });
+    users_job.services.push(ImageSpec {
+        name: "redis:7".into(),
+        alias: "cache".into(),
+        executor_opts: serde_json::json!({ "kubernetes": { "user": 999 } }),
+        ..ImageSpec::default()
+    });
+
     vec![
         Case {
             name: "fixture-job",
@@ -294,6 +323,13 @@ volume_attributes = { bucketName = "ci-datasets" }
                     ("KUBERNETES_NODE_SELECTOR_ARCH", "kubernetes.io/arch=arm64"),
                 ],
             ),
+            fallback: false,
+        },
+        Case {
+            name: "non-root-users",
+            settings: users,
+            job: users_job,
+            env: mk_env("1007", &[]),
             fallback: false,
         },
     ]
@@ -1052,4 +1088,137 @@ fn the_launcher_comes_from_an_init_container() {
         idle.last().unwrap(),
         &format!("exec {} idle", crate::plan::LAUNCHER)
     );
+}
+
+/// `image: kubernetes: user` (and a service's own) becomes `runAsUser` / `runAsGroup` of that
+/// container only, within `pod.allowed_users` / `pod.allowed_groups`; the operator's own values
+/// (container or pod level) win; whatever is not applied, or a user name, is one warning line.
+#[test]
+fn job_users_apply_within_the_allow_lists_and_the_operators_own_win() {
+    let with_user = |user: serde_json::Value| {
+        let mut job = minimal_job(1100);
+        job.image.executor_opts = serde_json::json!({ "kubernetes": { "user": user } });
+        job
+    };
+    let run = |settings: &Settings, job: &JobResponse| {
+        let env = env(&[("CI_JOB_ID", "1100")]);
+        let p = plan_pod(
+            settings,
+            &PlanInput {
+                job,
+                identity: &JobIdentity::from_env(&env).unwrap(),
+                env: &env,
+                knobs: &JobKnobs::default(),
+                spot: SpotPolicy::Never,
+                pull_attempt: 0,
+            },
+        )
+        .unwrap();
+        let ids = |name: &str| {
+            let c = p
+                .pod
+                .spec
+                .as_ref()
+                .unwrap()
+                .containers
+                .iter()
+                .find(|c| c.name == name);
+            let sc = c
+                .and_then(|c| c.security_context.clone())
+                .unwrap_or_default();
+            (sc.run_as_user, sc.run_as_group)
+        };
+        (ids("build"), ids("helper"), p.notes)
+    };
+    let mut s = Settings::default();
+    // Any ID while the lists are empty; the helper keeps its own.
+    let (build, helper, notes) = run(&s, &with_user(serde_json::json!("1000:1001")));
+    assert_eq!(build, (Some(1000), Some(1001)));
+    assert_eq!(helper, (None, None));
+    assert!(notes.is_empty(), "{notes:?}");
+    let (build, _, _) = run(&s, &with_user(serde_json::json!(1000)));
+    assert_eq!(build, (Some(1000), None));
+
+    s.pod.allowed_users = vec!["1000".into()];
+    s.pod.allowed_groups = vec!["1000".into()];
+    let (build, _, notes) = run(&s, &with_user(serde_json::json!("3000:3000")));
+    assert_eq!(build, (None, None));
+    assert_eq!(
+        notes,
+        [
+            "WARNING: image \"alpine:3.22\": kubernetes user \"3000:3000\" not applied: uid 3000 is not in pod.allowed_users (1000); gid 3000 is not in pod.allowed_groups (1000)"
+        ]
+    );
+    let (build, _, notes) = run(&s, &with_user(serde_json::json!("1000:3000")));
+    assert_eq!(build, (Some(1000), None));
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].contains("applied as uid 1000 only: gid 3000"),
+        "{notes:?}"
+    );
+
+    let (build, _, notes) = run(&s, &with_user(serde_json::json!("root")));
+    assert_eq!(build, (None, None));
+    assert_eq!(
+        notes,
+        [
+            "WARNING: image \"alpine:3.22\": kubernetes user \"root\" ignored: not a numeric uid or uid:gid (user names are not resolved); the image's own user runs it"
+        ]
+    );
+
+    // The operator's runAsUser wins (container level), and so does its pod-level runAsGroup.
+    let mut op = Settings::from_toml(
+        "[pod.build_security_context]\nrunAsUser = 2000\n[pod.security_context]\nrunAsGroup = 2000\n",
+        Path::new("op.toml"),
+    )
+    .unwrap();
+    let (build, _, notes) = run(&op, &with_user(serde_json::json!("1000:1000")));
+    assert_eq!(
+        build,
+        (Some(2000), None),
+        "the pod-level group applies by itself"
+    );
+    assert_eq!(
+        notes,
+        [
+            "WARNING: image \"alpine:3.22\": kubernetes user \"1000:1000\" not applied: pod.build_security_context sets runAsUser 2000; pod.security_context sets runAsGroup 2000"
+        ]
+    );
+    // The same value as the operator's is no conflict.
+    op.pod.security_context = None;
+    let (build, _, notes) = run(&op, &with_user(serde_json::json!(2000)));
+    assert_eq!(build, (Some(2000), None));
+    assert!(notes.is_empty(), "{notes:?}");
+
+    // A service's own user applies to that service only.
+    let mut job = minimal_job(1100);
+    job.services.push(ImageSpec {
+        name: "postgres:16".into(),
+        alias: "db".into(),
+        executor_opts: serde_json::json!({ "kubernetes": { "user": "70:70" } }),
+        ..ImageSpec::default()
+    });
+    let env = env(&[("CI_JOB_ID", "1100")]);
+    let p = plan_pod(
+        &Settings::default(),
+        &PlanInput {
+            job: &job,
+            identity: &JobIdentity::from_env(&env).unwrap(),
+            env: &env,
+            knobs: &JobKnobs::default(),
+            spot: SpotPolicy::Never,
+            pull_attempt: 0,
+        },
+    )
+    .unwrap();
+    let spec = p.pod.spec.unwrap();
+    let sc = |image: &str| {
+        spec.containers
+            .iter()
+            .find(|c| c.image.as_deref() == Some(image))
+            .and_then(|c| c.security_context.clone())
+    };
+    assert_eq!(sc("alpine:3.22"), None);
+    let db = sc("postgres:16").unwrap();
+    assert_eq!((db.run_as_user, db.run_as_group), (Some(70), Some(70)));
 }

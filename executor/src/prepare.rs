@@ -20,7 +20,7 @@ use crate::kubeapi::Kube;
 use crate::naming::{MANAGED_BY_KEY, MANAGED_BY_VALUE, PREPARED_ANNOTATION};
 use crate::plan::{PlanError, PlanInput, effective_spot_policy, plan_pod};
 use crate::podstate::{self, Progress};
-use crate::settings::SpotPolicy;
+use crate::settings::{HelperFileOwnership, SpotPolicy};
 use crate::verdict::{self, NodeNow};
 use crate::{Ctx, preemption};
 
@@ -204,6 +204,9 @@ pub async fn prepare(ctx: &Ctx) -> Result<(), Failure> {
                 }
                 Err(e) => return Err(e),
                 Ok(node) => {
+                    if settings.pod.helper_file_ownership == HelperFileOwnership::BuildUser {
+                        crate::stage::record_build_owner(ctx, &kube, &pods, &name).await;
+                    }
                     crate::services::wait_for_services(
                         ctx,
                         &kube,

@@ -211,6 +211,58 @@ pub struct PodSettings {
     /// executor's `use_service_account_image_pull_secrets`): neither `image_pull_secrets` nor the
     /// job's registry credentials are used then.
     pub use_service_account_image_pull_secrets: bool,
+    /// User IDs a job's `image: kubernetes: user` may run as (the Kubernetes executor's
+    /// `allowed_users`); empty = any. Numeric IDs only, as strings or integers.
+    #[serde(deserialize_with = "numeric_ids")]
+    pub allowed_users: Vec<String>,
+    /// Group IDs a job's `image: kubernetes: user` (`uid:gid`) may run as; empty = any.
+    #[serde(deserialize_with = "numeric_ids")]
+    pub allowed_groups: Vec<String>,
+    /// How files the helper writes for the build (checkout, file variables, caches, artifacts)
+    /// become writable to a build container running as another user.
+    pub helper_file_ownership: HelperFileOwnership,
+}
+
+/// How a build container running as another user than the helper can change what the helper
+/// wrote for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HelperFileOwnership {
+    /// After each helper stage that prepares the build (`get_sources`, `restore_cache`,
+    /// `download_artifacts`, ...), the project directory and its file variables are given to the
+    /// build container's user, learned once per job (what users asked the Kubernetes executor for:
+    /// `FF_DISABLE_UMASK_FOR_KUBERNETES_EXECUTOR`).
+    #[default]
+    BuildUser,
+    /// Helper stages run with `umask 0000`: everything they write is world-writable (the
+    /// Kubernetes executor's default), readable and writable by every container of the pod.
+    Umask,
+}
+
+/// A TOML list of IDs, each a string or an integer (checked to be numeric by `validate`).
+fn numeric_ids<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        Number(i64),
+        Text(String),
+    }
+    Ok(Vec::<Id>::deserialize(d)?
+        .into_iter()
+        .map(|id| match id {
+            Id::Number(n) => n.to_string(),
+            Id::Text(t) => t,
+        })
+        .collect())
+}
+
+/// A user or group ID as Kubernetes accepts it in `runAsUser` / `runAsGroup` (0 to 2147483647).
+#[must_use]
+pub fn parse_id(s: &str) -> Option<i64> {
+    let ok = !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
+    s.parse::<i64>()
+        .ok()
+        .filter(|n| ok && *n <= i64::from(i32::MAX))
 }
 
 impl Default for PodSettings {
@@ -235,6 +287,9 @@ impl Default for PodSettings {
             pod_annotations_overwrite_allowed: None,
             service_account_overwrite_allowed: None,
             use_service_account_image_pull_secrets: false,
+            allowed_users: Vec::new(),
+            allowed_groups: Vec::new(),
+            helper_file_ownership: HelperFileOwnership::BuildUser,
         }
     }
 }
@@ -599,6 +654,21 @@ impl Settings {
                 ));
             }
         }
+        for (key, ids) in [
+            ("pod.allowed_users", &self.pod.allowed_users),
+            ("pod.allowed_groups", &self.pod.allowed_groups),
+        ] {
+            for id in ids {
+                if parse_id(id).is_none() {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "{id:?} is not a numeric ID (0 to 2147483647); names are not resolved"
+                        ),
+                    ));
+                }
+            }
+        }
         for (k, v) in &self.pod.labels {
             if !crate::naming::is_label_value(v) {
                 return Err(invalid(
@@ -815,6 +885,37 @@ service_account_overwrite_allowed = "^ci-"
             .unwrap_err()
             .to_string();
         assert!(err.contains("pull_policy"), "{err}");
+    }
+
+    #[test]
+    fn non_root_keys_parse_and_bad_ids_are_named() {
+        let s = parse(
+            "[pod]\nallowed_users = [\"1000\", 65534]\nallowed_groups = [\"1000\"]\nhelper_file_ownership = \"umask\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.pod.allowed_users, ["1000", "65534"]);
+        assert_eq!(s.pod.allowed_groups, ["1000"]);
+        assert_eq!(s.pod.helper_file_ownership, HelperFileOwnership::Umask);
+        assert_eq!(
+            Settings::default().pod.helper_file_ownership,
+            HelperFileOwnership::BuildUser
+        );
+        for (text, key) in [
+            ("[pod]\nallowed_users = [\"root\"]\n", "pod.allowed_users"),
+            ("[pod]\nallowed_groups = [\"-1\"]\n", "pod.allowed_groups"),
+            ("[pod]\nallowed_users = [2147483648]\n", "pod.allowed_users"),
+            (
+                "[pod]\nhelper_file_ownership = \"chmod\"\n",
+                "helper_file_ownership",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}→ {err}");
+        }
+        assert_eq!(parse_id("1000"), Some(1000));
+        for bad in ["", "+1", "1e3", " 1", "4294967296"] {
+            assert_eq!(parse_id(bad), None, "{bad:?}");
+        }
     }
 
     /// An `executor.toml` setting `key` (dotted) to `value` (TOML text).

@@ -2,20 +2,24 @@
 //! the spotrun image into a shared volume, so a stage needs nothing from the job image but `sh`.
 //!
 //! ```text
-//! spotrun-launch start <base> --script <path> --size <n> [--follow]   (the script on stdin)
+//! spotrun-launch start <base> --script <path> --size <n> [--follow] [<ownership>]   (script on stdin)
 //! spotrun-launch follow <base> --offset <n>
 //! spotrun-launch kill <base>
-//! spotrun-launch supervise <base> --script <path>                     (started by `start`)
+//! spotrun-launch supervise <base> --script <path> [<ownership>]       (started by `start`)
 //! spotrun-launch idle                                                 (the build container's pid 1)
 //! spotrun-launch install <dir>                                        (the init container)
+//! spotrun-launch owner <file>                                         (records uid:gid of the caller)
 //! ```
-//! `<base>` names the stage run's files: `<base>.started`, `.pid`, `.log`, `.exit`.
+//! `<base>` names the stage run's files: `<base>.started`, `.pid`, `.log`, `.exit`. A helper
+//! stage's `<ownership>` is `--umask <octal>`, or `--owner-file <file>` with `--chown-tree <dir>`
+//! (repeatable): see `ownership.rs`.
 
 mod files;
 mod follow;
 mod idle;
 mod install;
 mod kill;
+mod ownership;
 mod proctree;
 mod start;
 mod supervise;
@@ -24,6 +28,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use files::StageFiles;
+use ownership::StageOwnership;
 use start::{StartError, Started};
 
 const VERSION: &str = concat!(
@@ -62,7 +67,10 @@ impl Args {
         while let Some(a) = raw.next() {
             match a.as_str() {
                 "--follow" => args.flags.push(a),
-                "--script" | "--size" | "--offset" => args.values.push((a, raw.next()?)),
+                "--script" | "--size" | "--offset" | "--umask" | "--owner-file"
+                | "--chown-tree" => {
+                    args.values.push((a, raw.next()?));
+                }
                 _ if a.starts_with("--") => return None,
                 _ if args.target.is_empty() => args.target = a,
                 _ => return None,
@@ -80,6 +88,24 @@ impl Args {
 
     fn number<T: std::str::FromStr>(&self, key: &str) -> Option<T> {
         self.value(key)?.parse().ok()
+    }
+
+    /// The ownership flags; `None` when `--umask` is not octal.
+    fn ownership(&self) -> Option<StageOwnership> {
+        let umask = match self.value("--umask") {
+            Some(m) => Some(u32::from_str_radix(m, 8).ok().filter(|m| *m <= 0o777)?),
+            None => None,
+        };
+        Some(StageOwnership {
+            umask,
+            owner_file: self.value("--owner-file").map(PathBuf::from),
+            trees: self
+                .values
+                .iter()
+                .filter(|(k, _)| k == "--chown-tree")
+                .map(|(_, v)| PathBuf::from(v))
+                .collect(),
+        })
     }
 }
 
@@ -103,16 +129,39 @@ fn main() -> ExitCode {
             Some(offset) => follow::follow(&files, offset, None),
             None => usage(),
         },
-        "supervise" if !args.target.is_empty() => match args.value("--script") {
-            Some(script) => supervise::supervise(&files, script.as_ref()),
-            None => usage(),
-        },
+        "owner" if !args.target.is_empty() => {
+            match ownership::record(&PathBuf::from(&args.target)) {
+                Ok(me) => {
+                    println!("{}:{}", me.uid, me.gid);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "spotrun-launch: recording the owner in {}: {e}",
+                        args.target
+                    );
+                    ExitCode::from(FAILED)
+                }
+            }
+        }
+        "supervise" if !args.target.is_empty() => {
+            match (args.value("--script"), args.ownership()) {
+                (Some(script), Some(ownership)) => {
+                    supervise::supervise(&files, script.as_ref(), &ownership)
+                }
+                _ => usage(),
+            }
+        }
         "start" if !args.target.is_empty() => {
-            let (Some(script), Some(size)) = (args.value("--script"), args.number("--size")) else {
+            let (Some(script), Some(size), Some(ownership)) = (
+                args.value("--script"),
+                args.number("--size"),
+                args.ownership(),
+            ) else {
                 return usage();
             };
             let follow = args.flags.iter().any(|f| f == "--follow");
-            match start::start(&files, script.as_ref(), size) {
+            match start::start(&files, script.as_ref(), size, &ownership) {
                 Ok(Started::Now(child)) if follow => follow::follow(&files, 0, Some(child)),
                 Ok(Started::Before) if follow => follow::follow(&files, 0, None),
                 Ok(_) => ExitCode::SUCCESS,
@@ -134,7 +183,7 @@ fn main() -> ExitCode {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: spotrun-launch start|follow|kill|supervise <base> [...] | idle | install <dir> | --version"
+        "usage: spotrun-launch start|follow|kill|supervise <base> [...] | idle | install <dir> | owner <file> | --version"
     );
     ExitCode::from(USAGE)
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use crate::files::{Outcome, StageFiles, write_new};
+use crate::ownership::StageOwnership;
 
 /// How `start` ended.
 #[derive(Debug)]
@@ -43,7 +44,12 @@ fn read_script(size: usize) -> Result<Vec<u8>, StartError> {
     Ok(script)
 }
 
-pub fn start(files: &StageFiles, script_path: &Path, size: usize) -> Result<Started, StartError> {
+pub fn start(
+    files: &StageFiles,
+    script_path: &Path,
+    size: usize,
+    ownership: &StageOwnership,
+) -> Result<Started, StartError> {
     let script = read_script(size)?;
     // The guard: an O_EXCL create. Only its winner writes the script and starts it, so a retried
     // launch never touches a running script, and a cancel that takes it first prevents the start.
@@ -61,7 +67,7 @@ pub fn start(files: &StageFiles, script_path: &Path, size: usize) -> Result<Star
             )));
         }
     }
-    launch(files, script_path, &script)
+    launch(files, script_path, &script, ownership)
         .map(Started::Now)
         .map_err(|msg| {
             // Followers read the exit file; should even that fail, they find no supervisor and
@@ -71,7 +77,12 @@ pub fn start(files: &StageFiles, script_path: &Path, size: usize) -> Result<Star
         })
 }
 
-fn launch(files: &StageFiles, script_path: &Path, script: &[u8]) -> Result<Child, String> {
+fn launch(
+    files: &StageFiles,
+    script_path: &Path,
+    script: &[u8],
+    ownership: &StageOwnership,
+) -> Result<Child, String> {
     write_new(script_path, script).map_err(|e| {
         format!(
             "cannot write the stage script {}: {e}",
@@ -87,6 +98,7 @@ fn launch(files: &StageFiles, script_path: &Path, script: &[u8]) -> Result<Child
         .arg(&files.base)
         .arg("--script")
         .arg(script_path)
+        .args(ownership.args())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -3,8 +3,13 @@
 //! It leads its own session (no signal aimed at the exec that started it reaches it) and is a
 //! child subreaper: orphans of the script (double forks, daemons) are reparented to it rather
 //! than to the container's pid 1, so the whole tree stays below it for `kill` to find.
+//!
+//! For a helper stage it also sets the script's umask or, once the script ended and before its
+//! exit code is recorded, hands the files it wrote to the build container's user
+//! (`ownership.rs`): the next stage, started once the code is recorded, finds them handed over.
 
 use std::fs::OpenOptions;
+use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -15,14 +20,27 @@ use nix::sys::wait::{WaitStatus, wait};
 use nix::unistd::Pid;
 
 use crate::files::{Outcome, StageFiles, write_new};
+use crate::ownership::StageOwnership;
 
-pub fn supervise(files: &StageFiles, script: &Path) -> ExitCode {
+pub fn supervise(files: &StageFiles, script: &Path, ownership: &StageOwnership) -> ExitCode {
     // Fails only when already a group leader, which a freshly spawned process is not.
     let _ = nix::unistd::setsid();
     let _ = nix::sys::prctl::set_child_subreaper(true);
-    match run(files, script) {
-        Ok(code) => record(files, &Outcome::Code(code)),
+    match run(files, script, ownership) {
+        Ok(code) => {
+            if let Some(warning) = ownership.hand_over() {
+                append_line(&files.log, &warning);
+            }
+            record(files, &Outcome::Code(code))
+        }
         Err(msg) => record(files, &Outcome::Failed(msg)),
+    }
+}
+
+/// One line at the end of the stage log (best effort: the log is where the job sees it).
+fn append_line(log: &Path, line: &str) {
+    if let Ok(mut f) = OpenOptions::new().append(true).open(log) {
+        let _ = writeln!(f, "{line}");
     }
 }
 
@@ -35,7 +53,7 @@ fn record(files: &StageFiles, outcome: &Outcome) -> ExitCode {
     }
 }
 
-fn run(files: &StageFiles, script: &Path) -> Result<i32, String> {
+fn run(files: &StageFiles, script: &Path, ownership: &StageOwnership) -> Result<i32, String> {
     write_new(&files.pid, format!("{}\n", std::process::id()).as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", files.pid.display()))?;
     let log = OpenOptions::new()
@@ -47,6 +65,7 @@ fn run(files: &StageFiles, script: &Path) -> Result<i32, String> {
         .try_clone()
         .map_err(|e| format!("cannot share the stage log: {e}"))?;
     let shell = shell();
+    ownership.apply_umask();
     let child = Command::new(&shell)
         .arg(script)
         .stdin(Stdio::null())

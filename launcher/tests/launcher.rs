@@ -38,6 +38,11 @@ impl Stage {
 
     /// `start` with `script` on stdin.
     fn start(&self, script: &[u8], follow: bool) -> Output {
+        self.start_with(script, follow, &[])
+    }
+
+    /// `start` with extra flags (the ownership options).
+    fn start_with(&self, script: &[u8], follow: bool, extra: &[&str]) -> Output {
         let size = script.len().to_string();
         let mut args = vec![
             "start",
@@ -50,6 +55,7 @@ impl Stage {
         if follow {
             args.push("--follow");
         }
+        args.extend_from_slice(extra);
         run(&args, script)
     }
 
@@ -81,9 +87,21 @@ impl Stage {
 
 /// The launcher under `timeout 30`, `stdin` written then closed.
 fn run(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new("timeout")
-        .arg("30")
-        .arg(BIN)
+    run_as(None, BIN, args, stdin)
+}
+
+/// `bin` under `timeout 30`, as `uid:gid` (through `setpriv`, no supplementary groups) if given.
+fn run_as(user: Option<(u32, u32)>, bin: &str, args: &[&str], stdin: &[u8]) -> Output {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("30");
+    if let Some((uid, gid)) = user {
+        cmd.arg("setpriv")
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .arg("--clear-groups");
+    }
+    let mut child = cmd
+        .arg(bin)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -410,4 +428,245 @@ fn install_copies_itself() {
     );
     let v = Command::new(&copy).arg("--version").output().unwrap();
     assert!(stdout(&v).starts_with("spotrun-launch "), "{v:?}");
+}
+
+/// `(uid, gid)` of `p` itself (a symlink is not followed).
+fn owner_of(p: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (m.uid(), m.gid())
+}
+
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A copy of the launcher (through `install`) in a directory every user can enter: the test
+/// binary's own directory may not be.
+fn launcher_for_everyone(dir: &Path) -> String {
+    chmod(dir, 0o755);
+    let out = run(&["install", &dir.display().to_string()], b"");
+    assert!(out.status.success(), "{out:?}");
+    dir.join("spotrun-launch").display().to_string()
+}
+
+/// Who the tests run as (root on the test machines: the handover tests need it).
+fn me() -> (u32, u32) {
+    let id = |flag: &str| {
+        let o = Command::new("id").arg(flag).output().unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    (id("-u"), id("-g"))
+}
+
+/// A tmpfs mounted for the test's length (another filesystem inside a tree).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "mounting a tmpfs needs root (the test machines run as root)"
+        );
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// `owner` (exec'd in the build container) records the uid and gid it runs as.
+#[test]
+fn owner_records_who_runs_it() {
+    let bins = tempfile::tempdir().unwrap();
+    let bin = launcher_for_everyone(bins.path());
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o777);
+    let file = dir.path().join("build-owner");
+    let f = file.display().to_string();
+    let out = run_as(Some((1000, 1001)), &bin, &["owner", &f], b"");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out), "1000:1001\n");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "1000:1001\n");
+    let (uid, gid) = me();
+    let out = run(&["owner", &f], b"");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        format!("{uid}:{gid}\n")
+    );
+}
+
+/// After a helper stage the files it wrote in the handed-over tree, the tree itself and the
+/// symlinks in it (not their targets) belong to the recorded build user; nothing outside the
+/// tree changes, neither a symlink's target nor a filesystem mounted inside it.
+#[test]
+fn a_helper_stage_hands_its_tree_over_without_following_symlinks_or_crossing_mounts() {
+    let (uid, gid) = me();
+    assert_eq!((uid, gid), (0, 0), "the handover tests need root");
+    let s = Stage::new();
+    let root = tempfile::tempdir().unwrap();
+    let builds = root.path().join("builds");
+    let tree = builds.join("project");
+    let outside = root.path().join("outside");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(tree.join("checked-out.txt"), "v1\n").unwrap();
+    std::fs::write(outside.join("secret.txt"), "keep\n").unwrap();
+    std::fs::write(builds.join("sibling.txt"), "not in the tree\n").unwrap();
+    std::os::unix::fs::symlink(outside.join("secret.txt"), tree.join("link-to-secret")).unwrap();
+    std::os::unix::fs::symlink("../../../outside", tree.join("sub/link-to-outside")).unwrap();
+    let mnt = tree.join("mnt");
+    let _tmpfs = Tmpfs::mount(&mnt);
+    std::fs::write(mnt.join("inner.txt"), "other fs\n").unwrap();
+    let owner = root.path().join("build-owner");
+    std::fs::write(&owner, "1000:1000\n").unwrap();
+
+    let t = tree.display().to_string();
+    let script = format!(
+        "echo written > {t}/new.txt; mkdir -p {t}/sub/deeper; touch {t}/sub/deeper/f; echo stage-done\n"
+    );
+    let out = s.start_with(
+        script.as_bytes(),
+        true,
+        &[
+            "--owner-file",
+            &owner.display().to_string(),
+            "--chown-tree",
+            &t,
+            // Not there (no file variables yet): nothing to do, no warning.
+            "--chown-tree",
+            &format!("{t}.tmp"),
+        ],
+    );
+    assert_eq!(report(&out), "EXIT 0", "{out:?}");
+    assert_eq!(stdout(&out), "stage-done\n", "no warning expected");
+    for p in [
+        "",
+        "checked-out.txt",
+        "new.txt",
+        "sub",
+        "sub/deeper",
+        "sub/deeper/f",
+        "link-to-secret",
+        "sub/link-to-outside",
+    ] {
+        assert_eq!(owner_of(&tree.join(p)), (1000, 1000), "{p:?}");
+    }
+    for p in [
+        outside.clone(),
+        outside.join("secret.txt"),
+        builds.clone(),
+        builds.join("sibling.txt"),
+        mnt.clone(),
+        mnt.join("inner.txt"),
+    ] {
+        assert_eq!(owner_of(&p), (0, 0), "{} changed", p.display());
+    }
+}
+
+/// A helper that may not change owners (not root) gets one warning line in its log; the stage
+/// keeps its own exit code. An owner file that is missing is one warning line too.
+#[test]
+fn a_handover_that_is_not_permitted_is_one_warning_line_not_a_failure() {
+    let bins = tempfile::tempdir().unwrap();
+    let bin = launcher_for_everyone(bins.path());
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o777);
+    let base = dir.path().join("get_sources-0a1b").display().to_string();
+    let script_path = dir.path().join("get_sources-0a1b.sh").display().to_string();
+    let tree = dir.path().join("project");
+    let owner = dir.path().join("build-owner");
+    std::fs::write(&owner, "2000:2000\n").unwrap();
+    let t = tree.display().to_string();
+    let script = format!("mkdir -p {t}/a; echo x > {t}/a/f; exit 3\n");
+    let size = script.len().to_string();
+    let o = owner.display().to_string();
+    let args = [
+        "start",
+        &base,
+        "--script",
+        &script_path,
+        "--size",
+        &size,
+        "--follow",
+        "--owner-file",
+        &o,
+        "--chown-tree",
+        &t,
+    ];
+    let out = run_as(Some((1000, 1000)), &bin, &args, script.as_bytes());
+    assert_eq!(report(&out), "EXIT 3", "{out:?}");
+    let log = stdout(&out);
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("WARNING: spotrun-launch:"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(
+        warnings[0].contains("3 entries")
+            && warnings[0].contains("2000:2000")
+            && warnings[0].contains("Operation not permitted"),
+        "{log}"
+    );
+    assert_eq!(owner_of(&tree.join("a/f")), (1000, 1000));
+
+    let s = Stage::new();
+    let out = s.start_with(
+        b"echo ok\n",
+        true,
+        &[
+            "--owner-file",
+            &dir.path().join("missing").display().to_string(),
+            "--chown-tree",
+            &t,
+        ],
+    );
+    assert_eq!(report(&out), "EXIT 0", "{out:?}");
+    let log = stdout(&out);
+    assert_eq!(log.lines().count(), 2, "{log}");
+    assert!(
+        log.lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("the build container's user is not known")),
+        "{log}"
+    );
+}
+
+/// `--umask` is the script's umask: 0000 makes what a helper stage writes world-writable (the
+/// Kubernetes executor's fallback); another value shows the flag, not the caller, decides.
+#[test]
+fn the_umask_flag_is_the_scripts_umask() {
+    for (umask, file, dir) in [("0000", 0o666, 0o777), ("0077", 0o600, 0o700)] {
+        let s = Stage::new();
+        let d = s.dir.path().display().to_string();
+        let script = format!("umask; touch {d}/f; mkdir {d}/sub\n");
+        let out = s.start_with(script.as_bytes(), true, &["--umask", umask]);
+        assert_eq!(report(&out), "EXIT 0", "{out:?}");
+        assert_eq!(stdout(&out).trim(), umask, "{out:?}");
+        assert_eq!(mode_of(&s.dir.path().join("f")), file, "{umask}");
+        assert_eq!(mode_of(&s.dir.path().join("sub")), dir, "{umask}");
+    }
+    let s = Stage::new();
+    let out = s.start_with(b"true\n", false, &["--umask", "999"]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(!s.exists("started"), "a bad flag starts nothing");
 }

@@ -54,6 +54,7 @@ pub fn launcher_image() -> ImageRule {
         env: Vec::new(),
         bin_dirs: vec![bin.parent().expect("dist dir").to_path_buf()],
         rootfs: None,
+        user: None,
     }
 }
 
@@ -67,6 +68,7 @@ pub fn image(pattern: &str, rootfs: &Path) -> ImageRule {
         env: Vec::new(),
         bin_dirs: Vec::new(),
         rootfs: Some(rootfs.to_path_buf()),
+        user: None,
     }
 }
 
@@ -74,6 +76,10 @@ pub fn image(pattern: &str, rootfs: &Path) -> ImageRule {
 fn skeleton(root: &Path) -> std::io::Result<()> {
     for d in ["bin", "etc", "root", "tmp", "dev", "proc"] {
         std::fs::create_dir_all(root.join(d))?;
+    }
+    // An image's `/` and `/bin`: every user of the container may enter them.
+    for d in [root.to_path_buf(), root.join("bin")] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
     }
     std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
 }

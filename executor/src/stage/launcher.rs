@@ -29,17 +29,57 @@ fn argv(words: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// The file in the logs volume (shared by build and helper, writable by both) where `owner`
+/// records the build container's `uid:gid`.
+#[must_use]
+pub fn owner_file(logs_dir: &str) -> String {
+    format!("{}/build-owner", logs_dir.trim_end_matches('/'))
+}
+
+/// What a helper stage does about the owner of the files it writes (`[pod]
+/// helper_file_ownership`), so that a build container running as another user can change them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum FileHandover {
+    /// Nothing: a build-container stage, or a helper stage whose files the build does not use.
+    #[default]
+    Nothing,
+    /// Once the script ended (before its code is recorded), give these trees to the user
+    /// recorded in `owner_file`.
+    Chown {
+        owner_file: String,
+        trees: Vec<String>,
+    },
+    /// The script runs with `umask 0000`.
+    Umask,
+}
+
 /// Reads the script (exactly `size` bytes) from stdin and starts it at most once; with `follow`
 /// it then streams the log like `follow_argv(p, 0)`. The length, not the end of stdin, ends the
 /// upload (an exec without the v5 protocol never closes stdin), and a cut upload starts nothing.
 #[must_use]
-pub fn start_argv(p: &StagePaths, size: usize, follow: bool) -> Vec<String> {
+pub fn start_argv(p: &StagePaths, size: usize, follow: bool, files: &FileHandover) -> Vec<String> {
     let size = size.to_string();
     let mut words = vec!["start", &p.base, "--script", &p.script, "--size", &size];
     if follow {
         words.push("--follow");
     }
+    match files {
+        FileHandover::Nothing => {}
+        FileHandover::Umask => words.extend(["--umask", "0000"]),
+        FileHandover::Chown { owner_file, trees } => {
+            words.extend(["--owner-file", owner_file.as_str()]);
+            for t in trees {
+                words.extend(["--chown-tree", t.as_str()]);
+            }
+        }
+    }
     argv(&words)
+}
+
+/// Records the caller's `uid:gid` in `file` (run in the build container) and prints it.
+#[must_use]
+pub fn owner_argv(file: &str) -> Vec<String> {
+    argv(&["owner", file])
 }
 
 /// Streams the log from byte `offset` until the outcome is recorded.
@@ -106,7 +146,7 @@ mod tests {
         let p = StagePaths::new("/scripts/", "/logs", "build_script", "0a1b2c3d");
         assert_eq!(p.script, "/scripts/build_script-0a1b2c3d.sh");
         assert_eq!(
-            start_argv(&p, 42, true),
+            start_argv(&p, 42, true, &FileHandover::Nothing),
             [
                 LAUNCHER,
                 "start",
@@ -117,6 +157,29 @@ mod tests {
                 "42",
                 "--follow"
             ]
+        );
+        let chown = FileHandover::Chown {
+            owner_file: owner_file("/logs/"),
+            trees: vec!["/builds/g/p".into(), "/builds/g/p.tmp".into()],
+        };
+        assert_eq!(
+            start_argv(&p, 42, false, &chown)[7..],
+            [
+                "--owner-file",
+                "/logs/build-owner",
+                "--chown-tree",
+                "/builds/g/p",
+                "--chown-tree",
+                "/builds/g/p.tmp"
+            ]
+        );
+        assert_eq!(
+            start_argv(&p, 42, false, &FileHandover::Umask)[7..],
+            ["--umask", "0000"]
+        );
+        assert_eq!(
+            owner_argv("/logs/build-owner"),
+            [LAUNCHER, "owner", "/logs/build-owner"]
         );
         assert_eq!(
             follow_argv(&p, 7),

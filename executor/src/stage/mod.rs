@@ -24,8 +24,11 @@ use tokio::signal::unix::{SignalKind, signal};
 
 pub(crate) use exec::{ExecEnd, exec};
 use joblog::JobLog;
-pub use launcher::StagePaths;
-use launcher::{Report, follow_argv, kill_argv, lost_failure, report, start_argv, start_failure};
+pub use launcher::{FileHandover, StagePaths};
+use launcher::{
+    Report, follow_argv, kill_argv, lost_failure, owner_argv, owner_file, report, start_argv,
+    start_failure,
+};
 
 use crate::Ctx;
 use crate::failure::Failure;
@@ -33,7 +36,8 @@ use crate::job::JobResponse;
 use crate::kubeapi::Kube;
 use crate::plan::{BUILD_CONTAINER, HELPER_CONTAINER};
 use crate::podstate::{self, PodEnd};
-use crate::prepare::identity;
+use crate::prepare::{identity, say};
+use crate::settings::{HelperFileOwnership, Settings};
 use crate::verdict::pod_lost;
 
 /// Stages the Kubernetes executor runs in the helper container (`Predefined` in the runner).
@@ -49,6 +53,99 @@ const HELPER_STAGES: [&str; 10] = [
     "upload_artifacts_on_failure",
     "cleanup_file_variables",
 ];
+
+/// Helper stages that write what the build then uses (the checkout, file variables, restored
+/// caches, downloaded artifacts): with `helper_file_ownership = "build-user"` their files are
+/// handed to the build container's user. Stages after the build (archive, upload, cleanup) are not.
+const HANDOVER_STAGES: [&str; 4] = [
+    "get_sources",
+    "clear_worktree",
+    "restore_cache",
+    "download_artifacts",
+];
+
+/// What `stage` does about the owner of the files it writes (`[pod] helper_file_ownership`).
+/// `project_dir` is the runner's `CI_PROJECT_DIR`.
+#[must_use]
+pub fn file_handover(settings: &Settings, stage: &str, project_dir: Option<&str>) -> FileHandover {
+    if stage_container(stage) != HELPER_CONTAINER {
+        return FileHandover::Nothing;
+    }
+    match settings.pod.helper_file_ownership {
+        HelperFileOwnership::Umask => FileHandover::Umask,
+        HelperFileOwnership::BuildUser if HANDOVER_STAGES.contains(&stage) => FileHandover::Chown {
+            owner_file: owner_file(&settings.dirs.logs_dir),
+            trees: handover_trees(&settings.dirs.builds_dir, project_dir),
+        },
+        HelperFileOwnership::BuildUser => FileHandover::Nothing,
+    }
+}
+
+/// The project directory and its file variables' `<project>.tmp` (the runner's
+/// `TmpProjectDir`), when `CI_PROJECT_DIR` is a plain path below the builds directory; else the
+/// builds directory itself. Never a tree outside it: the helper runs as root, and a job must not
+/// point it at the scripts or logs volume.
+fn handover_trees(builds_dir: &str, project_dir: Option<&str>) -> Vec<String> {
+    let builds = builds_dir.trim_end_matches('/');
+    let below = project_dir
+        .map(|p| p.trim_end_matches('/'))
+        .and_then(|p| {
+            p.strip_prefix(builds)?
+                .strip_prefix('/')
+                .map(|rest| (p, rest))
+        })
+        .filter(|(_, rest)| {
+            rest.split('/')
+                .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+        });
+    match below {
+        Some((p, _)) => vec![p.to_string(), format!("{p}.tmp")],
+        None => vec![if builds.is_empty() { "/" } else { builds }.to_string()],
+    }
+}
+
+/// Records who the build container runs as (its image's `USER`, or the pod's `runAsUser`) in the
+/// logs volume, for the helper stages that hand their files over: one exec per job, once the pod
+/// runs (only then is the image's user certain). A failure is one warning line: a root build
+/// needs nothing, and a non-root one finds out at its first write.
+pub(crate) async fn record_build_owner(ctx: &Ctx, kube: &Kube, pods: &Api<Pod>, name: &str) {
+    let file = owner_file(&ctx.settings.dirs.logs_dir);
+    let silence = Duration::from_secs(ctx.settings.timeouts.exec_silence_seconds);
+    let mut why = String::new();
+    for attempt in 1..=3u32 {
+        let mut out = Vec::new();
+        match exec(
+            pods,
+            name,
+            BUILD_CONTAINER,
+            owner_argv(&file),
+            None,
+            silence,
+            &mut |b: &[u8]| out.extend_from_slice(b),
+        )
+        .await
+        {
+            ExecEnd::Finished { success: true, .. } => {
+                let owner = String::from_utf8_lossy(&out).trim().to_string();
+                kube.events.info("build_owner", json!({ "owner": owner }));
+                return;
+            }
+            // The launcher ran and said why (no room for the file, ...): a retry will not help.
+            ExecEnd::Finished { stderr, .. } => {
+                why = String::from_utf8_lossy(&stderr).trim().to_string();
+                break;
+            }
+            // A dropped stream: worth another attempt.
+            ExecEnd::Dropped(w) => why = w,
+        }
+        tokio::time::sleep(crate::kubeapi::backoff(attempt, 100, 1000, None)).await;
+    }
+    kube.events
+        .warn("build_owner_unknown", json!({ "error": why.clone() }));
+    say(&format!(
+        "WARNING: could not learn which user the build container runs as ({why}); files the helper writes keep the helper's owner"
+    ));
+}
 
 /// The container a stage runs in: helper for the runner's own stages, build for everything else.
 #[must_use]
@@ -156,6 +253,7 @@ async fn drive_stage(
     let silence = Duration::from_secs(settings.timeouts.exec_silence_seconds);
     let ns = kube.namespace.clone();
 
+    let files = file_handover(settings, stage, ctx.env.get("CI_PROJECT_DIR"));
     let run_id = format!("{:08x}", rand::rng().random::<u32>());
     let paths = StagePaths::new(
         &settings.dirs.scripts_dir,
@@ -170,12 +268,13 @@ async fn drive_stage(
         // One exec uploads, starts and follows the stage; only if that stream breaks does the
         // stage fall back to the idempotent launcher and a follower resuming at the offset.
         let mut offset = 0u64;
+        let start_words = |follow: bool| start_argv(&paths, script.len(), follow, &files);
         if let Some(code) = start_and_follow(
             kube,
             &pods,
             name,
             container,
-            &paths,
+            start_words(true),
             &script,
             silence,
             &mut offset,
@@ -184,7 +283,16 @@ async fn drive_stage(
         {
             return Ok(code);
         }
-        start(kube, &pods, name, container, &paths, script, silence).await?;
+        start(
+            kube,
+            &pods,
+            name,
+            container,
+            start_words(false),
+            &script,
+            silence,
+        )
+        .await?;
         follow(kube, &pods, name, container, &paths, silence, offset).await
     });
     let verdict = |r: Result<i32, FollowError>| async {
@@ -326,11 +434,10 @@ async fn start(
     pods: &Api<Pod>,
     name: &str,
     container: &str,
-    paths: &StagePaths,
-    script: Vec<u8>,
+    argv: Vec<String>,
+    script: &[u8],
     silence: Duration,
 ) -> Result<(), FollowError> {
-    let argv = start_argv(paths, script.len(), false);
     let mut drops = 0u32;
     loop {
         let why = match exec(
@@ -338,7 +445,7 @@ async fn start(
             name,
             container,
             argv.clone(),
-            Some(script.clone()),
+            Some(script.to_vec()),
             silence,
             &mut |_| {},
         )
@@ -389,7 +496,7 @@ async fn start_and_follow(
     pods: &Api<Pod>,
     name: &str,
     container: &str,
-    paths: &StagePaths,
+    argv: Vec<String>,
     script: &[u8],
     silence: Duration,
     offset: &mut u64,
@@ -398,7 +505,7 @@ async fn start_and_follow(
         pods,
         name,
         container,
-        start_argv(paths, script.len(), true),
+        argv,
         Some(script.to_vec()),
         silence,
         &mut to_stdout(offset),
@@ -498,6 +605,71 @@ mod tests {
         ] {
             assert_eq!(stage_container(s), "build", "{s}");
         }
+    }
+
+    /// With `build-user`, the helper stages before the build hand the project directory and its
+    /// file variables over (never a tree outside the builds directory); with `umask`, every
+    /// helper stage runs with umask 0000; build-container stages do neither.
+    #[test]
+    fn helper_stages_hand_their_files_to_the_build_user() {
+        let mut s = Settings::default();
+        let chown = |trees: &[&str]| FileHandover::Chown {
+            owner_file: "/spotrun/logs/build-owner".into(),
+            trees: trees.iter().map(|t| (*t).to_string()).collect(),
+        };
+        let project = Some("/builds/acme/app");
+        for stage in HANDOVER_STAGES {
+            assert_eq!(
+                file_handover(&s, stage, project),
+                chown(&["/builds/acme/app", "/builds/acme/app.tmp"]),
+                "{stage}"
+            );
+        }
+        for stage in [
+            "prepare_script",
+            "archive_cache",
+            "upload_artifacts_on_success",
+            "cleanup_file_variables",
+            "build_script",
+            "after_script",
+        ] {
+            assert_eq!(
+                file_handover(&s, stage, project),
+                FileHandover::Nothing,
+                "{stage}"
+            );
+        }
+        for odd in [
+            None,
+            Some("/spotrun/scripts"),
+            Some("/builds"),
+            Some("/builds/../spotrun/logs"),
+            Some("/buildsx/a"),
+            Some("/builds//a"),
+            Some("/builds/a/./b"),
+        ] {
+            assert_eq!(
+                file_handover(&s, "get_sources", odd),
+                chown(&["/builds"]),
+                "{odd:?}"
+            );
+        }
+        assert_eq!(
+            file_handover(&s, "get_sources", Some("/builds/acme/app/")),
+            chown(&["/builds/acme/app", "/builds/acme/app.tmp"])
+        );
+        s.pod.helper_file_ownership = HelperFileOwnership::Umask;
+        for stage in HELPER_STAGES {
+            assert_eq!(
+                file_handover(&s, stage, project),
+                FileHandover::Umask,
+                "{stage}"
+            );
+        }
+        assert_eq!(
+            file_handover(&s, "build_script", project),
+            FileHandover::Nothing
+        );
     }
 
     #[test]

@@ -233,6 +233,7 @@ async fn image_pull_failure_is_a_build_failure_naming_the_image() {
             env: Vec::new(),
             bin_dirs: Vec::new(),
             rootfs: None,
+            user: None,
         },
     );
     let env = Env::start_with(cfg, "").await;

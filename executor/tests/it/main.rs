@@ -4,6 +4,7 @@
 mod classification;
 mod job_images;
 mod jobs;
+mod non_root;
 mod overrides;
 mod parity;
 mod pull;

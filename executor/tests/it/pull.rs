@@ -17,6 +17,7 @@ fn registry_down() -> EmulatorConfig {
             env: Vec::new(),
             bin_dirs: Vec::new(),
             rootfs: None,
+            user: None,
         },
     );
     cfg

@@ -83,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
         env: Vec::new(),
         bin_dirs: vec![bin_dir.clone()],
         rootfs: None,
+        user: None,
     });
     // The spotrun image: its init container puts the in-pod launcher into the job pod.
     cfg.images.push(spotrun_testkit::rootfs::launcher_image());

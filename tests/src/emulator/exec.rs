@@ -1,5 +1,6 @@
 //! `pods/exec` over WebSocket (v5.channel.k8s.io / v4.channel.k8s.io): the command runs inside
-//! the container's mount and pid namespaces through nsenter; frames carry a channel byte.
+//! the container's mount and pid namespaces through nsenter, as the container's user (its
+//! `securityContext` or image user); frames carry a channel byte.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -315,8 +316,13 @@ async fn session(
         "-p",
         "-r",
         &format!("--wd={}", target.working_dir),
-        "--",
     ]);
+    // The container's user, without root's capabilities or supplementary groups (nsenter drops
+    // them with -G), as a runtime starts an exec.
+    if let Some((uid, gid)) = target.user {
+        cmd.args(["-S", &uid.to_string(), "-G", &gid.to_string()]);
+    }
+    cmd.arg("--");
     cmd.args(&er.command);
     cmd.env_clear().envs(target.env.iter().map(|(k, v)| (k, v)));
     cmd.stdin(if er.stdin {

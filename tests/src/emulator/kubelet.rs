@@ -2,9 +2,12 @@
 //! runs every container as local processes in a `bwrap` sandbox (own pid namespace, the
 //! pod's volume dirs bound at their mount paths), follows them and publishes pod status. A
 //! container's root is the host's, or its image's own tree when the image rule has a `rootfs`.
+//! Execs run as the container's user (`securityContext`, else the image rule's `user`); its main
+//! process stays root.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -28,6 +31,9 @@ pub(crate) struct ProcInfo {
     pub env: Vec<(String, String)>,
     pub working_dir: String,
     pub running: bool,
+    /// The (uid, gid) an exec runs as: `securityContext` `runAsUser` / `runAsGroup` (the
+    /// container's, else the pod's), else the image's user; `None`: root.
+    pub user: Option<(u32, u32)>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -295,6 +301,7 @@ async fn run(
                     env: Vec::new(),
                     working_dir: String::new(),
                     running: false,
+                    user: None,
                 },
             );
         }
@@ -391,6 +398,10 @@ impl Worker {
         {
             let vdir = dir.join("volumes").join(v["name"].as_str().unwrap_or("_"));
             std::fs::create_dir_all(&vdir)?;
+            if v["emptyDir"].is_object() {
+                // As the kubelet makes it: any container user may write an emptyDir.
+                std::fs::set_permissions(&vdir, std::fs::Permissions::from_mode(0o777))?;
+            }
             if let Some(size) = sized_memory_volume(v) {
                 // As the kubelet mounts it: a tmpfs of that size, so a full volume gives ENOSPC.
                 // Needs root (CI's machines are); elsewhere a plain directory, without the limit.
@@ -869,6 +880,16 @@ impl Worker {
         let dir = self.h.pod_dir.clone();
         let tmp = dir.join("tmp").join(&name);
         let _ = std::fs::create_dir_all(&tmp);
+        // An image's /tmp: every user may write it.
+        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777));
+        let user = run_as_user(
+            &self.pod,
+            &spec,
+            self.shared
+                .cfg
+                .image_rule(&self.ctrs[i].image)
+                .and_then(|r| r.user),
+        );
         let mut cmd = tokio::process::Command::new("bwrap");
         let image = spec["image"].as_str().unwrap_or_default();
         let rootfs = self
@@ -916,9 +937,13 @@ impl Worker {
                 let _ = std::fs::create_dir_all(&src);
             }
             let ro = m["readOnly"].as_bool() == Some(true);
+            let target = m["mountPath"].as_str().unwrap_or("/");
+            if rootfs.is_none() {
+                mount_point_parents_traversable(Path::new(target));
+            }
             cmd.arg(if ro { "--ro-bind" } else { "--bind" })
                 .arg(src)
-                .arg(m["mountPath"].as_str().unwrap_or("/"));
+                .arg(target);
         }
         cmd.args([
             "--chdir",
@@ -986,6 +1011,7 @@ impl Worker {
                             env,
                             working_dir: wd,
                             running: true,
+                            user,
                         },
                     );
                 let tx = self.h.tx.clone();
@@ -1480,6 +1506,57 @@ fn sized_memory_volume(v: &Value) -> Option<String> {
     Some((digits.parse::<u64>().ok()? * factor).to_string())
 }
 
+/// With the host's root, bwrap makes a mount point's missing parents (`/spotrun` for
+/// `/spotrun/logs`) on the host, with whatever umask the emulator had. A runtime's are 0755, so
+/// any container user can reach its mounts: a parent that holds nothing but directories (mount
+/// point skeletons) gets the missing read and search bits; one with files in it (`/etc`, `/root`)
+/// is the host's own and is left alone.
+fn mount_point_parents_traversable(target: &Path) {
+    let parents: Vec<&Path> = target
+        .ancestors()
+        .skip(1)
+        .filter(|d| !d.as_os_str().is_empty() && d.as_os_str() != "/")
+        .collect();
+    // Outermost first, so each is created inside an existing one.
+    for dir in parents.into_iter().rev() {
+        if std::fs::create_dir(dir).is_ok() {
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+        } else if let Ok(meta) = std::fs::symlink_metadata(dir)
+            && meta.is_dir()
+            && meta.permissions().mode() & 0o055 != 0o055
+        {
+            let only_dirs = std::fs::read_dir(dir).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .all(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            });
+            if only_dirs {
+                let mode = meta.permissions().mode() | 0o055;
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode));
+            }
+        }
+    }
+}
+
+/// Who a container's execs run as: `runAsUser` / `runAsGroup` of its `securityContext`, else of
+/// the pod's, else the image's user (`ImageRule::user`). A `runAsUser` without a group takes the
+/// image user's group when it is that user (a runtime reads the image's /etc/passwd), else 0.
+fn run_as_user(pod: &Value, spec: &Value, image: Option<(u32, u32)>) -> Option<(u32, u32)> {
+    let field = |k: &str| {
+        spec["securityContext"][k]
+            .as_u64()
+            .or_else(|| pod["spec"]["securityContext"][k].as_u64())
+            .and_then(|v| u32::try_from(v).ok())
+    };
+    let uid = field("runAsUser").or(image.map(|(u, _)| u));
+    let gid =
+        field("runAsGroup").or_else(|| image.filter(|(u, _)| Some(*u) == uid).map(|(_, g)| g));
+    match (uid, gid) {
+        (None, None) => None,
+        (u, g) => Some((u.unwrap_or(0), g.unwrap_or(0))),
+    }
+}
+
 /// The first child of `parent` (bwrap's sandboxed pid-1), found through /proc, once it has
 /// exec'd the container command: before that its mounts are still being set up, and an exec
 /// entering it too early would see a half-built sandbox.
@@ -1553,6 +1630,51 @@ mod tests {
         );
         assert_eq!(sized(serde_json::json!({"medium": "Memory"})), None);
         assert_eq!(sized(serde_json::json!({"sizeLimit": "64Ki"})), None);
+    }
+
+    #[test]
+    fn execs_run_as_the_security_context_then_the_image_user() {
+        let pod = |sc: Value| json!({ "spec": { "securityContext": sc } });
+        let ctr = |sc: Value| json!({ "securityContext": sc });
+        let none = json!({});
+        assert_eq!(
+            run_as_user(&pod(none.clone()), &ctr(none.clone()), None),
+            None
+        );
+        assert_eq!(
+            run_as_user(&pod(none.clone()), &ctr(none.clone()), Some((1000, 1001))),
+            Some((1000, 1001))
+        );
+        assert_eq!(
+            run_as_user(
+                &pod(json!({"runAsUser": 5, "runAsGroup": 6})),
+                &ctr(json!({"runAsUser": 7})),
+                None
+            ),
+            Some((7, 6)),
+            "the container's wins, field by field"
+        );
+        assert_eq!(
+            run_as_user(
+                &pod(none.clone()),
+                &ctr(json!({"runAsUser": 1000})),
+                Some((1000, 50))
+            ),
+            Some((1000, 50)),
+            "the image user's group for that user"
+        );
+        assert_eq!(
+            run_as_user(
+                &pod(none.clone()),
+                &ctr(json!({"runAsUser": 2000})),
+                Some((1000, 50))
+            ),
+            Some((2000, 0))
+        );
+        assert_eq!(
+            run_as_user(&pod(none), &ctr(json!({"runAsGroup": 3000})), None),
+            Some((0, 3000))
+        );
     }
 
     #[test]

@@ -17,7 +17,14 @@
 //!   `/etc/hosts` (with `hostAliases`), their own pid namespace (the command is pid 1, so a
 //!   shell ignores SIGTERM as in a real container) and the host network (pod IP 127.0.0.1).
 //! - Exec runs through `nsenter` into the container's mount and pid namespaces; processes it
-//!   leaves behind survive the session and die with the container.
+//!   leaves behind survive the session and die with the container. It runs as the container's
+//!   user: `securityContext.runAsUser` / `runAsGroup` (the container's, else the pod's), else the
+//!   image rule's `user` (an image's `USER`), else root; without capabilities or supplementary
+//!   groups, so file permissions hold as in a real container (the tests run as root).
+//!   Limitation: the container's main process (pid 1) stays root whatever the user, and
+//!   `fsGroup`, `supplementalGroups` and `runAsNonRoot` are not applied.
+//! - `emptyDir` volumes are mode 0777 and each container's private `/tmp` 1777, as the kubelet
+//!   and images make them.
 //! - Pod logs (`container`, `follow`, `tailLines`, `sinceTime`, `sinceSeconds`, `timestamps`;
 //!   other parameters are refused by name): stamps come from sampling each log file's size every
 //!   50 ms (`podlog`), and `follow` ends once the container stopped and its output is sent.
@@ -108,6 +115,9 @@ pub struct ImageRule {
     /// `/` (bwrap: the pod's volumes, a fresh /proc and a minimal /dev on top) instead of the
     /// host's. `None`: the host's root, with `bin_dirs` added.
     pub rootfs: Option<std::path::PathBuf>,
+    /// The image's user (uid, gid), as a Dockerfile's `USER 1000:1000`: execs run as it unless
+    /// the pod's `securityContext` says otherwise. `None`: root.
+    pub user: Option<(u32, u32)>,
 }
 
 /// Everything the emulator starts with.

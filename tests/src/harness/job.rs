@@ -40,6 +40,8 @@ pub struct Service {
     pub entrypoint: Option<Vec<String>>,
     pub command: Option<Vec<String>>,
     pub variables: Vec<(String, String)>,
+    /// `kubernetes: user` of the service's image (a string or an integer, as written).
+    pub kubernetes_user: Option<Value>,
 }
 
 impl Service {
@@ -70,6 +72,12 @@ impl Service {
         self
     }
 
+    #[must_use]
+    pub fn kubernetes_user(mut self, user: Value) -> Self {
+        self.kubernetes_user = Some(user);
+        self
+    }
+
     fn to_payload(&self) -> Value {
         let mut v = json!({ "name": self.name });
         if !self.alias.is_empty() {
@@ -91,8 +99,7 @@ impl Service {
                     .collect(),
             );
         }
-        v["executor_opts"] =
-            json!({"docker": {"platform": "", "user": ""}, "kubernetes": {"user": ""}});
+        v["executor_opts"] = executor_opts(self.kubernetes_user.as_ref());
         v
     }
 
@@ -117,6 +124,15 @@ impl Service {
         out.push('}');
         out
     }
+}
+
+/// An image's `executor_opts` as GitLab sends them: `kubernetes: user` when the job sets one,
+/// else empty strings.
+fn executor_opts(kubernetes_user: Option<&Value>) -> Value {
+    json!({
+        "docker": {"platform": "", "user": ""},
+        "kubernetes": {"user": kubernetes_user.cloned().unwrap_or_else(|| json!(""))},
+    })
 }
 
 /// `$NAME` and `${NAME}` expanded from `vars` (the last definition wins; unknown names expand to
@@ -177,6 +193,8 @@ pub struct JobSpec {
     pub image_entrypoint: Option<Vec<String>>,
     /// `image: pull_policy:` (empty: not sent).
     pub image_pull_policy: Vec<String>,
+    /// `image: kubernetes: user:` (a string or an integer, as written; `None`: not set).
+    pub image_user: Option<Value>,
     pub services: Vec<Service>,
     pub variables: Vec<Variable>,
     pub script: Vec<String>,
@@ -218,6 +236,7 @@ impl JobBuilder {
                 image: "alpine:3.20".to_owned(),
                 image_entrypoint: None,
                 image_pull_policy: Vec::new(),
+                image_user: None,
                 services: Vec::new(),
                 variables: Vec::new(),
                 script: vec!["echo hello".to_owned()],
@@ -263,6 +282,13 @@ impl JobBuilder {
     #[must_use]
     pub fn image_pull_policy(mut self, policies: &[&str]) -> Self {
         self.spec.image_pull_policy = policies.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+
+    /// `image: kubernetes: user:` (`json!("1000:1000")`, `json!(1000)`, ...).
+    #[must_use]
+    pub fn image_user(mut self, user: Value) -> Self {
+        self.spec.image_user = Some(user);
         self
     }
 
@@ -408,8 +434,7 @@ impl JobSpec {
         if !self.image_pull_policy.is_empty() {
             image["pull_policy"] = json!(self.image_pull_policy);
         }
-        image["executor_opts"] =
-            json!({"docker": {"platform": "", "user": ""}, "kubernetes": {"user": ""}});
+        image["executor_opts"] = executor_opts(self.image_user.as_ref());
         let project_name = self.project_path.rsplit('/').next().unwrap_or("project");
         // serde_json keeps insertion order only with `preserve_order`; build the text by hand so the
         // top-level key order matches Go's encoder like the real file.

@@ -253,6 +253,7 @@ async fn exec_into_pods_that_are_not_running_fails_cleanly() {
         env: Vec::new(),
         bin_dirs: Vec::new(),
         rootfs: None,
+        user: None,
     });
     let emu = spotrun_testkit::emulator::Emulator::start(cfg)
         .await
@@ -406,5 +407,90 @@ async fn large_stdin_reaches_the_container_and_watchers_survive_dropped_watches(
     assert!(seen, "the watcher saw the change despite dropped watches");
     watch.stop().await;
     emu.faults().close_watches_every(Duration::ZERO);
+    emu.shutdown().await;
+}
+
+/// Execs run as the container's user: its `securityContext` (field by field over the pod's),
+/// else the image's `USER`, else root; without root's capabilities, so a root-owned file in an
+/// `emptyDir` (mode 0777, as the kubelet makes it) cannot be changed, and nothing can be chown'd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execs_run_as_the_containers_user_with_real_permissions() {
+    let mut cfg = spotrun_testkit::emulator::EmulatorConfig::gke();
+    cfg.images.push(spotrun_testkit::emulator::ImageRule {
+        pattern: "nonroot/*".into(),
+        outcome: spotrun_testkit::emulator::PullOutcome::Ok,
+        default_command: None,
+        env: Vec::new(),
+        bin_dirs: Vec::new(),
+        rootfs: None,
+        user: Some((1000, 1000)),
+    });
+    let emu = spotrun_testkit::emulator::Emulator::start(cfg)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::default_namespaced(emu.client().await);
+    let p: Pod = serde_json::from_value(json!({"metadata": {"name": "users"}, "spec": {
+    "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
+    "securityContext": {"runAsGroup": 3000},
+    "volumes": [{"name": "shared", "emptyDir": {}}],
+    "containers": [
+        {"name": "root", "image": "busybox", "command": ["sleep", "3600"],
+         "securityContext": {"runAsUser": 0, "runAsGroup": 0},
+         "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]},
+        {"name": "ctx", "image": "busybox", "command": ["sleep", "3600"],
+         "securityContext": {"runAsUser": 2000},
+         "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]},
+        {"name": "image", "image": "nonroot/app:1", "command": ["sleep", "3600"],
+         "securityContext": {"runAsGroup": 1000},
+         "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]}
+    ]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    wait_running(&pods, "users").await;
+    let exec_in = async |container: &str, script: &str| {
+        let mut p = pods
+            .exec(
+                "users",
+                vec!["sh", "-c", script],
+                &AttachParams::default().container(container),
+            )
+            .await
+            .unwrap();
+        let mut s = String::new();
+        p.stdout().unwrap().read_to_string(&mut s).await.unwrap();
+        let _ = p.take_status().unwrap().await;
+        s
+    };
+    let (r, c, i) = (
+        exec_in("root", "id -u; id -g").await,
+        exec_in("ctx", "id -u; id -g").await,
+        exec_in("image", "id -u; id -g").await,
+    );
+    assert_eq!(r, "0\n0\n");
+    assert_eq!(
+        c, "2000\n3000\n",
+        "the pod's group under the container's user"
+    );
+    assert_eq!(i, "1000\n1000\n", "the image's user");
+    assert_eq!(
+        exec_in(
+            "root",
+            "umask 022; echo root-file > /shared/f; stat -c '%u %a' /shared /shared/f"
+        )
+        .await,
+        "0 777\n0 644\n"
+    );
+    let try_write = "if echo more >> /shared/f 2>/dev/null; then echo wrote; else echo denied; fi; \
+                     if chown 1000 /shared/f 2>/dev/null; then echo chowned; else echo no-chown; fi; \
+                     touch /shared/mine && stat -c %u /shared/mine && rm /shared/mine; \
+                     touch /tmp/t && echo tmp-ok";
+    assert_eq!(
+        exec_in("image", try_write).await,
+        "denied\nno-chown\n1000\ntmp-ok\n"
+    );
+    assert_eq!(
+        exec_in("root", try_write).await,
+        "wrote\nchowned\n0\ntmp-ok\n"
+    );
     emu.shutdown().await;
 }

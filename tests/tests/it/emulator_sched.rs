@@ -210,6 +210,7 @@ async fn image_pull_failure_backs_off_while_other_containers_run() {
         env: Vec::new(),
         bin_dirs: Vec::new(),
         rootfs: None,
+        user: None,
     });
     cfg.images.push(ImageRule {
         pattern: "registry.example.com/tool:*".into(),
@@ -222,6 +223,7 @@ async fn image_pull_failure_backs_off_while_other_containers_run() {
         env: vec![("TOOL_HOME".into(), "/opt/tool".into())],
         bin_dirs: Vec::new(),
         rootfs: None,
+        user: None,
     });
     let emu = Emulator::start(cfg).await.unwrap();
     let client = emu.client().await;
