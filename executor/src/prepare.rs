@@ -204,9 +204,6 @@ pub async fn prepare(ctx: &Ctx) -> Result<(), Failure> {
                 }
                 Err(e) => return Err(e),
                 Ok(node) => {
-                    if settings.pod.helper_file_ownership == HelperFileOwnership::BuildUser {
-                        crate::stage::record_build_owner(ctx, &kube, &pods, &name).await;
-                    }
                     crate::services::wait_for_services(
                         ctx,
                         &kube,
@@ -448,6 +445,10 @@ async fn wait_running(
                             say(&format!("Scheduled on node {node} ({})", capacity_word(spot)));
                         }
                         say(&format!("Pod {ns}/{name} is running on node {node} ({})", capacity_word(spot)));
+                        // Before the annotation: a pod marked prepared has everything its stages need.
+                        if settings.pod.helper_file_ownership == HelperFileOwnership::BuildUser {
+                            crate::stage::record_build_owner(ctx, kube, pods, name).await;
+                        }
                         let patch = Patch::Merge(json!({ "metadata": { "annotations": { PREPARED_ANNOTATION: "true" } } }));
                         let patch_params = PatchParams::default();
                         if let Err(e) = kube.call("patch pod (prepared)", || pods.patch(name, &patch_params, &patch)).await {
