@@ -70,9 +70,13 @@ fn images(dir: &Path) -> EmulatorConfig {
     cfg
 }
 
-/// A directory for the test's fixtures outside /tmp (each container has its own /tmp).
+/// A directory for the test's fixtures outside /tmp (each container has its own /tmp), and so
+/// outside the target dir too, which a checkout under /tmp puts there.
 fn fixtures() -> tempfile::TempDir {
-    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+    tempfile::Builder::new()
+        .prefix("spotrun-non-root-")
+        .tempdir_in("/var/tmp")
+        .unwrap()
 }
 
 /// A git repository on the host (the helper fetches it over `file://`): `hello.txt` and
