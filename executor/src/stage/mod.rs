@@ -356,8 +356,20 @@ async fn drive_stage(
             "job pod {ns}/{name} does not exist (deleted, or prepare did not run)"
         )));
     };
-    if let Some(end) = podstate::pod_end(&pod, &[container]) {
-        return Err(pod_lost(ctx, kube, &job_for_record(ctx), end).await);
+    match podstate::pod_end(&pod, &[container]) {
+        // The kubelet stops containers before it marks the pod (an eviction, a node shutdown):
+        // the pod gets the same grace to say why as after a dropped stream.
+        Some(PodEnd::ContainerTerminated { .. }) => {
+            match check_pod(kube, &pods, name, container).await {
+                Err(FollowError::Lost(end)) => {
+                    return Err(pod_lost(ctx, kube, &job_for_record(ctx), end).await);
+                }
+                Err(FollowError::Failure(f)) => return Err(f),
+                Ok(()) => {}
+            }
+        }
+        Some(end) => return Err(pod_lost(ctx, kube, &job_for_record(ctx), end).await),
+        None => {}
     }
     if let Some(r) = early {
         return verdict(r).await;

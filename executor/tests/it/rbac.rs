@@ -83,7 +83,18 @@ async fn audit_derived_verb_list_equals_the_committed_file() {
             "{}",
             out.log
         );
-        // Bring the capacity back for the next round.
+        // Bring the capacity back for the next round, once the preemption has deleted the node
+        // (it does so after the node's pods are gone, which may come after the job's end).
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
+            kube::Api::all(env.emu.client().await);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while nodes.get_opt(&node).await.ok().flatten().is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "job {id}: the preempted node {node} was never deleted"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         env.emu
             .faults()
             .add_node(spotrun_testkit::emulator::NodeSpec::gke(
