@@ -1,8 +1,9 @@
-// Included (`include!`) by the build scripts of both binaries: the environment their `--version`
+// Included (`include!`) by the build scripts of the three binaries: the environment their `--version`
 // is made of. Plain functions, no crate: build scripts cannot share a module otherwise without a
 // build-dependency package for twenty lines.
 
-/// Sets `SPOTRUN_GIT_REV` and `SPOTRUN_BUILD_TARGET` for `env!` in the binary.
+/// Sets `SPOTRUN_GIT_REV`, `SPOTRUN_BUILD_TARGET` and `SPOTRUN_VERSION` (what `--version`
+/// prints: crate version, revision and target) for `env!` in the binary.
 ///
 /// The revision is `$SPOTRUN_GIT_REV` when set (builds without `.git`, e.g. a container build
 /// context; CI passes its commit), else `git rev-parse --short HEAD`, else `unknown`.
@@ -17,6 +18,8 @@ fn emit_version_env() {
     println!("cargo:rustc-env=SPOTRUN_GIT_REV={rev}");
     let target = std::env::var("TARGET").unwrap_or_else(|_| "unknown".to_owned());
     println!("cargo:rustc-env=SPOTRUN_BUILD_TARGET={target}");
+    let version = std::env::var("CARGO_PKG_VERSION").unwrap_or_else(|_| "unknown".to_owned());
+    println!("cargo:rustc-env=SPOTRUN_VERSION={version} (rev {rev}, {target})");
 }
 
 /// `git ARGS` in the package directory; `None` when git is missing or fails.

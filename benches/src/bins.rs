@@ -1,5 +1,6 @@
 //! Finds the workspace binaries the benchmark runs as child processes (`spotrun-cache-proxy`,
-//! `spotrun-executor`), building them with the running profile when they are missing.
+//! `spotrun-executor`), building them with the running profile when they are missing, and the
+//! static binary the image ships.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -56,4 +57,38 @@ fn build(dir: &Path, name: &str, package: &str) -> anyhow::Result<()> {
         bail!("cargo build of {name} failed with {status}");
     }
     Ok(())
+}
+
+/// The static binary the image ships (`--profile dist`, musl target), built first if it is not
+/// there, with the package set `test.sh` builds (another set would unify features differently and
+/// rebuild every dependency).
+pub fn shipped_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let profile = profile_dir()?;
+    let target_dir = profile.parent().context("profile dir has no parent")?;
+    let triple = format!("{}-unknown-linux-musl", std::env::consts::ARCH);
+    let path = target_dir.join(&triple).join("dist").join(name);
+    if path.is_file() {
+        return Ok(path);
+    }
+    let command = format!(
+        "cargo build --profile dist --locked --target {triple} -p spotrun-executor \
+         -p spotrun-cache-proxy -p spotrun-launch"
+    );
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        bail!("{} not found: run `{command}` first", path.display());
+    };
+    eprintln!("building the shipped binaries: {command} ...");
+    let status = Command::new(cargo)
+        .args(command.split_whitespace().skip(1))
+        .arg("--target-dir")
+        .arg(target_dir)
+        .status()
+        .context("running cargo build")?;
+    if !status.success() || !path.is_file() {
+        bail!(
+            "`{command}` failed ({status}) or made no {}",
+            path.display()
+        );
+    }
+    Ok(path)
 }

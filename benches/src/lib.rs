@@ -240,8 +240,10 @@ pub async fn run(opts: &Options, progress: &dyn Fn(&str)) -> anyhow::Result<Repo
     if opts.wants("memory") {
         settle().await;
         let t = Instant::now();
+        let shipped = bins::shipped_binary("spotrun-cache-proxy")?;
         report.rows.extend(
             memory::run(
+                &shipped,
                 &proxy_bin,
                 opts.big_mib * MIB,
                 opts.concurrent,

@@ -8,6 +8,8 @@ use clap::Parser;
 use spotrun_benches::{Options, report};
 
 const FULL_COMMAND: &str = "eval \"$(bash .ci/install)\" && cargo build --release --bins && \
+                            cargo build --profile dist --target $(uname -m)-unknown-linux-musl \
+                            -p spotrun-executor -p spotrun-cache-proxy -p spotrun-launch && \
                             cargo run --release -p spotrun-benches --bin spotrun-bench -- --full";
 
 #[derive(Debug, Parser)]

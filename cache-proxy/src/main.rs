@@ -12,14 +12,7 @@ use spotrun_cache_proxy::{
 };
 
 /// `--version`: crate version, git revision and target triple (set by `build.rs`).
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (rev ",
-    env!("SPOTRUN_GIT_REV"),
-    ", ",
-    env!("SPOTRUN_BUILD_TARGET"),
-    ")"
-);
+const VERSION: &str = env!("SPOTRUN_VERSION");
 
 #[derive(Debug, Parser)]
 #[command(

@@ -37,14 +37,7 @@ use crate::job::{CustomEnv, JobIdentity};
 use crate::settings::{FlagOverrides, Settings, SpotPolicy};
 
 /// `--version`: crate version, git revision and target triple (set by `build.rs`).
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (rev ",
-    env!("SPOTRUN_GIT_REV"),
-    ", ",
-    env!("SPOTRUN_BUILD_TARGET"),
-    ")"
-);
+const VERSION: &str = env!("SPOTRUN_VERSION");
 
 // Reason: doc comments here are clap help text, where backticks would show literally.
 #[allow(clippy::doc_markdown)]

@@ -335,6 +335,11 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         build.args = Some(vec!["sh".into(), "-c".into(), IDLE_SCRIPT.into()]);
     }
 
+    let helper_resources = resources(&merge_job_resources(
+        &settings.resources.helper,
+        &input.knobs.helper_resources,
+    ));
+    let helper_security = container_security(settings.pod.helper_security_context.as_ref());
     let mut helper_mounts = stage_mounts;
     helper_mounts.push(mount("tools", TOOLS_DIR));
     let helper = Container {
@@ -350,11 +355,8 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
             value_from: None,
         }]),
         volume_mounts: Some(helper_mounts),
-        resources: resources(&merge_job_resources(
-            &settings.resources.helper,
-            &input.knobs.helper_resources,
-        )),
-        security_context: container_security(settings.pod.helper_security_context.as_ref()),
+        resources: helper_resources.clone(),
+        security_context: helper_security.clone(),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
     };
@@ -370,11 +372,8 @@ pub fn plan_pod(settings: &Settings, input: &PlanInput<'_>) -> Result<PodPlan, P
         ]),
         volume_mounts: Some(vec![mount("launcher", LAUNCHER_DIR)]),
         // The helper's: a namespace quota or LimitRange may require them on every container.
-        resources: resources(&merge_job_resources(
-            &settings.resources.helper,
-            &input.knobs.helper_resources,
-        )),
-        security_context: container_security(settings.pod.helper_security_context.as_ref()),
+        resources: helper_resources,
+        security_context: helper_security,
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
     };

@@ -31,14 +31,7 @@ use files::StageFiles;
 use ownership::StageOwnership;
 use start::{StartError, Started};
 
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (rev ",
-    env!("SPOTRUN_GIT_REV"),
-    ", ",
-    env!("SPOTRUN_BUILD_TARGET"),
-    ")"
-);
+const VERSION: &str = env!("SPOTRUN_VERSION");
 
 /// Exit code of `start` when the script arrived incomplete (`EX_TEMPFAIL`: try again).
 const CUT: u8 = 75;

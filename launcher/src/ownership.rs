@@ -57,6 +57,31 @@ impl StageOwnership {
         }
     }
 
+    /// Environment for the script: git (2.35.2 and later) refuses a repository owned by another
+    /// user ("detected dubious ownership"), so the root helper's `git fetch` in a checkout an
+    /// earlier job handed to the build user (a builds directory that outlives the pod: a PVC or a
+    /// host path) would fail. The handed-over trees, and (git 2.46 and later) everything below
+    /// them, are marked safe for this stage's git alone, through git's environment configuration:
+    /// command-line scope, where `safe.directory` counts, after any entries already there.
+    /// Nothing when this stage hands nothing over.
+    pub fn git_env(&self, inherited_count: Option<&str>) -> Vec<(String, String)> {
+        if self.owner_file.is_none() || self.trees.is_empty() {
+            return Vec::new();
+        }
+        let mut n: usize = inherited_count.and_then(|v| v.parse().ok()).unwrap_or(0);
+        let mut out = Vec::new();
+        for tree in &self.trees {
+            let tree = tree.display().to_string();
+            for value in [format!("{}/*", tree.trim_end_matches('/')), tree] {
+                out.push((format!("GIT_CONFIG_KEY_{n}"), "safe.directory".to_string()));
+                out.push((format!("GIT_CONFIG_VALUE_{n}"), value));
+                n += 1;
+            }
+        }
+        out.push(("GIT_CONFIG_COUNT".to_string(), n.to_string()));
+        out
+    }
+
     /// After the script: hands the trees over to the recorded owner. Returns the one warning line
     /// for the stage log when that could not be done (never fails the stage: the build may not
     /// even need those files).
@@ -286,5 +311,38 @@ mod tests {
             ]
         );
         assert!(StageOwnership::default().args().is_empty());
+    }
+
+    #[test]
+    fn handed_over_trees_are_safe_for_git_after_inherited_entries() {
+        let o = StageOwnership {
+            umask: None,
+            owner_file: Some("/spotrun/logs/build-owner".into()),
+            trees: vec!["/builds/g/p".into()],
+        };
+        let env = |n| {
+            o.git_env(n)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            env(Some("2")),
+            [
+                "GIT_CONFIG_KEY_2=safe.directory",
+                "GIT_CONFIG_VALUE_2=/builds/g/p/*",
+                "GIT_CONFIG_KEY_3=safe.directory",
+                "GIT_CONFIG_VALUE_3=/builds/g/p",
+                "GIT_CONFIG_COUNT=4"
+            ]
+        );
+        assert_eq!(env(None)[1], "GIT_CONFIG_VALUE_0=/builds/g/p/*");
+        assert_eq!(env(Some("junk")).last().unwrap(), "GIT_CONFIG_COUNT=2");
+        // The umask mode hands nothing over: git's own rules stay.
+        let umask = StageOwnership {
+            umask: Some(0),
+            ..StageOwnership::default()
+        };
+        assert!(umask.git_env(None).is_empty());
     }
 }

@@ -66,8 +66,10 @@ fn run(files: &StageFiles, script: &Path, ownership: &StageOwnership) -> Result<
         .map_err(|e| format!("cannot share the stage log: {e}"))?;
     let shell = shell();
     ownership.apply_umask();
+    let inherited = std::env::var("GIT_CONFIG_COUNT").ok();
     let child = Command::new(&shell)
         .arg(script)
+        .envs(ownership.git_env(inherited.as_deref()))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err)

@@ -583,6 +583,74 @@ fn a_helper_stage_hands_its_tree_over_without_following_symlinks_or_crossing_mou
     }
 }
 
+/// A checkout that an earlier job handed to the build user (a builds directory that outlives the
+/// pod) is owned by uid 1000; the next job's helper runs git in it as root. Git refuses such a
+/// repository ("dubious ownership") unless the stage marks it safe, which a handing-over stage
+/// does for its own trees; a stage without the handover (the control) keeps git's refusal.
+#[test]
+fn a_handing_over_stage_may_run_git_in_a_checkout_the_build_user_owns() {
+    assert_eq!(me(), (0, 0), "the handover tests need root");
+    let root = tempfile::tempdir().unwrap();
+    let tree = root.path().join("builds/project");
+    std::fs::create_dir_all(&tree).unwrap();
+    let git = |args: &[&str]| {
+        let o = Command::new("git")
+            .args(["-c", "init.defaultBranch=main", "-C"])
+            .arg(&tree)
+            .args(args)
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "git {args:?}: {o:?}");
+    };
+    git(&["init", "-q"]);
+    git(&[
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@t",
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-m",
+        "c",
+    ]);
+    let status = Command::new("chown")
+        .args(["-R", "1000:1000"])
+        .arg(&tree)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let owner = root.path().join("build-owner");
+    std::fs::write(&owner, "1000:1000\n").unwrap();
+    let t = tree.display().to_string();
+    // Only this stage's environment may make the repository safe.
+    let script = format!(
+        "export GIT_CONFIG_GLOBAL=/dev/null GIT_CONFIG_NOSYSTEM=1\n\
+         git -C {t} rev-parse --is-inside-work-tree 2>&1 && echo git-ok\n"
+    );
+
+    let control = Stage::new();
+    let out = control.start(script.as_bytes(), true);
+    assert_eq!(report(&out), "EXIT 128", "{out:?}");
+    assert!(stdout(&out).contains("dubious ownership"), "{out:?}");
+
+    let s = Stage::new();
+    let out = s.start_with(
+        script.as_bytes(),
+        true,
+        &[
+            "--owner-file",
+            &owner.display().to_string(),
+            "--chown-tree",
+            &t,
+        ],
+    );
+    assert_eq!(report(&out), "EXIT 0", "{out:?}");
+    assert_eq!(stdout(&out), "true\ngit-ok\n");
+}
+
 /// A helper that may not change owners (not root) gets one warning line in its log; the stage
 /// keeps its own exit code. An owner file that is missing is one warning line too.
 #[test]

@@ -14,7 +14,8 @@
 //! memory. Memory per ingest: body queue ≤ 8 frames, a batch ≤ 1 MiB of body, chunker ≤ 256 KiB
 //! of data (or one zip structure run up to `INLINE_RUN_MAX`), ≤ 2 queued batches of pieces, pack
 //! writer 1 MiB and segment writer 64 KiB buffers: about 12 MiB at worst, 2 MiB typical, a few KiB
-//! for an upload whose client dribbles. Packs are spooled to local files of at most `PACK_TARGET`,
+//! for an upload whose client dribbles. Packs are spooled to local files of at most `PACK_TARGET`
+//! (smaller when new chunks arrive slowly: `PACK_EARLY_AGE`),
 //! at most `PACKS_IN_FLIGHT + 2` per ingest. Nothing is published here: `finish` returns a `Staged`
 //! body that `DedupStore::publish` turns into a manifest after the caller verified its digests;
 //! packs of an ingest that is dropped or fails stay unreferenced and GC reclaims them.
@@ -24,7 +25,7 @@ use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -45,6 +46,14 @@ use crate::store::BlobStore;
 /// 128 pack PUTs + 128 index PUTs, far under the 1,100 requests/GiB budget, while a 64 MiB body
 /// already uploads four packs in parallel.
 pub const PACK_TARGET: u64 = 16 << 20;
+/// A pack that has held new chunks this long is sealed and uploaded once it has
+/// `PACK_EARLY_MIN` bytes, without waiting to fill: new data that arrives thinly (a body mostly
+/// known) crosses the backend link while the body still arrives, instead of as one pack at its
+/// end. The floor keeps the request budget: at most 1 GiB ÷ 4 MiB = 256 packs, 512 requests per
+/// GiB with their index objects.
+pub const PACK_EARLY_AGE: Duration = Duration::from_millis(200);
+/// The smallest pack sealed for its age (see `PACK_EARLY_AGE`).
+pub const PACK_EARLY_MIN: u64 = 4 << 20;
 /// Packs one ingest uploads at once (parallel streams are what make a remote backend fast).
 pub const PACKS_IN_FLIGHT: usize = 4;
 /// Pack uploads in flight across all ingests of this process.
@@ -146,6 +155,16 @@ struct OpenPack {
     file: BufWriter<tempfile::NamedTempFile>,
     size: u64,
     entries: Vec<([u8; 32], u32)>,
+    /// When its first chunk arrived.
+    opened: Instant,
+}
+
+impl OpenPack {
+    /// Full, or old enough and big enough to go now (`PACK_EARLY_AGE`).
+    fn ready(&self) -> bool {
+        self.size >= PACK_TARGET
+            || (self.size >= PACK_EARLY_MIN && self.opened.elapsed() >= PACK_EARLY_AGE)
+    }
 }
 
 /// Everything the hash stage needs, moved into it.
@@ -408,7 +427,7 @@ impl Hasher {
                 (id, loc.offset)
             } else {
                 let at = self.append(&chunk, sha, len)?;
-                if self.current.as_ref().is_some_and(|p| p.size >= PACK_TARGET) {
+                if self.current.as_ref().is_some_and(OpenPack::ready) {
                     full.push(close_pack(self.current.take().expect("open"))?);
                 }
                 at
@@ -453,6 +472,7 @@ impl Hasher {
                 file: BufWriter::with_capacity(1 << 20, file),
                 size: 0,
                 entries: Vec::new(),
+                opened: Instant::now(),
             });
         }
         let p = self.current.as_mut().expect("just opened");

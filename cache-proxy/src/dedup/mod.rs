@@ -1178,6 +1178,53 @@ mod tests {
         assert!(s.blob().list("packidx/").await.unwrap().is_empty());
     }
 
+    /// New data that arrives thinly (a slow client, or a body mostly known) is not held back for
+    /// a full pack: a pack with `PACK_EARLY_MIN` bytes that has been open `PACK_EARLY_AGE` goes to
+    /// the backend while the body still arrives. The same bytes written at once make one pack.
+    #[tokio::test]
+    async fn thin_new_data_goes_up_in_smaller_packs_while_the_body_arrives() {
+        let (_dir, s) = store().await;
+        let body = noise(6 << 20, 31);
+        let mut ing = s.begin_ingest().await.unwrap();
+        for part in body.chunks(1 << 20) {
+            ing.write(Bytes::copy_from_slice(part)).await.unwrap();
+            tokio::time::sleep(ingest::PACK_EARLY_AGE).await;
+        }
+        // Before the body ends, a pack is in the store (bounded wait for its upload).
+        let t = std::time::Instant::now();
+        while s.blob().list("packs/").await.unwrap().is_empty() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no pack went up before the body ended"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let staged = ing.finish().await.unwrap();
+        assert_eq!(staged.stats.packs_uploaded, 2, "{:?}", staged.stats);
+        s.publish(staged, obj("slow")).await.unwrap();
+        assert_eq!(get(&s, "slow", 0, body.len() as u64).await.unwrap(), body);
+        let sizes: Vec<u64> = s
+            .blob()
+            .list("packs/")
+            .await
+            .unwrap()
+            .iter()
+            .map(|o| o.size)
+            .collect();
+        assert!(
+            sizes
+                .iter()
+                .any(|&n| (ingest::PACK_EARLY_MIN..PACK_TARGET).contains(&n)),
+            "{sizes:?}"
+        );
+
+        // Control: written at once, the same amount of new data is one pack.
+        let (_dir, s) = store().await;
+        let mut ing = s.begin_ingest().await.unwrap();
+        ing.write(Bytes::from(noise(6 << 20, 32))).await.unwrap();
+        assert_eq!(ing.finish().await.unwrap().stats.packs_uploaded, 1);
+    }
+
     /// The local index is a cache of the backend's pack index objects: deleted, it is rebuilt at
     /// start and makes the same dedup decisions.
     #[tokio::test]

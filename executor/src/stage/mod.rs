@@ -477,15 +477,36 @@ async fn start(
             "exec_reconnect",
             json!({ "phase": "start", "error": why, "attempt": drops }),
         );
-        if drops >= MAX_DROPS_WITHOUT_PROGRESS {
-            return Err(Failure::System(format!(
-                "could not start the stage in {name}/{container}: {why}"
-            ))
-            .into());
-        }
-        check_pod(kube, pods, name, container).await?;
-        tokio::time::sleep(crate::kubeapi::backoff(drops.min(5), 100, 2000, None)).await;
+        pause_after_drop(kube, pods, name, container, drops, 100, 2000, || {
+            format!("could not start the stage in {name}/{container}: {why}")
+        })
+        .await?;
     }
+}
+
+/// After a broken exec: gives up after [`MAX_DROPS_WITHOUT_PROGRESS`] drops in a row (with
+/// `give_up`'s message), fails at once when the pod says the stage cannot go on, else waits a
+/// backoff of `base_ms` growing to `cap_ms`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the stage's context plus the retry policy of one caller"
+)]
+async fn pause_after_drop(
+    kube: &Kube,
+    pods: &Api<Pod>,
+    name: &str,
+    container: &str,
+    drops: u32,
+    base_ms: u64,
+    cap_ms: u64,
+    give_up: impl FnOnce() -> String,
+) -> Result<(), FollowError> {
+    if drops >= MAX_DROPS_WITHOUT_PROGRESS {
+        return Err(Failure::System(give_up()).into());
+    }
+    check_pod(kube, pods, name, container).await?;
+    tokio::time::sleep(crate::kubeapi::backoff(drops.min(5), base_ms, cap_ms, None)).await;
+    Ok(())
 }
 
 /// Writes stage output to the job log as it arrives, counting the bytes.
@@ -585,14 +606,10 @@ async fn follow(
                 );
             }
         }
-        if drops >= MAX_DROPS_WITHOUT_PROGRESS {
-            return Err(Failure::System(format!(
-                "lost the stage output stream of {name}/{container} {drops} times in a row"
-            ))
-            .into());
-        }
-        check_pod(kube, pods, name, container).await?;
-        tokio::time::sleep(crate::kubeapi::backoff(drops.min(5), 50, 1000, None)).await;
+        pause_after_drop(kube, pods, name, container, drops, 50, 1000, || {
+            format!("lost the stage output stream of {name}/{container} {drops} times in a row")
+        })
+        .await?;
     }
 }
 

@@ -154,6 +154,20 @@ fn has(log: &str, line: &str) -> bool {
     log.lines().any(|l| l == line)
 }
 
+/// Each of `lines` is a whole line of the job log.
+fn assert_lines(log: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(has(log, line), "{line:?} missing:\n{log}");
+    }
+}
+
+/// The job log's lines about an image's kubernetes user (the warnings).
+fn user_warnings(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("kubernetes user"))
+        .collect()
+}
+
 /// The acceptance test: `image: kubernetes: user: "1000:1000"`; the build really runs as 1000
 /// and rewrites the checkout, a file variable and the restored cache, all handed over to it. The
 /// cache archive the helper wrote outside the project stays the helper's: uid 1000 cannot write
@@ -167,16 +181,17 @@ async fn a_build_as_uid_1000_rewrites_the_checkout_a_file_variable_and_the_resto
         &job(8401, dir.path()).image_user(json!("1000:1000")).build(),
     )
     .await;
-    for line in [
-        "build-runs-as 1000:1000",
-        "checkout-owner 1000:1000",
-        "checkout-writable",
-        "file-variable-writable changed",
-        "cache-writable",
-        "cache-archive-not-writable",
-    ] {
-        assert!(has(&log, line), "{line:?} missing:\n{log}");
-    }
+    assert_lines(
+        &log,
+        &[
+            "build-runs-as 1000:1000",
+            "checkout-owner 1000:1000",
+            "checkout-writable",
+            "file-variable-writable changed",
+            "cache-writable",
+            "cache-archive-not-writable",
+        ],
+    );
     assert!(!log.contains("WARNING"), "{log}");
     let owners: Vec<String> = env
         .events()
@@ -202,16 +217,17 @@ async fn the_umask_fallback_also_lets_uid_1000_write_and_leaves_everything_world
         &job(8402, dir.path()).image_user(json!("1000:1000")).build(),
     )
     .await;
-    for line in [
-        "build-runs-as 1000:1000",
-        "checkout-owner 0:0",
-        "checkout-writable",
-        "file-variable-writable changed",
-        "cache-writable",
-        "cache-archive-writable",
-    ] {
-        assert!(has(&log, line), "{line:?} missing:\n{log}");
-    }
+    assert_lines(
+        &log,
+        &[
+            "build-runs-as 1000:1000",
+            "checkout-owner 0:0",
+            "checkout-writable",
+            "file-variable-writable changed",
+            "cache-writable",
+            "cache-archive-writable",
+        ],
+    );
     assert!(
         !env.events().iter().any(|e| e["event"] == "build_owner"),
         "no owner exec in umask mode"
@@ -231,15 +247,16 @@ async fn the_image_user_is_found_at_run_time() {
             .build(),
     )
     .await;
-    for line in [
-        "build-runs-as 1000:1000",
-        "checkout-owner 1000:1000",
-        "checkout-writable",
-        "file-variable-writable changed",
-        "cache-writable",
-    ] {
-        assert!(has(&log, line), "{line:?} missing:\n{log}");
-    }
+    assert_lines(
+        &log,
+        &[
+            "build-runs-as 1000:1000",
+            "checkout-owner 1000:1000",
+            "checkout-writable",
+            "file-variable-writable changed",
+            "cache-writable",
+        ],
+    );
 }
 
 /// With `allowed_users` / `allowed_groups`, a job ID outside them is not applied, and a user
@@ -265,10 +282,7 @@ async fn a_job_user_outside_the_allow_lists_or_a_name_is_ignored_with_one_warnin
         ),
     ] {
         let log = run(&env, &job(id, dir.path()).image_user(user).build()).await;
-        let warnings: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains("kubernetes user"))
-            .collect();
+        let warnings = user_warnings(&log);
         assert_eq!(warnings, [warning], "{log}");
         assert!(has(&log, "build-runs-as 0:0"), "{log}");
     }
@@ -290,10 +304,7 @@ async fn the_operators_run_as_user_wins_over_the_jobs() {
         &job(8406, dir.path()).image_user(json!("1000:1000")).build(),
     )
     .await;
-    let warnings: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("kubernetes user"))
-        .collect();
+    let warnings = user_warnings(&log);
     assert_eq!(
         warnings,
         [
@@ -301,13 +312,75 @@ async fn the_operators_run_as_user_wins_over_the_jobs() {
         ],
         "{log}"
     );
-    for line in [
-        "build-runs-as 2000:2000",
-        "checkout-owner 2000:2000",
-        "checkout-writable",
-        "file-variable-writable changed",
-        "cache-writable",
-    ] {
-        assert!(has(&log, line), "{line:?} missing:\n{log}");
+    assert_lines(
+        &log,
+        &[
+            "build-runs-as 2000:2000",
+            "checkout-owner 2000:2000",
+            "checkout-writable",
+            "file-variable-writable changed",
+            "cache-writable",
+        ],
+    );
+}
+
+/// A builds directory that outlives the pod (a host path here, a PVC in production): the first
+/// job's checkout is handed to uid 1000, and the next job's helper (root) fetches into it again.
+/// git refuses a repository another user owns ("detected dubious ownership") unless the stage
+/// marks it safe, which the helper stages that hand trees over do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_job_fetches_into_a_persistent_checkout_the_build_user_owns() {
+    let dir = fixtures();
+    let builds = dir.path().join("builds");
+    std::fs::create_dir_all(&builds).unwrap();
+    let env = Env::start_with(
+        images(dir.path()),
+        &format!(
+            "[[volumes.host_path]]\nname = \"ci-builds\"\nmount_path = \"/builds\"\nhost_path = \"{}\"\n",
+            builds.display()
+        ),
+    )
+    .await;
+    let (url, sha) = repository(&dir.path().join("shared"));
+    for id in [8410, 8411] {
+        let job = JobBuilder::new(id)
+            .repo(&url, "main", &sha)
+            .file_variable("CONF", "original\n")
+            .cache("deps", &["vendor/"])
+            .script(&PROBE)
+            .image_user(json!("1000:1000"))
+            .build();
+        let log = run(&env, &job).await;
+        assert_lines(
+            &log,
+            &[
+                "build-runs-as 1000:1000",
+                "checkout-owner 1000:1000",
+                "checkout-writable",
+            ],
+        );
+        assert!(!log.contains("dubious ownership"), "{log}");
     }
+    // The checkout really persisted: the second job found the first one's repository.
+    let checkouts: Vec<_> = walk_git_dirs(&builds);
+    assert_eq!(checkouts.len(), 1, "one persistent checkout: {checkouts:?}");
+}
+
+/// The `.git` directories below `dir`.
+fn walk_git_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                if p.file_name().is_some_and(|n| n == ".git") {
+                    out.push(p);
+                } else {
+                    todo.push(p);
+                }
+            }
+        }
+    }
+    out
 }
