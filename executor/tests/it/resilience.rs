@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use spotrun_testkit::emulator::{EmulatorConfig, ImageRule, PullOutcome};
 use spotrun_testkit::harness::{Cancel, CancelMode, JobBuilder, JobResult};
 
 use crate::support::{Env, between, node_of};
@@ -232,9 +233,25 @@ async fn sigterm_during_run_kills_remote_processes_and_cleanup_leaves_nothing() 
     }
 }
 
+/// The runner dies during `prepare` (the build image's pull takes 2 s, so the crash at 200 ms
+/// always lands while prepare waits for the pod): the pod it leaves is listed by `gc --dry-run`,
+/// alone, and removed by `gc`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_dry_run_lists_exactly_the_orphans_of_a_crashed_runner() {
-    let env = Env::start("[timeouts]\n").await;
+    let mut cfg = EmulatorConfig::gke();
+    cfg.images.insert(
+        0,
+        ImageRule {
+            pattern: "alpine:*".into(),
+            outcome: PullOutcome::Delay(Duration::from_secs(2)),
+            default_command: None,
+            env: Vec::new(),
+            bin_dirs: Vec::new(),
+            rootfs: None,
+            user: None,
+        },
+    );
+    let env = Env::start_with(cfg, "").await;
     // Pod never finishes prepare: stale after 0 s for this gc run.
     std::fs::write(
         &env.settings,
@@ -249,13 +266,16 @@ async fn gc_dry_run_lists_exactly_the_orphans_of_a_crashed_runner() {
         mode: CancelMode::RunnerCrash,
     };
     let _ = env.runner().run_with(&job, Some(cancel)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Pod ages are whole seconds (creationTimestamp): past a second boundary the pod is older than
+    // the 0 s threshold.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let pods: Vec<String> = env
         .pods()
         .await
         .into_iter()
         .filter_map(|p| p.metadata.name)
         .collect();
+    assert_eq!(pods.len(), 1, "the crashed runner left its pod: {pods:?}");
     let out = env.exec(&["gc", "--dry-run"], &[]);
     assert!(out.status.success(), "{out:?}");
     let listed = String::from_utf8_lossy(&out.stdout).to_string();
