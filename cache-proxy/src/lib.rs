@@ -6,6 +6,7 @@ pub mod chunked;
 pub mod config;
 pub mod conn;
 pub mod dedup;
+pub mod digests;
 pub mod metrics;
 pub mod ops;
 pub mod s3api;

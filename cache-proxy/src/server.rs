@@ -12,7 +12,6 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
-use md5::Md5;
 use sha2::{Digest, Sha256};
 
 use crate::auth::{self, PayloadMode, RequestParts};
@@ -21,6 +20,7 @@ use crate::chunked::AwsChunkedDecoder;
 use crate::config::Settings;
 use crate::dedup::manifest::Manifest;
 use crate::dedup::{DedupError, DedupStore, NewObject};
+use crate::digests::{DigestStage, Digests, NamedChecksum};
 use crate::metrics::Metrics;
 use crate::s3api;
 use crate::s3error::S3Error;
@@ -166,6 +166,11 @@ fn auth_error(e: &AuthError) -> S3Error {
         AuthError::Forbidden => S3Error::access_denied("Access Denied"),
         AuthError::Anonymous => S3Error::access_denied(e.to_string()),
     }
+}
+
+fn digest_error(e: crate::digests::DigestStopped) -> S3Error {
+    tracing::error!(error = %e, "upload digests");
+    S3Error::internal("We encountered an internal error. Please try again.")
 }
 
 pub(crate) fn dedup_error(e: &DedupError) -> S3Error {
@@ -655,9 +660,7 @@ pub(crate) struct Received {
 const CHECKSUM_ALGORITHMS: [&str; 5] = ["crc32", "crc32c", "crc64nvme", "sha1", "sha256"];
 
 /// The checksums a request asks for, by header name, computed with AWS's own implementations.
-fn requested_checksums(
-    headers: &HeaderMap,
-) -> Vec<(String, Box<dyn aws_smithy_checksums::http::HttpChecksum>)> {
+fn requested_checksums(headers: &HeaderMap) -> Vec<NamedChecksum> {
     let trailer = header_str(headers, "x-amz-trailer")
         .unwrap_or("")
         .to_ascii_lowercase();
@@ -725,9 +728,10 @@ pub(crate) async fn receive_body(
 
     // Chunked, hashed and uploaded while it arrives; published only after every check below.
     let mut ingest = st.dedup.begin_ingest().await.map_err(|e| dedup_error(&e))?;
-    let mut md5 = Md5::new();
-    let mut sha = matches!(payload, PayloadMode::Sha256(_)).then(Sha256::new);
-    let mut sums = requested_checksums(headers);
+    let mut digests = DigestStage::start(Digests::new(
+        matches!(payload, PayloadMode::Sha256(_)),
+        requested_checksums(headers),
+    ));
     let mut size = 0u64;
     let mut stream = MinRateStream::new(body.into_data_stream(), st.settings.http.min_upload_rate);
     let idle = st.settings.http.body_idle_timeout;
@@ -758,13 +762,10 @@ pub(crate) async fn receive_body(
                 "Your proposed upload exceeds the maximum allowed object size.",
             ));
         }
-        md5.update(&data);
-        for (_, c) in &mut sums {
-            c.update(&data);
+        if data.is_empty() {
+            continue;
         }
-        if let Some(s) = sha.as_mut() {
-            s.update(&data);
-        }
+        digests.write(data.clone()).await.map_err(digest_error)?;
         ingest.write(data).await.map_err(|e| dedup_error(&e))?;
     }
     let mut checksums: Vec<(String, String)> = Vec::new();
@@ -786,6 +787,11 @@ pub(crate) async fn receive_body(
             "You did not provide the number of bytes specified by the Content-Length HTTP header",
         ));
     }
+    let Digests {
+        md5,
+        sha256: sha,
+        checksums: sums,
+    } = digests.finish().await.map_err(digest_error)?;
     if let (PayloadMode::Sha256(want), Some(s)) = (&payload, sha)
         && hex::encode(s.finalize()) != *want
     {
@@ -814,7 +820,7 @@ pub(crate) async fn receive_body(
         }
         verified.push((name, got));
     }
-    let md5: [u8; 16] = md5.finalize().into();
+    let md5: [u8; 16] = md5::Digest::finalize(md5).into();
     if let Some(v) = header_str(headers, "content-md5")
         && v.trim() != base64::engine::general_purpose::STANDARD.encode(md5)
     {

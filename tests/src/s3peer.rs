@@ -64,6 +64,12 @@ impl S3Peer {
         Self::start_with(buckets, "peer-access-key".into(), secret)
     }
 
+    /// The s3s-fs process id, while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Start without credentials: s3s-fs then serves unsigned requests (a stand-in behind a test
     /// front that does its own authentication, e.g. bearer tokens).
     pub fn start_anonymous(buckets: &[&str]) -> Result<Self, S3PeerError> {

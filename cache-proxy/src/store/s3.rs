@@ -235,11 +235,19 @@ impl S3Store {
     }
 }
 
+/// Bytes read from a file per step while it is uploaded.
+const PUT_FILE_READ: usize = 1 << 20;
+
 #[async_trait::async_trait]
 impl BlobStore for S3Store {
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StoreError> {
         let _p = self.permit("put", key).await?;
-        let body = ByteStream::from_path(path)
+        // Read in 1 MiB blocks: each read of a file is a hop to the blocking pool, and the SDK's
+        // 64 KiB default made a 16 MiB pack 256 of them.
+        let body = ByteStream::read_from()
+            .path(path)
+            .buffer_size(PUT_FILE_READ)
+            .build()
             .await
             .map_err(|e| StoreError::unavailable("put", key, e))?;
         self.put_body(key, body).await
