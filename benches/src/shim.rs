@@ -1,5 +1,6 @@
-//! A counting HTTP reverse proxy between the cache proxy and its S3 backend: every request the
-//! backend receives is counted by method (issue 7 P10: backend requests per GiB uploaded).
+//! A counting HTTP reverse proxy in front of the S3 backend: every request the backend receives
+//! through it is counted by method (issue 7 P10: backend requests per GiB uploaded), and direct
+//! PUTs through it measure what a bare pass-through hop costs (the P1 row's forwarder).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
