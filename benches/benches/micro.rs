@@ -84,6 +84,7 @@ fn sample_manifest(chunks: u32) -> ManifestV1 {
             segments: Some(segments.len() as u64),
             body: None,
             attrs: spotrun_cache_proxy::dedup::manifest::ObjectAttrs::default(),
+            chain: Vec::new(),
         },
         segments,
     }

@@ -225,10 +225,10 @@ pub async fn run(opts: &Options, progress: &dyn Fn(&str)) -> anyhow::Result<Repo
     if opts.wants("storage") {
         settle().await;
         let t = Instant::now();
-        let (row, plot) = storage::versions(opts.tree_files, opts.versions)
+        let (rows, plot) = storage::versions(opts.tree_files, opts.versions)
             .await
             .context("P5 versions benchmark")?;
-        report.rows.push(row);
+        report.rows.extend(rows);
         report.plots.push(plot);
         report.rows.push(
             storage::mtime_only(opts.tree_files)

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub corrupt_chunks: AtomicU64,
     /// Manifest segment streams opened (GET decodes one; HEAD must not).
     pub segment_streams: AtomicU64,
+    /// Segment streams stored as a delta against an earlier similar one.
+    pub segment_deltas: AtomicU64,
     /// Manifest writes retried after the backend throttled (hot keys).
     pub manifest_retries: AtomicU64,
 }
@@ -143,6 +145,11 @@ impl Metrics {
                 "spotrun_cache_segment_streams_total",
                 "Manifest segment streams decoded (one per GET).",
                 &self.segment_streams,
+            ),
+            (
+                "spotrun_cache_segment_deltas_total",
+                "Segment streams stored as a delta against an earlier similar stream.",
+                &self.segment_deltas,
             ),
             (
                 "spotrun_cache_manifest_retries_total",

@@ -12,8 +12,8 @@ async fn quick_mode_produces_every_figure() {
         .expect("the quick benchmark runs without errors");
     println!("{}\n\n{}", report::machine_line(), report.table());
     for id in [
-        "P1", "P1w", "P2", "P2w", "P3", "P3r", "P3w", "P4", "P5", "P6", "P7", "P7c", "P8", "P9",
-        "P10", "S1", "S2", "S3",
+        "P1", "P1w", "P2", "P2w", "P3", "P3r", "P3w", "P4", "P5", "P5i", "P6", "P7", "P7c", "P8",
+        "P9", "P10", "S1", "S2", "S3",
     ] {
         let row = report.row(id).unwrap_or_else(|| panic!("row {id} missing"));
         assert!(

@@ -237,6 +237,8 @@ impl DedupStore {
         }
         let (body, embedded): (Option<String>, Bytes) = match &src.segments {
             SegmentSource::Embedded(b) => (None, b.clone()),
+            // The links are packs of `src.header.packs`, held above and listed in the copy.
+            SegmentSource::Chain(_) => (None, Bytes::new()),
             SegmentSource::External(name) => {
                 hold.hold(&Arc::from(name.as_str()));
                 // The segment object is shared: GC keeps it while any manifest names it.
@@ -278,6 +280,7 @@ impl DedupStore {
             segments: src.header.segments,
             body,
             attrs: dst.attrs,
+            chain: src.header.chain.clone(),
         };
         let encoded = Bytes::from(Manifest::encode_v3(&header, &embedded));
         let mkey = manifest_key(&header.bucket, &header.key);

@@ -84,6 +84,25 @@ pub struct ObjectHeader {
     /// Stored response headers and checksums (absent in manifests of earlier releases).
     #[serde(default, skip_serializing_if = "ObjectAttrs::is_empty")]
     pub attrs: ObjectAttrs,
+    /// Version 3: the segment stream as zstd frames in packs (`delta`), when it is neither embedded
+    /// nor in `body`: one link (the stream alone) or two (a similar stream, then this one as a
+    /// delta against it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<StreamLink>,
+}
+
+/// One zstd frame of a chained segment stream: the whole of pack `packs[pack]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamLink {
+    /// Index into `ObjectHeader::packs`.
+    pub pack: u32,
+    /// Bytes of the frame (the pack's size).
+    pub len: u32,
+    /// SHA-256 of the frame, hex.
+    pub sha256: String,
+    /// Bytes it decompresses to.
+    pub raw: u32,
 }
 
 /// Response headers stored with an object, and the checksums verified when it was written.
@@ -356,6 +375,8 @@ pub enum SegmentSource {
     External(String),
     /// Versions 1 and 2 (written by earlier releases), decoded whole.
     Legacy(std::sync::Arc<Vec<Segment>>),
+    /// Version 3, the segment stream uncompressed from `ObjectHeader::chain` (see `delta`).
+    Chain(Vec<StreamLink>),
 }
 
 /// A manifest as readers hold it: the header, and where to stream the segments from. Its memory does
@@ -368,8 +389,10 @@ pub struct Manifest {
 
 impl Manifest {
     /// Version 3 layout: `b"SRM"`, version byte `3`, u32-LE length + JSON header, then (when
-    /// `header.body` is `None`) the segment stream to the end of the object. Why: HEAD, GC and the
-    /// size of a pinned read need only the header; GET streams the segments.
+    /// neither `header.body` nor `header.chain` names it elsewhere) the segment stream to the end
+    /// of the object. Why: HEAD, GC and the size of a pinned read need only the header; GET streams
+    /// the segments. A chained stream (`delta`) is the same segment encoding, uncompressed, in
+    /// zstd frames.
     #[must_use]
     pub fn encode_v3(header: &ObjectHeader, embedded: &[u8]) -> Vec<u8> {
         let json = serde_json::to_vec(header).expect("header serialises");
@@ -413,6 +436,19 @@ impl Manifest {
             ));
         }
         let rest = b.slice(r.i..);
+        if !header.chain.is_empty() {
+            super::delta::check_chain(&header)?;
+            if header.body.is_some() || !rest.is_empty() {
+                return Err(ManifestError::Malformed(
+                    "a chained segment stream with another one",
+                ));
+            }
+            let chain = header.chain.clone();
+            return Ok(Self {
+                header,
+                segments: SegmentSource::Chain(chain),
+            });
+        }
         let segments = match &header.body {
             Some(name) if rest.is_empty() => SegmentSource::External(name.clone()),
             Some(_) => return Err(ManifestError::Malformed("trailing bytes")),
@@ -423,11 +459,11 @@ impl Manifest {
 }
 
 impl Manifest {
-    /// Every segment, loading an external segment stream with `load` (tools and tests; memory grows
-    /// with the segment count).
+    /// Every segment, loading an external segment stream (or the packs of a chained one) with
+    /// `load` (tools and tests; memory grows with the segment count).
     pub fn collect_segments(
         &self,
-        load: impl FnOnce(&str) -> std::io::Result<Vec<u8>>,
+        mut load: impl FnMut(&str) -> std::io::Result<Vec<u8>>,
     ) -> Result<Vec<Segment>, ManifestError> {
         match &self.segments {
             SegmentSource::Legacy(s) => Ok(s.as_ref().clone()),
@@ -438,6 +474,13 @@ impl Manifest {
                 let b =
                     load(key).map_err(|_| ManifestError::Malformed("segment object missing"))?;
                 SegmentReader::new(std::io::Cursor::new(b), &self.header).collect()
+            }
+            SegmentSource::Chain(links) => {
+                let raw = super::delta::resolve(links, |l| {
+                    let name = &self.header.packs[l.pack as usize];
+                    load(name).map_err(|_| ManifestError::Malformed("segment pack missing"))
+                })?;
+                SegmentReader::raw(std::io::Cursor::new(raw), &self.header).collect()
             }
         }
     }
@@ -561,7 +604,7 @@ impl<W: Write> SegmentWriter<W> {
 /// Reads a version-3 segment stream one segment at a time, checking it against its header: pack
 /// indexes in range, inline segments bounded, exactly `segments` of them adding up to `size`.
 pub struct SegmentReader<R: Read> {
-    z: std::io::BufReader<flate2::read::DeflateDecoder<R>>,
+    z: Source<R>,
     remaining: u64,
     packs: usize,
     size: u64,
@@ -570,10 +613,43 @@ pub struct SegmentReader<R: Read> {
     failed: bool,
 }
 
+/// Where a segment reader's bytes come from.
+enum Source<R: Read> {
+    /// A DEFLATE stream (embedded or external).
+    Deflate(Box<std::io::BufReader<flate2::read::DeflateDecoder<R>>>),
+    /// Uncompressed bytes (a chained stream, already resolved).
+    Raw(R),
+}
+
+impl<R: Read> Read for Source<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Deflate(z) => z.read(buf),
+            Self::Raw(r) => r.read(buf),
+        }
+    }
+}
+
 impl<R: Read> SegmentReader<R> {
+    /// Segments from a version-3 DEFLATE segment stream.
     pub fn new(r: R, header: &ObjectHeader) -> Self {
+        Self::with_source(
+            Source::Deflate(Box::new(std::io::BufReader::with_capacity(
+                64 << 10,
+                flate2::read::DeflateDecoder::new(r),
+            ))),
+            header,
+        )
+    }
+
+    /// Segments from an uncompressed segment stream (a resolved chain).
+    pub fn raw(r: R, header: &ObjectHeader) -> Self {
+        Self::with_source(Source::Raw(r), header)
+    }
+
+    fn with_source(z: Source<R>, header: &ObjectHeader) -> Self {
         Self {
-            z: std::io::BufReader::with_capacity(64 << 10, flate2::read::DeflateDecoder::new(r)),
+            z,
             remaining: header.segments.unwrap_or(0),
             packs: header.packs.len(),
             size: header.size,
@@ -707,6 +783,7 @@ mod tests {
                 segments: None,
                 body: None,
                 attrs: ObjectAttrs::default(),
+                chain: Vec::new(),
             },
             segments: vec![
                 Segment::Inline(b"PK\x03\x04x".to_vec()),

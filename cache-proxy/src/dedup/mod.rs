@@ -5,10 +5,12 @@
 //! Flows, one module each: `ingest` (streaming PUT), `read` (streaming GET), `index` (the chunk
 //! index), `gc` (expiry and sweep). Backend layout: `packs/<time><rand>` chunk packs and
 //! `packidx/<same>` their chunk lists; `manifests/<bucket>/<hh>/<sha256(key)>` one per key;
-//! `mbodies/<time><rand>` segment streams too large to embed in their manifest;
+//! `mbodies/<time><rand>` segment streams too large to embed in their manifest and too large to
+//! chain (`delta`: chained streams are zstd frames in packs of their own);
 //! `condemned/<pack>` GC tombstones; `reads/<manifest>` last-read markers.
 
 pub mod chunker;
+pub mod delta;
 pub mod gc;
 pub mod index;
 pub mod ingest;
@@ -31,6 +33,7 @@ use sha2::{Digest, Sha256};
 use crate::metrics::Metrics;
 use crate::store::{BlobStore, StoreError};
 pub use chunker::{DATA_CDC, META_CDC};
+use delta::DELTA_RAW_MAX;
 use index::ChunkIndex;
 pub use ingest::{Ingest, IngestStats, PACK_TARGET, Staged};
 use manifest::{EMBED_MAX, Manifest, ManifestError, ObjectHeader};
@@ -171,6 +174,8 @@ pub struct DedupStore {
     /// Packs and segment objects that ingests of this process created or reused and have not
     /// published yet: this process's GC keeps them whatever its grace period.
     inflight: Inflight,
+    /// Segment streams stored alone lately, for later similar streams to be stored against.
+    bases: delta::Bases,
 }
 
 /// Names in use by unpublished ingests, counted (several ingests may reuse one pack), and for each
@@ -371,6 +376,7 @@ impl DedupStore {
             read_ahead: Arc::new(tokio::sync::Semaphore::new(read::READ_AHEAD_BUDGET)),
             pack_uploads: Arc::new(tokio::sync::Semaphore::new(ingest::PACK_UPLOADS)),
             inflight: Inflight::default(),
+            bases: delta::Bases::default(),
         }
     }
 
@@ -576,7 +582,8 @@ impl DedupStore {
     }
 
     /// Write a manifest for a segment stream in the local file `segments`: embedded when small,
-    /// else in its own segment object first.
+    /// chained (`delta`) when it inflates to at most `DELTA_RAW_MAX`, else in its own segment
+    /// object first.
     pub(crate) async fn write_version(
         &self,
         v: Version,
@@ -586,6 +593,15 @@ impl DedupStore {
         mkey: &str,
     ) -> Result<ObjectHeader, DedupError> {
         let seg_len = std::fs::metadata(segments)?.len();
+        if seg_len > EMBED_MAX as u64 {
+            let file = segments.to_path_buf();
+            let raw = tokio::task::spawn_blocking(move || inflate_at_most(&file, DELTA_RAW_MAX))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
+            if let Some(raw) = raw {
+                return self.write_chained(v, raw, obj, inflight, mkey).await;
+            }
+        }
         let mut embedded = Vec::new();
         let body = if seg_len <= EMBED_MAX as u64 {
             embedded = std::fs::read(segments)?;
@@ -614,10 +630,161 @@ impl DedupStore {
             segments: Some(v.segment_count),
             body,
             attrs: obj.attrs,
+            chain: Vec::new(),
         };
         let encoded = Bytes::from(Manifest::encode_v3(&header, &embedded));
         self.put_manifest(mkey, encoded).await?;
         Ok(header)
+    }
+
+    /// `write_version` for a stream of at most `DELTA_RAW_MAX` bytes (`raw`): stored against a
+    /// similar stream this process stored alone lately when that makes it at most half the size,
+    /// else alone (and remembered as a base).
+    async fn write_chained(
+        &self,
+        v: Version,
+        raw: Vec<u8>,
+        obj: NewObject,
+        inflight: &mut InflightGuard,
+        mkey: &str,
+    ) -> Result<ObjectHeader, DedupError> {
+        let mut header = ObjectHeader {
+            bucket: obj.bucket,
+            key: obj.key,
+            size: v.size,
+            etag: obj.etag,
+            last_modified: unix_secs(SystemTime::now()),
+            content_type: obj.content_type,
+            metadata: obj.metadata,
+            packs: v.packs,
+            segments: Some(v.segment_count),
+            body: None,
+            attrs: obj.attrs,
+            chain: Vec::new(),
+        };
+        let digests = delta::first_digests(&raw, &header);
+        let base = match self.bases.find(&digests) {
+            Some(b) if self.base_usable(&b).await? => Some(b),
+            _ => None,
+        };
+        let raw: Arc<[u8]> = raw.into();
+        let (for_pool, base_for_pool) = (raw.clone(), base.clone());
+        let (alone, against) = tokio::task::spawn_blocking(move || {
+            let alone = delta::compress(&for_pool, None)?;
+            let against = base_for_pool
+                .map(|b| delta::compress(&for_pool, Some(&b.raw)))
+                .transpose()?;
+            Ok::<_, std::io::Error>((alone, against))
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let raw_len = u32::try_from(raw.len()).expect("bounded by DELTA_RAW_MAX");
+        match (base, against) {
+            (Some(base), Some(d)) if d.len() * 2 <= alone.len() => {
+                inflight.hold(&base.pack);
+                let at = push_pack(&mut header.packs, &base.pack);
+                let (link, _) = self
+                    .put_stream_pack(d, raw_len, &mut header.packs, inflight)
+                    .await?;
+                header.chain = vec![base.link(at), link];
+                Metrics::add(&self.metrics.segment_deltas, 1);
+            }
+            _ => {
+                let len = u32::try_from(alone.len()).expect("bounded by DELTA_RAW_MAX");
+                let (link, pack) = self
+                    .put_stream_pack(alone, raw_len, &mut header.packs, inflight)
+                    .await?;
+                let mut sha256 = [0u8; 32];
+                hex::decode_to_slice(&link.sha256, &mut sha256).expect("hex we wrote");
+                header.chain = vec![link];
+                self.bases.add(
+                    delta::Base {
+                        pack,
+                        len,
+                        sha256,
+                        raw,
+                    },
+                    digests,
+                );
+            }
+        }
+        let encoded = Bytes::from(Manifest::encode_v3(&header, &[]));
+        self.put_manifest(mkey, encoded).await?;
+        Ok(header)
+    }
+
+    /// A remembered base may be used: its pack is not condemned, dead, or gone.
+    async fn base_usable(&self, base: &delta::Base) -> Result<bool, DedupError> {
+        if self.condemned_packs().await?.contains(&*base.pack) || self.index.is_dead(&base.pack) {
+            return Ok(false);
+        }
+        let one = HashSet::from([base.pack.clone()]);
+        Ok(self.missing_reused_packs(&one).await?.is_empty())
+    }
+
+    /// Store one zstd frame of a segment stream as a pack of its own (with its index object, like
+    /// any pack) and add it to `packs`; its link and pack name.
+    async fn put_stream_pack(
+        &self,
+        frame: Vec<u8>,
+        raw: u32,
+        packs: &mut Vec<String>,
+        inflight: &mut InflightGuard,
+    ) -> Result<(manifest::StreamLink, Arc<str>), DedupError> {
+        let name: Arc<str> = index::new_pack_name(SystemTime::now()).into();
+        inflight.hold(&name);
+        let sha: [u8; 32] = Sha256::digest(&frame).into();
+        let len = u32::try_from(frame.len()).expect("bounded by DELTA_RAW_MAX");
+        self.blob
+            .put_bytes(&name, Bytes::from(frame))
+            .await
+            .inspect_err(|_| Metrics::add(&self.metrics.backend_errors, 1))?;
+        self.blob
+            .put_bytes(
+                &index::pack_index_key(&name),
+                Bytes::from(index::encode_pack_index(&[(sha, len)])),
+            )
+            .await
+            .inspect_err(|_| Metrics::add(&self.metrics.backend_errors, 1))?;
+        let pack = push_pack(packs, &name);
+        Ok((
+            manifest::StreamLink {
+                pack,
+                len,
+                sha256: hex::encode(sha),
+                raw,
+            },
+            name,
+        ))
+    }
+
+    /// The uncompressed segment stream of a chained manifest (its frames fetched and verified).
+    pub(crate) async fn resolve_chain(
+        &self,
+        header: &ObjectHeader,
+        links: &[manifest::StreamLink],
+    ) -> Result<Vec<u8>, DedupError> {
+        let manifest_err = |source| DedupError::Manifest {
+            key: header.key.clone(),
+            source,
+        };
+        let mut frames = Vec::with_capacity(links.len());
+        for l in links {
+            match self.blob.get(&header.packs[l.pack as usize]).await {
+                Ok(b) => frames.push(b),
+                Err(StoreError::NotFound(_)) => {
+                    return Err(manifest_err(ManifestError::Malformed(
+                        "segment pack missing",
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut frames = frames.into_iter();
+        delta::resolve(links, |_| {
+            Ok(frames.next().map(|b| b.to_vec()).unwrap_or_default())
+        })
+        .map_err(manifest_err)
     }
 
     /// Write a manifest; a throttled or unavailable backend (a hot key written by many jobs: GCS
@@ -760,6 +927,25 @@ pub fn sweep_stale_files(
 pub fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// The index of `name` in `packs`, appended if it is not there.
+fn push_pack(packs: &mut Vec<String>, name: &str) -> u32 {
+    let at = packs.iter().position(|p| p == name).unwrap_or_else(|| {
+        packs.push(name.to_owned());
+        packs.len() - 1
+    });
+    u32::try_from(at).expect("fewer than 4G packs")
+}
+
+/// The DEFLATE segment stream in `path`, inflated, when it is at most `max` bytes.
+fn inflate_at_most(path: &Path, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    flate2::read::DeflateDecoder::new(std::io::BufReader::new(std::fs::File::open(path)?))
+        .take(max as u64 + 1)
+        .read_to_end(&mut raw)?;
+    Ok((raw.len() <= max).then_some(raw))
 }
 
 #[cfg(test)]
@@ -954,6 +1140,120 @@ mod tests {
         assert_eq!(r.packs_deleted, 1);
         assert!(s.blob().list("condemned/").await.unwrap().is_empty());
         assert!(s.manifest("b", "k").await.unwrap().is_none());
+    }
+
+    /// Versions of one tree under new keys (P5's case): the first stores its segment stream alone,
+    /// the later ones as small deltas against it. Each reads back byte-identical, here and from a
+    /// fresh process; deleting the first key leaves the later ones whole through GC (their
+    /// manifests list the base's pack); a base whose pack GC condemned is not used again.
+    #[tokio::test]
+    async fn versions_of_a_tree_store_their_segment_streams_as_deltas_against_the_first() {
+        let (dir, s) = store().await;
+        let mut tree = spotrun_testkit::ziptree::Tree::new(3000);
+        let mut zips = Vec::new();
+        for v in 0..4u8 {
+            if v > 0 {
+                tree.churn(5, 1000 + u64::from(v), v);
+            }
+            let z = tree.zip();
+            let h = put(&s, dir.path(), &format!("deps-v{v}"), &z).await;
+            assert_eq!(h.chain.len(), if v == 0 { 1 } else { 2 }, "version {v}");
+            zips.push(z);
+        }
+        assert_eq!(
+            s.metrics
+                .segment_deltas
+                .load(std::sync::atomic::Ordering::Relaxed),
+            3
+        );
+        let header = |k: &str| {
+            let s = s.clone();
+            let k = k.to_owned();
+            async move { s.manifest("b", &k).await.unwrap().unwrap().header.clone() }
+        };
+        let (first, last) = (header("deps-v0").await, header("deps-v3").await);
+        assert_eq!(
+            (last.chain[0].len, &last.chain[0].sha256),
+            (first.chain[0].len, &first.chain[0].sha256)
+        );
+        assert_eq!(
+            last.packs[last.chain[0].pack as usize],
+            first.packs[first.chain[0].pack as usize]
+        );
+        assert!(
+            last.chain[1].len * 4 < first.chain[0].len,
+            "delta {} vs base {}",
+            last.chain[1].len,
+            first.chain[0].len
+        );
+        let blob = Arc::new(DiskStore::open(dir.path().join("data")).unwrap());
+        let fresh = Arc::new(
+            DedupStore::open(
+                blob,
+                dir.path().join("spool2"),
+                Arc::new(Metrics::default()),
+            )
+            .await
+            .unwrap(),
+        );
+        for (v, z) in zips.iter().enumerate() {
+            let got = get(&fresh, &format!("deps-v{v}"), 0, z.len() as u64).await;
+            assert!(
+                got.unwrap() == *z,
+                "version {v} reads back from a fresh process"
+            );
+        }
+        s.delete_key("b", "deps-v0").await.unwrap();
+        let gc = GcOptions {
+            expire_uploads: std::time::Duration::from_secs(7 * 86_400),
+            durable_buckets: Vec::new(),
+            grace: Duration::from_mins(1),
+            expire_unread: None,
+            max_logical_bytes: None,
+            now: SystemTime::now() + Duration::from_mins(2),
+        };
+        s.gc(&gc).await.unwrap();
+        s.gc(&gc).await.unwrap();
+        for (v, z) in zips.iter().enumerate().skip(1) {
+            let got = get(&s, &format!("deps-v{v}"), 0, z.len() as u64).await;
+            assert!(got.unwrap() == *z, "version {v} reads back after GC");
+        }
+        for v in 1..4 {
+            s.delete_key("b", &format!("deps-v{v}")).await.unwrap();
+        }
+        let r = s.gc(&gc).await.unwrap();
+        assert!(r.packs_condemned > 0);
+        tree.churn(5, 2000, 9);
+        let h = put(&s, dir.path(), "deps-v4", &tree.zip()).await;
+        assert_eq!(h.chain.len(), 1, "a condemned base is not used");
+    }
+
+    /// A chained segment stream whose base frame is corrupt or gone fails the read with what is
+    /// wrong; no byte of the object is sent as if it were whole.
+    #[tokio::test]
+    async fn a_corrupt_or_missing_base_frame_fails_the_read() {
+        let (dir, s) = store().await;
+        let mut tree = spotrun_testkit::ziptree::Tree::new(3000);
+        put(&s, dir.path(), "v0", &tree.zip()).await;
+        tree.churn(5, 7, 1);
+        let z = tree.zip();
+        let h = put(&s, dir.path(), "v1", &z).await;
+        assert_eq!(h.chain.len(), 2);
+        let base = h.packs[h.chain[0].pack as usize].clone();
+        let frame = s.blob().get(&base).await.unwrap();
+        let mut bad = frame.to_vec();
+        bad[frame.len() / 2] ^= 0xFF;
+        s.blob().put_bytes(&base, Bytes::from(bad)).await.unwrap();
+        let err = get(&s, "v1", 0, z.len() as u64).await.unwrap_err();
+        assert!(
+            err.to_string().contains("does not match its digest"),
+            "{err}"
+        );
+        s.blob().delete(&base).await.unwrap();
+        let err = get(&s, "v1", 0, z.len() as u64).await.unwrap_err();
+        assert!(err.to_string().contains("segment pack missing"), "{err}");
+        s.blob().put_bytes(&base, frame).await.unwrap();
+        assert!(get(&s, "v1", 0, z.len() as u64).await.unwrap() == z);
     }
 
     /// Two processes on one backend (replicas, or the server and the `gc` CronJob): one's GC never

@@ -274,11 +274,17 @@ impl DedupStore {
         let mut pack_ids: HashMap<String, u32> = HashMap::new();
         let mut size = 0u64;
         for m in &manifests {
+            // (bytes, whether they are uncompressed: a resolved chain)
             let stream = match &m.segments {
-                SegmentSource::Embedded(b) => Some(b.clone()),
-                SegmentSource::External(name) => Some(self.blob.get(name).await?),
+                SegmentSource::Embedded(b) => Some((b.clone(), false)),
+                SegmentSource::External(name) => Some((self.blob.get(name).await?, false)),
+                SegmentSource::Chain(links) => Some((
+                    Bytes::from(self.resolve_chain(&m.header, links).await?),
+                    true,
+                )),
                 SegmentSource::Legacy(_) => None,
             };
+
             // Part-local pack indexes become indexes into the union of the parts' packs.
             let remap: Vec<u32> = m
                 .header
@@ -314,8 +320,13 @@ impl DedupStore {
                     for s in segs.iter() {
                         put(s.clone())?;
                     }
-                } else if let Some(b) = stream {
-                    for s in SegmentReader::new(std::io::Cursor::new(b), &header) {
+                } else if let Some((b, raw)) = stream {
+                    let segments: Box<dyn Iterator<Item = _>> = if raw {
+                        Box::new(SegmentReader::raw(std::io::Cursor::new(b), &header))
+                    } else {
+                        Box::new(SegmentReader::new(std::io::Cursor::new(b), &header))
+                    };
+                    for s in segments {
                         put(s.map_err(|source| DedupError::Manifest {
                             key: header.key.clone(),
                             source,

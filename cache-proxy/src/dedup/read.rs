@@ -125,6 +125,18 @@ impl DedupStore {
                 std::io::Cursor::new(b.clone()),
                 &m.header,
             )),
+            SegmentSource::Chain(links) => {
+                let rt = tokio::runtime::Handle::current();
+                match rt.block_on(self.resolve_chain(&m.header, links)) {
+                    Ok(raw) => Box::new(SegmentReader::raw(std::io::Cursor::new(raw), &m.header)),
+                    Err(DedupError::Manifest { source, .. }) => {
+                        Box::new(std::iter::once(Err(source)))
+                    }
+                    Err(_) => Box::new(std::iter::once(Err(ManifestError::Malformed(
+                        "segment pack could not be read",
+                    )))),
+                }
+            }
             SegmentSource::External(key) => Box::new(SegmentReader::new(
                 BlobReader {
                     blob: self.blob.clone(),
