@@ -592,62 +592,6 @@ impl DedupStore {
         inflight: &mut InflightGuard,
         mkey: &str,
     ) -> Result<ObjectHeader, DedupError> {
-        let seg_len = std::fs::metadata(segments)?.len();
-        if seg_len > EMBED_MAX as u64 {
-            let file = segments.to_path_buf();
-            let raw = tokio::task::spawn_blocking(move || inflate_at_most(&file, DELTA_RAW_MAX))
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))??;
-            if let Some(raw) = raw {
-                return self.write_chained(v, raw, obj, inflight, mkey).await;
-            }
-        }
-        let mut embedded = Vec::new();
-        let body = if seg_len <= EMBED_MAX as u64 {
-            embedded = std::fs::read(segments)?;
-            None
-        } else {
-            let name = format!(
-                "mbodies/{}",
-                index::new_pack_name(SystemTime::now()).trim_start_matches("packs/")
-            );
-            inflight.hold(&Arc::from(name.as_str()));
-            self.blob
-                .put_file(&name, segments)
-                .await
-                .inspect_err(|_| Metrics::add(&self.metrics.backend_errors, 1))?;
-            Some(name)
-        };
-        let header = ObjectHeader {
-            bucket: obj.bucket,
-            key: obj.key,
-            size: v.size,
-            etag: obj.etag,
-            last_modified: unix_secs(SystemTime::now()),
-            content_type: obj.content_type,
-            metadata: obj.metadata,
-            packs: v.packs,
-            segments: Some(v.segment_count),
-            body,
-            attrs: obj.attrs,
-            chain: Vec::new(),
-        };
-        let encoded = Bytes::from(Manifest::encode_v3(&header, &embedded));
-        self.put_manifest(mkey, encoded).await?;
-        Ok(header)
-    }
-
-    /// `write_version` for a stream of at most `DELTA_RAW_MAX` bytes (`raw`): stored against a
-    /// similar stream this process stored alone lately when that makes it at most half the size,
-    /// else alone (and remembered as a base).
-    async fn write_chained(
-        &self,
-        v: Version,
-        raw: Vec<u8>,
-        obj: NewObject,
-        inflight: &mut InflightGuard,
-        mkey: &str,
-    ) -> Result<ObjectHeader, DedupError> {
         let mut header = ObjectHeader {
             bucket: obj.bucket,
             key: obj.key,
@@ -662,6 +606,46 @@ impl DedupStore {
             attrs: obj.attrs,
             chain: Vec::new(),
         };
+        let seg_len = std::fs::metadata(segments)?.len();
+        if seg_len > EMBED_MAX as u64 {
+            let file = segments.to_path_buf();
+            let raw = tokio::task::spawn_blocking(move || inflate_at_most(&file, DELTA_RAW_MAX))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
+            if let Some(raw) = raw {
+                return self.write_chained(header, raw, inflight, mkey).await;
+            }
+        }
+        let mut embedded = Vec::new();
+        if seg_len <= EMBED_MAX as u64 {
+            embedded = std::fs::read(segments)?;
+        } else {
+            let name = format!(
+                "mbodies/{}",
+                index::new_pack_name(SystemTime::now()).trim_start_matches("packs/")
+            );
+            inflight.hold(&Arc::from(name.as_str()));
+            self.blob
+                .put_file(&name, segments)
+                .await
+                .inspect_err(|_| Metrics::add(&self.metrics.backend_errors, 1))?;
+            header.body = Some(name);
+        }
+        let encoded = Bytes::from(Manifest::encode_v3(&header, &embedded));
+        self.put_manifest(mkey, encoded).await?;
+        Ok(header)
+    }
+
+    /// `write_version` for a stream of at most `DELTA_RAW_MAX` bytes (`raw`): stored against a
+    /// similar stream this process stored alone lately when that makes it at most half the size,
+    /// else alone (and remembered as a base).
+    async fn write_chained(
+        &self,
+        mut header: ObjectHeader,
+        raw: Vec<u8>,
+        inflight: &mut InflightGuard,
+        mkey: &str,
+    ) -> Result<ObjectHeader, DedupError> {
         let digests = delta::first_digests(&raw, &header);
         let base = match self.bases.find(&digests) {
             Some(b) if self.base_usable(&b).await? => Some(b),
