@@ -980,6 +980,19 @@ mod tests {
         Ok(out)
     }
 
+    /// GC with a one-minute grace, run as if two minutes from now (past the grace of anything
+    /// written so far), expiring nothing.
+    fn after_grace() -> GcOptions {
+        GcOptions {
+            expire_uploads: std::time::Duration::from_secs(7 * 86_400),
+            durable_buckets: Vec::new(),
+            grace: Duration::from_mins(1),
+            expire_unread: None,
+            max_logical_bytes: None,
+            now: SystemTime::now() + Duration::from_mins(2),
+        }
+    }
+
     fn noise(n: usize, seed: u64) -> Vec<u8> {
         let mut x = seed.wrapping_mul(6_364_136_223_846_793_005) | 1;
         (0..n)
@@ -1188,14 +1201,7 @@ mod tests {
             );
         }
         s.delete_key("b", "deps-v0").await.unwrap();
-        let gc = GcOptions {
-            expire_uploads: std::time::Duration::from_secs(7 * 86_400),
-            durable_buckets: Vec::new(),
-            grace: Duration::from_mins(1),
-            expire_unread: None,
-            max_logical_bytes: None,
-            now: SystemTime::now() + Duration::from_mins(2),
-        };
+        let gc = after_grace();
         s.gc(&gc).await.unwrap();
         s.gc(&gc).await.unwrap();
         for (v, z) in zips.iter().enumerate().skip(1) {
@@ -1255,14 +1261,7 @@ mod tests {
         let (old, new) = (noise(1 << 20, 5), noise(1 << 20, 6));
         put(&a, dir.path(), "k", &old).await;
         put(&a, dir.path(), "k", &new).await; // `old`'s pack is unreferenced, still in a's index
-        let gc = GcOptions {
-            expire_uploads: std::time::Duration::from_secs(7 * 86_400),
-            durable_buckets: Vec::new(),
-            grace: Duration::from_mins(1),
-            expire_unread: None,
-            max_logical_bytes: None,
-            now: SystemTime::now() + Duration::from_mins(2),
-        };
+        let gc = after_grace();
         assert_eq!(b.gc(&gc).await.unwrap().packs_condemned, 1);
         // Once its list of condemned packs is stale (30 s; forced here), a re-lists it and stores
         // `old` afresh instead of reusing the condemned pack.
@@ -1448,14 +1447,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let packs = s.blob().list("packs/").await.unwrap().len();
         assert!(packs >= 2, "{packs}");
-        let opts = GcOptions {
-            expire_uploads: std::time::Duration::from_secs(7 * 86_400),
-            durable_buckets: Vec::new(),
-            grace: Duration::from_mins(1),
-            expire_unread: None,
-            max_logical_bytes: None,
-            now: SystemTime::now() + Duration::from_mins(2),
-        };
+        let opts = after_grace();
         assert_eq!(s.gc(&opts).await.unwrap().packs_condemned, packs);
         assert_eq!(s.gc(&opts).await.unwrap().packs_deleted, packs);
         assert!(s.blob().list("packs/").await.unwrap().is_empty());
@@ -1614,14 +1606,7 @@ mod tests {
             b"SRM\x03garbage",
         )
         .unwrap();
-        let opts = GcOptions {
-            expire_uploads: std::time::Duration::from_secs(7 * 86_400),
-            durable_buckets: Vec::new(),
-            grace: Duration::from_mins(1),
-            expire_unread: None,
-            max_logical_bytes: None,
-            now: SystemTime::now() + Duration::from_mins(2),
-        };
+        let opts = after_grace();
         let r = s.gc(&opts).await.unwrap();
         assert_eq!(
             (r.manifests_unreadable, r.packs_condemned, r.packs_kept),

@@ -284,7 +284,6 @@ impl DedupStore {
                 )),
                 SegmentSource::Legacy(_) => None,
             };
-
             // Part-local pack indexes become indexes into the union of the parts' packs.
             let remap: Vec<u32> = m
                 .header
