@@ -637,8 +637,8 @@ impl DedupStore {
     }
 
     /// `write_version` for a stream of at most `DELTA_RAW_MAX` bytes (`raw`): stored against a
-    /// similar stream this process stored alone lately when that makes it at most half the size,
-    /// else alone (and remembered as a base).
+    /// similar stream this process stored alone lately, or else the base of the version this write
+    /// replaces, when that makes it at most half the size; else alone (and remembered as a base).
     async fn write_chained(
         &self,
         mut header: ObjectHeader,
@@ -647,10 +647,20 @@ impl DedupStore {
         mkey: &str,
     ) -> Result<ObjectHeader, DedupError> {
         let digests = delta::first_digests(&raw, &header);
-        let base = match self.bases.find(&digests) {
+        let mut base = match self.bases.find(&digests) {
             Some(b) if self.base_usable(&b).await? => Some(b),
             _ => None,
         };
+        // Not a multipart part (its header names the object it will be part of).
+        if base.is_none() && mkey == manifest_key(&header.bucket, &header.key) {
+            base = match self.replaced_base(&header.bucket, &header.key).await {
+                Some((b, named_by)) if self.base_usable(&b).await? => {
+                    self.bases.add(b.clone(), named_by);
+                    Some(b)
+                }
+                _ => None,
+            };
+        }
         let raw: Arc<[u8]> = raw.into();
         let (for_pool, base_for_pool) = (raw.clone(), base.clone());
         let (alone, against) = tokio::task::spawn_blocking(move || {
@@ -695,6 +705,43 @@ impl DedupStore {
         let encoded = Bytes::from(Manifest::encode_v3(&header, &[]));
         self.put_manifest(mkey, encoded).await?;
         Ok(header)
+    }
+
+    /// The base frame of the version stored under `bucket`/`key` now, if its stream is chained,
+    /// and the chunk digests its stream starts with. It is found in the backend, so a process that
+    /// did not store it (restarted, or another replica) still stores the next version of a cache
+    /// key as a delta, and the per-process hints need not hold every key a fleet writes. Anything
+    /// wrong with it (gone, corrupt) only costs the delta.
+    async fn replaced_base(&self, bucket: &str, key: &str) -> Option<(delta::Base, Vec<[u8; 32]>)> {
+        let m = match self.manifest(bucket, key).await {
+            Ok(m) => m?,
+            Err(e) => {
+                tracing::debug!(error = %e, "no base from the replaced version");
+                return None;
+            }
+        };
+        // The first link is always a frame of its own (a chain is never a delta of a delta).
+        let first = m.header.chain.first()?;
+        let raw = match self
+            .resolve_chain(&m.header, std::slice::from_ref(first))
+            .await
+        {
+            Ok(raw) => raw,
+            Err(e) => {
+                tracing::debug!(error = %e, "no base from the replaced version");
+                return None;
+            }
+        };
+        let mut sha256 = [0u8; 32];
+        hex::decode_to_slice(&first.sha256, &mut sha256).ok()?;
+        let named_by = delta::first_digests(&raw, &m.header);
+        let base = delta::Base {
+            pack: Arc::from(m.header.packs.get(first.pack as usize)?.as_str()),
+            len: first.len,
+            sha256,
+            raw: raw.into(),
+        };
+        Some((base, named_by))
     }
 
     /// A remembered base may be used: its pack is not condemned, dead, or gone.
@@ -959,6 +1006,15 @@ mod tests {
         }
     }
 
+    /// Another process on the store of `store()`'s `dir`, with its own spool and local index.
+    async fn another_process(dir: &Path, spool: &str) -> Arc<DedupStore> {
+        let blob = Arc::new(DiskStore::open(dir.join("data")).unwrap());
+        let s = DedupStore::open(blob, dir.join(spool), Arc::new(Metrics::default()))
+            .await
+            .unwrap();
+        Arc::new(s)
+    }
+
     async fn put(s: &Arc<DedupStore>, _dir: &Path, key: &str, body: &[u8]) -> ObjectHeader {
         s.put_bytes(Bytes::copy_from_slice(body), obj(key))
             .await
@@ -1183,16 +1239,7 @@ mod tests {
             last.chain[1].len,
             first.chain[0].len
         );
-        let blob = Arc::new(DiskStore::open(dir.path().join("data")).unwrap());
-        let fresh = Arc::new(
-            DedupStore::open(
-                blob,
-                dir.path().join("spool2"),
-                Arc::new(Metrics::default()),
-            )
-            .await
-            .unwrap(),
-        );
+        let fresh = another_process(dir.path(), "spool2").await;
         for (v, z) in zips.iter().enumerate() {
             let got = get(&fresh, &format!("deps-v{v}"), 0, z.len() as u64).await;
             assert!(
@@ -1216,6 +1263,77 @@ mod tests {
         tree.churn(5, 2000, 9);
         let h = put(&s, dir.path(), "deps-v4", &tree.zip()).await;
         assert_eq!(h.chain.len(), 1, "a condemned base is not used");
+    }
+
+    /// A process that did not store the version a PUT replaces (restarted, or another replica)
+    /// has no hint for it, and still stores the new version's stream as a delta: against the base
+    /// of the version under the same key, found in the backend. That base outlives the version it
+    /// came from, which the PUT replaced.
+    #[tokio::test]
+    async fn a_new_version_of_a_key_deltas_against_the_replaced_versions_base_in_any_process() {
+        let (dir, s) = store().await;
+        let mut tree = spotrun_testkit::ziptree::Tree::new(3000);
+        let v0 = put(&s, dir.path(), "deps", &tree.zip()).await;
+        assert_eq!(v0.chain.len(), 1, "stored alone");
+        tree.churn(5, 11, 1);
+        let z1 = tree.zip();
+        // A second process, under a new key: no hint, no replaced version, stored alone.
+        let other = another_process(dir.path(), "spool2").await;
+        assert_eq!(
+            put(&other, dir.path(), "deps-copy", &z1).await.chain.len(),
+            1
+        );
+        // A third, replacing "deps": a delta against v0's frame.
+        let third = another_process(dir.path(), "spool3").await;
+        let v1 = put(&third, dir.path(), "deps", &z1).await;
+        assert_eq!(v1.chain.len(), 2, "stored as a delta");
+        assert_eq!(
+            (&v1.packs[v1.chain[0].pack as usize], &v1.chain[0].sha256),
+            (&v0.packs[v0.chain[0].pack as usize], &v0.chain[0].sha256)
+        );
+        assert!(v1.chain[1].len * 4 < v0.chain[0].len);
+        assert_eq!(
+            third
+                .metrics
+                .segment_deltas
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // v0's manifest is gone; GC keeps the base v1 lists.
+        let gc = after_grace();
+        s.gc(&gc).await.unwrap();
+        s.gc(&gc).await.unwrap();
+        let reader = another_process(dir.path(), "spool4").await;
+        let got = get(&reader, "deps", 0, z1.len() as u64).await;
+        assert!(got.unwrap() == z1, "v1 reads back after GC");
+        // The base found that way is a hint now: the next version, under a new key, uses it too.
+        tree.churn(5, 12, 2);
+        assert_eq!(
+            put(&third, dir.path(), "deps-v2", &tree.zip())
+                .await
+                .chain
+                .len(),
+            2
+        );
+    }
+
+    /// The replaced version's base frame damaged: no base, the new version is stored alone and
+    /// reads back whole.
+    #[tokio::test]
+    async fn a_damaged_base_of_the_replaced_version_only_costs_the_delta() {
+        let (dir, s) = store().await;
+        let mut tree = spotrun_testkit::ziptree::Tree::new(3000);
+        let v0 = put(&s, dir.path(), "deps", &tree.zip()).await;
+        let base = v0.packs[v0.chain[0].pack as usize].clone();
+        let frame = s.blob().get(&base).await.unwrap();
+        let mut bad = frame.to_vec();
+        bad[frame.len() / 2] ^= 0xFF;
+        s.blob().put_bytes(&base, Bytes::from(bad)).await.unwrap();
+        tree.churn(5, 11, 1);
+        let z1 = tree.zip();
+        let fresh = another_process(dir.path(), "spool2").await;
+        assert_eq!(put(&fresh, dir.path(), "deps", &z1).await.chain.len(), 1);
+        assert!(get(&fresh, "deps", 0, z1.len() as u64).await.unwrap() == z1);
     }
 
     /// A chained segment stream whose base frame is corrupt or gone fails the read with what is
