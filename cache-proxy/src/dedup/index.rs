@@ -122,8 +122,12 @@ pub fn encode_pack_index(entries: &[([u8; 32], u32)]) -> Vec<u8> {
     out
 }
 
-/// Entries of a pack index object as `(sha, offset, len)`.
-pub fn decode_pack_index(key: &str, b: &[u8]) -> Result<Vec<([u8; 32], u64, u32)>, IndexError> {
+/// Entries of a pack index object as `(sha, offset, len)`, checked whole first and then decoded as
+/// they are consumed (a pack of tiny chunks has a few hundred thousand).
+pub fn decode_pack_index<'a>(
+    key: &str,
+    b: &'a [u8],
+) -> Result<impl Iterator<Item = ([u8; 32], u64, u32)> + Send + 'a, IndexError> {
     let bad = |reason| IndexError::Object {
         key: key.to_owned(),
         reason,
@@ -139,17 +143,25 @@ pub fn decode_pack_index(key: &str, b: &[u8]) -> Result<Vec<([u8; 32], u64, u32)
     if body.len() != 8 + count * 36 {
         return Err(bad("length does not match the chunk count"));
     }
-    let mut offset = 0u64;
-    Ok(body[8..]
-        .chunks_exact(36)
-        .map(|e| {
-            let sha: [u8; 32] = e[..32].try_into().expect("32 bytes");
-            let len = u32::from_le_bytes(e[32..].try_into().expect("4 bytes"));
-            let at = offset;
-            offset += u64::from(len);
-            (sha, at, len)
-        })
-        .collect())
+    let entries = body[8..].chunks_exact(36).map(|e| {
+        let sha: [u8; 32] = e[..32].try_into().expect("32 bytes");
+        (
+            sha,
+            u32::from_le_bytes(e[32..].try_into().expect("4 bytes")),
+        )
+    });
+    Ok(with_offsets(entries))
+}
+
+/// `(sha, len)` of chunks stored back to back, as `(sha, offset, len)`.
+pub fn with_offsets(
+    entries: impl Iterator<Item = ([u8; 32], u32)>,
+) -> impl Iterator<Item = ([u8; 32], u64, u32)> {
+    entries.scan(0u64, |offset, (sha, len)| {
+        let at = *offset;
+        *offset += u64::from(len);
+        Some((sha, at, len))
+    })
 }
 
 /// The local database.
@@ -306,16 +318,22 @@ impl ChunkIndex {
     }
 
     /// Record a stored pack's chunks (newest location wins).
-    pub fn add_pack(&self, pack: &str, entries: &[([u8; 32], u64, u32)]) -> Result<(), IndexError> {
+    pub fn add_pack(
+        &self,
+        pack: &str,
+        entries: impl IntoIterator<Item = ([u8; 32], u64, u32)>,
+    ) -> Result<(), IndexError> {
         if self.is_dead(pack) {
             return Ok(());
         }
         self.with_write(|txn| {
             let mut chunks = txn.open_table(CHUNKS)?;
+            let mut count = 0u64;
             for (sha, offset, len) in entries {
-                chunks.insert(sha, (pack, *offset, *len))?;
+                chunks.insert(&sha, (pack, offset, len))?;
+                count += 1;
             }
-            txn.open_table(PACKS)?.insert(pack, entries.len() as u64)?;
+            txn.open_table(PACKS)?.insert(pack, count)?;
             Ok(())
         })
     }
@@ -385,7 +403,7 @@ mod tests {
         let enc = encode_pack_index(&entries);
         assert_eq!(enc.len(), 8 + 3 * 36 + 4);
         assert_eq!(
-            decode_pack_index("k", &enc).unwrap(),
+            decode_pack_index("k", &enc).unwrap().collect::<Vec<_>>(),
             vec![([1u8; 32], 0, 10), ([2u8; 32], 10, 20), ([3u8; 32], 30, 5)]
         );
         let mut bad = enc.clone();
@@ -423,7 +441,7 @@ mod tests {
         let path = dir.path().join("index/chunks.redb");
         {
             let ix = ChunkIndex::open(&path).unwrap();
-            ix.add_pack("packs/a", &[([1; 32], 0, 10), ([2; 32], 10, 5)])
+            ix.add_pack("packs/a", [([1; 32], 0, 10), ([2; 32], 10, 5)])
                 .unwrap();
             let r = ix.reader().unwrap();
             assert_eq!(
@@ -436,7 +454,7 @@ mod tests {
             );
             assert!(ix.knows_pack("packs/a").unwrap());
             ix.forget_pack("packs/a").unwrap();
-            ix.add_pack("packs/a", &[([9; 32], 0, 1)]).unwrap();
+            ix.add_pack("packs/a", [([9; 32], 0, 1)]).unwrap();
             ix.set_watermark("packidx/x").unwrap();
         }
         let ix = ChunkIndex::open(&path).unwrap();

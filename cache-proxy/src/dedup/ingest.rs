@@ -34,7 +34,7 @@ use tokio::task::JoinSet;
 
 use super::chunker::{Piece, RunChunker};
 use super::index::{
-    ChunkIndex, IndexReader, Loc, encode_pack_index, new_pack_name, pack_index_key,
+    ChunkIndex, IndexReader, Loc, encode_pack_index, new_pack_name, pack_index_key, with_offsets,
 };
 use super::manifest::{ChunkRef, SegmentWriter};
 use super::zipscan::ZipScanner;
@@ -599,19 +599,13 @@ async fn upload_pack(
         Bytes::from(encode_pack_index(&pack.entries)),
     )
     .await?;
-    let mut offset = 0u64;
-    let entries: Vec<([u8; 32], u64, u32)> = pack
-        .entries
-        .iter()
-        .map(|(sha, len)| {
-            let at = offset;
-            offset += u64::from(*len);
-            (*sha, at, *len)
-        })
-        .collect();
-    let (index, name) = (index.clone(), pack.name.clone());
+    let (index, name, entries) = (index.clone(), pack.name.clone(), pack.entries);
     // The local index is a hint: a failure here costs dedup hits, never data.
-    match tokio::task::spawn_blocking(move || index.add_pack(&name, &entries)).await {
+    match tokio::task::spawn_blocking(move || {
+        index.add_pack(&name, with_offsets(entries.into_iter()))
+    })
+    .await
+    {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::warn!(pack = %pack.name, error = %e, "could not add a pack to the local chunk index");

@@ -452,19 +452,21 @@ impl DedupStore {
                 Err(StoreError::NotFound(_)) => continue, // deleted by GC meanwhile
                 Err(e) => return Err(e.into()),
             };
-            let entries = match index::decode_pack_index(&key, &bytes) {
-                Ok(e) => e,
-                Err(e) => {
-                    // A damaged index object only costs the dedup of its pack's chunks.
-                    tracing::warn!(error = %e, "skipping a pack index object");
-                    continue;
-                }
-            };
             let ix = self.index.clone();
-            tokio::task::spawn_blocking(move || ix.add_pack(&pack, &entries))
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))??;
-            added += 1;
+            // Decoded as it is inserted: no copy of a big pack's entries.
+            let loaded = tokio::task::spawn_blocking(move || {
+                match index::decode_pack_index(&key, &bytes) {
+                    Ok(entries) => ix.add_pack(&pack, entries).map(|()| true),
+                    Err(e) => {
+                        // A damaged index object only costs the dedup of its pack's chunks.
+                        tracing::warn!(error = %e, "skipping a pack index object");
+                        Ok(false)
+                    }
+                }
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+            added += usize::from(loaded);
         }
         if let Some(w) = newest {
             let ix = self.index.clone();
@@ -1658,6 +1660,47 @@ mod tests {
             (warm.chunks_reused, warm.chunks_new, warm.bytes_new)
         );
         assert!(cold.chunks_reused > 40 && cold.bytes_new == 0, "{cold:?}");
+    }
+
+    /// A damaged pack index object is skipped when a process loads the index: it costs the dedup of
+    /// that pack's chunks, never a failed start or upload, and the other packs still load.
+    #[tokio::test]
+    async fn a_damaged_pack_index_object_only_costs_its_packs_dedup() {
+        let (dir, s) = store().await;
+        let (a, b) = (noise(1 << 20, 41), noise(1 << 20, 42));
+        put(&s, dir.path(), "a", &a).await;
+        put(&s, dir.path(), "b", &b).await;
+        let ha = s.manifest("b", "a").await.unwrap().unwrap().header.clone();
+        let key = index::pack_index_key(&ha.packs[0]);
+        let mut bad = s.blob().get(&key).await.unwrap().to_vec();
+        bad[20] ^= 0xFF;
+        s.blob().put_bytes(&key, Bytes::from(bad)).await.unwrap();
+        let fresh = another_process(dir.path(), "spool2").await;
+        assert!(
+            !fresh.chunk_index().knows_pack(&ha.packs[0]).unwrap(),
+            "the damaged pack is not loaded"
+        );
+        let hb = fresh
+            .manifest("b", "b")
+            .await
+            .unwrap()
+            .unwrap()
+            .header
+            .clone();
+        assert!(
+            fresh.chunk_index().knows_pack(&hb.packs[0]).unwrap(),
+            "the others are"
+        );
+        // `a` again: stored anew (no dedup for the damaged pack), read back whole.
+        let h = fresh
+            .put_bytes(Bytes::from(a.clone()), obj("a2"))
+            .await
+            .unwrap();
+        assert_ne!(
+            h.packs, ha.packs,
+            "chunks of the damaged pack are not reused"
+        );
+        assert!(get(&fresh, "a2", 0, a.len() as u64).await.unwrap() == a);
     }
 
     /// Concurrent PUTs of one key against a backend that throttles a second write of a name within a
