@@ -31,8 +31,10 @@ pub const REFRESH_LOOKBACK: Duration = Duration::from_mins(30);
 /// others may be lost by a crash, which only costs dedup hits.
 const DURABLE_EVERY: u64 = 64;
 
-/// redb page cache of the local index.
-const INDEX_CACHE_BYTES: usize = 16 << 20;
+/// redb page cache of the local index (its write buffer is half of it). It bounds what the index
+/// holds in memory, at start too (recovery after an unclean stop reads through it): lookups that
+/// miss it read the file through the OS page cache.
+const INDEX_CACHE_BYTES: usize = 8 << 20;
 
 /// Where a chunk is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
